@@ -1,0 +1,300 @@
+"""Typed dataclass configs: YAML files plus dotted command-line overrides.
+
+Any (nested) ``dataclasses.dataclass`` is a config schema. Values are checked and coerced against
+the field annotations (``int``, ``float``, ``str``, ``bool``, ``Literal[...]``, ``X | None``,
+``float | str``, ``list[X]``/``tuple[X, ...]``, ``dict``, nested dataclasses). Unknown keys are
+rejected with the closest valid key::
+
+    cfg = load_config(RunConfig, "configs/tiny.yaml", ["train.steps=20", "model.bits=2"])
+    save_config(cfg, run_dir / "config.yaml")
+
+A YAML file may name a base file with ``base: other.yaml`` (relative to itself); its keys are
+merged under the file's own keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+T = TypeVar("T")
+
+__all__ = [
+    "ConfigError",
+    "from_dict",
+    "to_dict",
+    "load_config",
+    "load_yaml",
+    "parse_overrides",
+    "apply_overrides",
+    "save_config",
+    "valid_keys",
+]
+
+
+class ConfigError(ValueError):
+    """A config value or key is invalid; the message names the key and the fix."""
+
+
+def valid_keys(cls: type, prefix: str = "") -> list[str]:
+    """All dotted keys of a dataclass schema (nested dataclasses expanded)."""
+    keys = []
+    for f, tp in _fields(cls):
+        key = f"{prefix}{f.name}"
+        keys.append(key)
+        sub = _dataclass_in(tp)
+        if sub is not None:
+            keys.extend(valid_keys(sub, key + "."))
+    return keys
+
+
+def _fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
+    hints = get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls) if f.init]
+
+
+def _dataclass_in(tp: Any) -> type | None:
+    """The dataclass type inside ``tp`` (``D`` or ``D | None``), else None."""
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        return tp
+    if _is_union(tp):
+        subs = [a for a in get_args(tp) if dataclasses.is_dataclass(a)]
+        return subs[0] if len(subs) == 1 else None
+    return None
+
+
+def _is_union(tp: Any) -> bool:
+    return get_origin(tp) in (Union, types.UnionType)
+
+
+def _unknown_key_error(cls: type, key: str, prefix: str, root: type | None) -> ConfigError:
+    full = f"{prefix}{key}"
+    candidates = valid_keys(root or cls)
+    close = difflib.get_close_matches(full, candidates, n=1, cutoff=0.5)
+    if not close:  # try the bare name against the same level
+        local = [f.name for f, _ in _fields(cls)]
+        near = difflib.get_close_matches(key, local, n=1, cutoff=0.5)
+        close = [prefix + near[0]] if near else []
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    level = [f.name for f, _ in _fields(cls)]
+    return ConfigError(f"unknown config key '{full}'{hint} (valid keys here: {', '.join(level)})")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, root: type | None) -> Any:
+    """Check ``value`` against annotation ``tp`` and convert it (e.g. YAML int -> float)."""
+    if tp is Any:
+        return value
+    origin = get_origin(tp)
+    if _is_union(tp):
+        args = get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"config key '{key}' may not be null (expected {_type_name(tp)})")
+        errors = []
+        # Exact type matches first so that `float | str` keeps "ternary" a str and 2 a number.
+        ordered = sorted(
+            (a for a in args if a is not type(None)),
+            key=lambda a: 0 if isinstance(a, type) and isinstance(value, a) else 1,
+        )
+        for arg in ordered:
+            try:
+                return _coerce(value, arg, key, root)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(
+            f"config key '{key}': {value!r} matches none of {_type_name(tp)} ({'; '.join(errors)})"
+        )
+    if origin is Literal:
+        choices = get_args(tp)
+        if value in choices:
+            return value
+        raise ConfigError(
+            f"config key '{key}' must be one of {', '.join(map(repr, choices))}, got {value!r}"
+        )
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key '{key}' is a section; give a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=key + ".", _root=root)
+    if origin in (list, tuple, Sequence) or tp in (list, tuple):
+        if isinstance(value, str) or not isinstance(value, Sequence):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        args = get_args(tp)
+        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(args) != len(value):
+                raise ConfigError(f"config key '{key}' needs {len(args)} items, got {value!r}")
+            return tuple(
+                _coerce(v, a, f"{key}[{i}]", root)
+                for i, (v, a) in enumerate(zip(args, value, strict=True))
+            )
+        item = args[0] if args else Any
+        out = [_coerce(v, item, f"{key}[{i}]", root) for i, v in enumerate(value)]
+        return tuple(out) if (origin is tuple or tp is tuple) else out
+    if origin in (dict, Mapping) or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "2e-5" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+    if isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+        try:
+            return tp(value)
+        except Exception as e:
+            raise ConfigError(
+                f"config key '{key}': cannot make {_type_name(tp)} of {value!r}: {e}"
+            ) from e
+    return value
+
+
+def from_dict(
+    cls: type[T], data: Mapping[str, Any], prefix: str = "", _root: type | None = None
+) -> T:
+    """Build dataclass ``cls`` from a nested mapping, validating every key and value."""
+    root = _root or cls
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping")
+    fields = dict((f.name, (f, tp)) for f, tp in _fields(cls))
+    for key in data:
+        if key not in fields:
+            raise _unknown_key_error(cls, str(key), prefix, root)
+    kwargs = {}
+    for name, (f, tp) in fields.items():
+        key = prefix + name
+        if name in data:
+            kwargs[name] = _coerce(data[name], tp, key, root)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"config key '{key}' is required but missing")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"invalid config section '{prefix.rstrip('.') or '<root>'}': {e}") from e
+
+
+def to_dict(cfg: Any) -> Any:
+    """A dataclass config as plain YAML-friendly data (tuples become lists)."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.init}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, Mapping):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, Path):
+        return str(cfg)
+    return cfg
+
+
+def _merge(base: dict, over: Mapping) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML config file, resolving an optional ``base:`` file it names."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    base = data.pop("base", None)
+    if base is not None:
+        data = _merge(load_yaml(path.parent / base), data)
+    return data
+
+
+def parse_overrides(items: Sequence[str]) -> dict:
+    """``["a.b=1", "c=x"]`` -> ``{"a": {"b": 1}, "c": "x"}``; values are parsed as YAML."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value, e.g. train.steps=20")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not p for p in key.split(".")):
+            raise ConfigError(f"override '{item}' has an empty key part")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' conflicts with an earlier override of '{p}'")
+        node[parts[-1]] = value
+    return out
+
+
+def apply_overrides(data: Mapping, items: Sequence[str]) -> dict:
+    """Merge dotted overrides into a nested mapping."""
+    return _merge(dict(data), parse_overrides(items))
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """Config ``cls`` from an optional YAML file and dotted overrides (later wins)."""
+    data = load_yaml(path) if path is not None else {}
+    return from_dict(cls, apply_overrides(data, overrides))
+
+
+def save_config(cfg: Any, path: str | Path) -> Path:
+    """Write the resolved config as YAML (it reloads with ``load_config``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return path
