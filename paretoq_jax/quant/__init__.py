@@ -1,0 +1,42 @@
+"""ParetoQ quantizers: pure JAX ops with straight-through gradients, integer codes, packing.
+
+Public API (used by the rest of the project): ``fake_quant``, ``init_scale``, ``to_codes``,
+``from_codes``, ``effective_scale``, ``resolve``, ``parse_bits``, ``QuantSpec``, ``pack``,
+``unpack``. See ``docs/quantizers.md``.
+"""
+
+from .ops import (
+    effective_scale,
+    fake_quant,
+    from_codes,
+    init_scale,
+    quantize_dequantize_codes,
+    to_codes,
+)
+from .spec import (
+    CLIP,
+    DEFAULT_METHOD,
+    METHODS,
+    SCALE_EPS,
+    VALID_BITS,
+    QuantSpec,
+    parse_bits,
+    resolve,
+)
+
+__all__ = [
+    "CLIP",
+    "DEFAULT_METHOD",
+    "METHODS",
+    "SCALE_EPS",
+    "VALID_BITS",
+    "QuantSpec",
+    "effective_scale",
+    "fake_quant",
+    "from_codes",
+    "init_scale",
+    "parse_bits",
+    "quantize_dequantize_codes",
+    "resolve",
+    "to_codes",
+]

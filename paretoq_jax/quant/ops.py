@@ -1,0 +1,198 @@
+"""ParetoQ's weight quantizers as pure JAX functions with straight-through gradients.
+
+Shapes: ``w`` is a Flax kernel ``(..., in, out)`` and ``scale`` is ``(..., out)``: one learnable
+scale per output channel (leading axes, if any, are stacked layers). The math is that of
+``docs/quantizers.md``; the table of constants lives in :mod:`paretoq_jax.quant.spec`.
+
+Forward (ParetoQ Eq. 2 for SEQ; LSQ, Esser et al. 2020; elastic binary, ParetoQ Sec. 3)::
+
+    a = max(alpha, 1e-5);  x = W / a;  Wq = a * level(x)
+
+Backward (straight-through estimator; ``g = dL/dWq``, sums over the input dimension)::
+
+    dL/dW     = g * [lo <= x <= hi]
+    dL/dalpha = s * sum_in g * t,   t = t_lo (x < lo) | t_hi (x > hi) | level(x) - x (inside)
+    s = 1 / sqrt(N * Qp)   (LSQ)   or   1 / sqrt(N)   (SEQ, elastic binary);  N = in * out
+
+Elastic binary uses ``t = sign(W)`` everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from .spec import SCALE_EPS, QuantSpec, resolve
+
+__all__ = [
+    "fake_quant",
+    "init_scale",
+    "effective_scale",
+    "to_codes",
+    "from_codes",
+    "quantize_dequantize_codes",
+]
+
+Array = jax.Array
+
+
+def _compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
+    """At least float32 (bf16/f16 inputs are computed in f32 and cast back); f64 stays f64."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _codes(x: Array, spec: QuantSpec) -> Array:
+    """Integer code ``k`` (as floats) of ``x = W / a`` on the spec's grid (training convention:
+    ``sign(0) = 0`` at 1 bit)."""
+    if spec.grid == "sign":
+        return jnp.sign(x)
+    if spec.grid == "seq":
+        return jnp.round(spec.n * jnp.clip(x, spec.lo, spec.hi) - spec.z)
+    return jnp.clip(jnp.round(x), spec.qmin, spec.qmax)
+
+
+def _level(k: Array, spec: QuantSpec) -> Array:
+    """The level ``(k + z) / n`` of code ``k`` in units of ``a``."""
+    if spec.grid == "seq":
+        return (k + spec.z) / spec.n
+    return k
+
+
+def _clamped(scale: Array, dtype: jnp.dtype) -> Array:
+    return jnp.maximum(scale.astype(dtype), SCALE_EPS)
+
+
+def _forward(w: Array, scale: Array, spec: QuantSpec) -> Array:
+    dt = _compute_dtype(w.dtype)
+    a = _clamped(scale, dt)[..., None, :]
+    x = w.astype(dt) / a
+    return (a * _level(_codes(x, spec), spec)).astype(w.dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _fake_quant(w: Array, scale: Array, spec: QuantSpec) -> Array:
+    return _forward(w, scale, spec)
+
+
+def _fake_quant_fwd(w: Array, scale: Array, spec: QuantSpec):
+    # Residuals are the inputs: recomputing x in the backward is cheaper than storing masks.
+    return _forward(w, scale, spec), (w, scale)
+
+
+def _fake_quant_bwd(spec: QuantSpec, res, g: Array):
+    w, scale = res
+    dt = _compute_dtype(w.dtype)
+    a = _clamped(scale, dt)[..., None, :]
+    x = w.astype(dt) / a
+    g = g.astype(dt)
+    below, above = x < spec.lo, x > spec.hi
+    dw = jnp.where(below | above, 0, g)
+    if spec.grid == "sign":
+        t = jnp.sign(x)
+    else:
+        t = jnp.where(below, spec.t_lo, jnp.where(above, spec.t_hi, _level(_codes(x, spec), spec) - x))
+    n = w.shape[-2] * w.shape[-1]
+    s = 1.0 / math.sqrt(n * spec.grad_factor_qp)
+    dscale = s * jnp.sum(g * t, axis=-2)
+    return dw.astype(w.dtype), dscale.astype(scale.dtype)
+
+
+_fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
+
+
+def _statistic(w: Array, spec: QuantSpec) -> Array:
+    """Per-output-channel statistic of ``|W|`` that initializes (or, for absmean/minmax, is)
+    the scale: ``kappa * mean|W| / div`` or ``max|W| / div`` over the input dimension."""
+    aw = jnp.abs(w.astype(_compute_dtype(w.dtype)))
+    stat = jnp.mean(aw, axis=-2) if spec.init == "mean" else jnp.max(aw, axis=-2)
+    return stat * (spec.kappa / spec.init_div)
+
+
+def _spec(bits, method) -> QuantSpec | None:
+    return bits if isinstance(bits, QuantSpec) else resolve(bits, method)
+
+
+def effective_scale(w: Array, scale: Array, bits, method: str | None = None) -> Array:
+    """The scale ``a`` the forward actually uses: ``max(scale, 1e-5)`` for learned methods; the
+    statistic of ``w`` (clamped likewise) for ``absmean`` / ``minmax``."""
+    spec = _spec(bits, method)
+    if spec is None:
+        raise ValueError("effective_scale needs a quantized bit-width (1, 1.58, 2, 3 or 4)")
+    dt = _compute_dtype(w.dtype)
+    if spec.learned:
+        return _clamped(scale, dt)
+    return _clamped(jax.lax.stop_gradient(_statistic(w, spec)), dt)
+
+
+def fake_quant(w: Array, scale: Array | None, bits, method: str | None = None) -> Array:
+    """Quantize-dequantize a kernel ``w (..., in, out)`` with per-channel ``scale (..., out)``.
+
+    Returns an array of ``w``'s shape and dtype, differentiable w.r.t. ``w`` and ``scale`` by the
+    straight-through rules of the module docstring. ``bits`` 16/32 return ``w`` unchanged. For
+    ``absmean`` / ``minmax`` the scale is recomputed from ``w`` (no gradient), ``scale`` may be
+    ``None`` and receives a zero gradient.
+    """
+    spec = _spec(bits, method)
+    if spec is None:
+        return w
+    if w.ndim < 2:
+        raise ValueError(f"fake_quant expects a kernel (..., in, out), got shape {w.shape}")
+    if spec.learned:
+        if scale is None:
+            raise ValueError(f"{spec.method} at {spec.bits} bits needs a learned scale, got None")
+        if scale.shape != w.shape[:-2] + w.shape[-1:]:
+            raise ValueError(
+                f"scale shape {scale.shape} does not match kernel {w.shape}: expected "
+                f"{w.shape[:-2] + w.shape[-1:]} (one scale per output channel)"
+            )
+        return _fake_quant(w, scale, spec)
+    a = effective_scale(w, scale, spec)
+    return _fake_quant(w, a, spec)
+
+
+def init_scale(w: Array, bits, method: str | None = None) -> Array:
+    """ParetoQ's scale init per output channel, shape ``(..., out)``, in ``w``'s float dtype
+    (at least f32): ``mean|W|`` (1 bit), ``max|W|`` (SEQ), ``max|W| / Qp`` (LSQ, minmax),
+    ``kappa * mean|W|`` (absmean)."""
+    spec = _spec(bits, method)
+    if spec is None:
+        raise ValueError("init_scale needs a quantized bit-width (1, 1.58, 2, 3 or 4)")
+    return _statistic(w, spec)
+
+
+def to_codes(w: Array, scale: Array | None, bits, method: str | None = None) -> Array:
+    """Integer codes ``k`` (int8, ``w``'s shape) such that ``from_codes`` reproduces the forward.
+
+    At 1 bit a weight of exactly 0 maps to +1 (export convention; the training forward gives 0).
+    """
+    spec = _spec(bits, method)
+    if spec is None:
+        raise ValueError("to_codes needs a quantized bit-width (1, 1.58, 2, 3 or 4)")
+    a = effective_scale(w, scale, spec)[..., None, :]
+    x = w.astype(a.dtype) / a
+    k = jnp.where(x >= 0, 1, -1) if spec.grid == "sign" else _codes(x, spec)
+    return k.astype(jnp.int8)
+
+
+def from_codes(
+    codes: Array, scale: Array, bits, method: str | None = None, dtype=jnp.float32
+) -> Array:
+    """Dequantize integer codes: ``a * (k + z) / n`` with ``a = max(scale, 1e-5)``.
+
+    ``scale`` is the *effective* scale (see ``effective_scale``); for learned methods that is the
+    stored scale itself."""
+    spec = _spec(bits, method)
+    if spec is None:
+        raise ValueError("from_codes needs a quantized bit-width (1, 1.58, 2, 3 or 4)")
+    dt = _compute_dtype(jnp.dtype(dtype))
+    a = _clamped(scale, dt)[..., None, :]
+    return (a * _level(codes.astype(dt), spec)).astype(dtype)
+
+
+def quantize_dequantize_codes(w: Array, scale: Array | None, bits, method: str | None = None):
+    """``(codes, effective_scale)`` for export: everything needed to rebuild the weight."""
+    spec = _spec(bits, method)
+    return to_codes(w, scale, spec), effective_scale(w, scale, spec)
