@@ -13,6 +13,8 @@ from .ops import (
     quantize_dequantize_codes,
     to_codes,
 )
+from .packed_linear import packed_matmul
+from .packing import PackFormat, pack, pack_format, packed_shape, unpack
 from .spec import (
     CLIP,
     DEFAULT_METHOD,
@@ -25,6 +27,12 @@ from .spec import (
 )
 
 __all__ = [
+    "PackFormat",
+    "pack",
+    "pack_format",
+    "packed_matmul",
+    "packed_shape",
+    "unpack",
     "CLIP",
     "DEFAULT_METHOD",
     "METHODS",

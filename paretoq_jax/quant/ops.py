@@ -93,7 +93,9 @@ def _fake_quant_bwd(spec: QuantSpec, res, g: Array):
     if spec.grid == "sign":
         t = jnp.sign(x)
     else:
-        t = jnp.where(below, spec.t_lo, jnp.where(above, spec.t_hi, _level(_codes(x, spec), spec) - x))
+        t = jnp.where(
+            below, spec.t_lo, jnp.where(above, spec.t_hi, _level(_codes(x, spec), spec) - x)
+        )
     n = w.shape[-2] * w.shape[-1]
     s = 1.0 / math.sqrt(n * spec.grad_factor_qp)
     dscale = s * jnp.sum(g * t, axis=-2)
