@@ -1,0 +1,252 @@
+"""Building blocks of a Llama-family decoder in Flax NNX: QuantLinear, RMSNorm, RoPE, GQA
+attention and the SwiGLU MLP.
+
+Every parameter carries logical axis names in its ``out_sharding`` metadata ('layers', 'embed',
+'vocab', 'heads', 'kv_heads', 'mlp', 'norm'); :mod:`paretoq_jax.sharding` maps them to mesh axes.
+A module built with ``stack=(L,)`` holds its parameters stacked over ``L`` decoder layers
+(``(L, in, out)``); the decoder runs it one layer slice at a time (scanned or unrolled).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from paretoq_jax import quant
+from paretoq_jax.models.config import LlamaConfig
+
+Array = jax.Array
+
+
+def _param(
+    rngs: nnx.Rngs | None,
+    init: str,
+    shape: Sequence[int],
+    names: Sequence[str | None],
+    dtype,
+    std: float = 0.02,
+) -> nnx.Param:
+    """A parameter with logical axis names; ``init`` is 'normal', 'zeros' or 'ones'."""
+    if init == "normal":
+        value = std * jax.random.normal(rngs.params(), tuple(shape), dtype)
+    elif init == "zeros":
+        value = jnp.zeros(tuple(shape), dtype)
+    else:
+        value = jnp.ones(tuple(shape), dtype)
+    return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+
+
+class QuantLinear(nnx.Module):
+    """``y = x @ Q(kernel) + bias`` with ``Q = paretoq_jax.quant.fake_quant`` when quantized.
+
+    ``kernel`` is a Flax kernel ``(in, out)`` (``(L, in, out)`` when stacked); a learned method adds
+    a per-output-channel ``scale`` ``(out,)`` initialized with ``init_scale(kernel)``.
+    ``weight()`` is the only place the effective weight is formed, so a packed-integer linear can
+    replace it without touching the callers.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        spec: quant.QuantSpec | None = None,
+        use_bias: bool = False,
+        names: tuple[str, str] = ("embed", "mlp"),
+        stack: tuple[int, ...] = (),
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        std: float = 0.02,
+        rngs: nnx.Rngs,
+    ):
+        self.in_features, self.out_features = in_features, out_features
+        self.spec = spec
+        self.dtype = dtype
+        lead = ("layers",) * len(stack)
+        self.kernel = _param(
+            rngs, "normal", (*stack, in_features, out_features), (*lead, *names), param_dtype, std
+        )
+        scale = None
+        if spec is not None and spec.learned:
+            value = quant.init_scale(self.kernel[...], spec).astype(param_dtype)
+            scale = nnx.Param(value, out_sharding=(*lead, names[1]), eager_sharding=False)
+        self.scale = scale
+        bias = None
+        if use_bias:
+            bias = _param(rngs, "zeros", (*stack, out_features), (*lead, names[1]), param_dtype)
+        self.bias = bias
+
+    def weight(self) -> Array:
+        """The kernel the forward multiplies by: fake-quantized when a spec is set."""
+        w = self.kernel[...]
+        if self.spec is None:
+            return w
+        scale = None if self.scale is None else self.scale[...]
+        return quant.fake_quant(w, scale, self.spec)
+
+    def __call__(self, x: Array, out_dtype=None) -> Array:
+        y = jnp.dot(
+            x.astype(self.dtype), self.weight().astype(self.dtype), preferred_element_type=out_dtype
+        )
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """``x / sqrt(mean(x^2) + eps) * weight``, computed in float32 (as HF Llama does)."""
+
+    def __init__(
+        self, dim: int, eps: float, *, stack: tuple[int, ...] = (), dtype=jnp.float32,
+        param_dtype=jnp.float32,
+    ):  # fmt: skip
+        self.eps, self.dtype = eps, dtype
+        names = ("layers",) * len(stack) + ("norm",)
+        self.weight = _param(None, "ones", (*stack, dim), names, param_dtype)
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (self.weight[...].astype(jnp.float32) * x32).astype(self.dtype)
+
+
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+    """RoPE inverse frequencies ``theta^(-2i/d)`` with HF's ``linear`` and ``llama3`` scaling."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, d, 2, dtype=np.float32) / d))
+    rs = config.rope_scaling or {}
+    if config.rope_type == "linear":
+        inv_freq = inv_freq / rs["factor"]
+    elif config.rope_type == "llama3":
+        # Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate between.
+        factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+        old_len = rs["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+        inv_freq = np.where(medium, smoothed, scaled)
+    return inv_freq.astype(np.float32)
+
+
+def rope_cos_sin(positions: Array, inv_freq: np.ndarray) -> tuple[Array, Array]:
+    """``cos, sin`` of shape ``(..., seq, head_dim)`` (HF's half-split layout)."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotary embedding on ``x (B, S, heads, Dh)``: ``x * cos + rotate_half(x) * sin``."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+class Attention(nnx.Module):
+    """Grouped-query causal self-attention (heads share K/V in groups; no K/V repetition)."""
+
+    def __init__(
+        self,
+        config: LlamaConfig,
+        specs: dict[str, quant.QuantSpec | None],
+        *,
+        stack: tuple[int, ...] = (),
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        c = config
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+        )  # fmt: skip
+        self.dtype = dtype
+        q_dim, kv_dim = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        kw = dict(stack=stack, dtype=dtype, param_dtype=param_dtype, std=c.initializer_range)
+        kw["rngs"] = rngs
+        self.q_proj = QuantLinear(
+            c.hidden_size, q_dim, spec=specs["q_proj"], use_bias=c.attention_bias,
+            names=("embed", "heads"), **kw,
+        )  # fmt: skip
+        self.k_proj = QuantLinear(
+            c.hidden_size, kv_dim, spec=specs["k_proj"], use_bias=c.attention_bias,
+            names=("embed", "kv_heads"), **kw,
+        )  # fmt: skip
+        self.v_proj = QuantLinear(
+            c.hidden_size, kv_dim, spec=specs["v_proj"], use_bias=c.attention_bias,
+            names=("embed", "kv_heads"), **kw,
+        )  # fmt: skip
+        self.o_proj = QuantLinear(
+            q_dim, c.hidden_size, spec=specs["o_proj"], use_bias=c.attention_out_bias,
+            names=("heads", "embed"), **kw,
+        )  # fmt: skip
+
+    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array) -> Array:
+        b, s, _ = x.shape
+        kv, g, dh = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
+        q = apply_rope(self.q_proj(x).reshape(b, s, kv * g, dh), cos, sin)
+        k = apply_rope(self.k_proj(x).reshape(b, s, kv, dh), cos, sin)
+        v = self.v_proj(x).reshape(b, s, kv, dh)
+        q = q.reshape(b, s, kv, g, dh)
+        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
+        scores = jnp.where(mask, scores / math.sqrt(dh), jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, s, kv * g * dh)
+        return self.o_proj(out)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(
+        self,
+        config: LlamaConfig,
+        specs: dict[str, quant.QuantSpec | None],
+        *,
+        stack: tuple[int, ...] = (),
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        c = config
+        kw = dict(stack=stack, dtype=dtype, param_dtype=param_dtype, std=c.initializer_range)
+        kw.update(rngs=rngs, use_bias=c.mlp_bias)
+        d, f = c.hidden_size, c.intermediate_size
+        self.gate_proj = QuantLinear(d, f, spec=specs["gate_proj"], names=("embed", "mlp"), **kw)
+        self.up_proj = QuantLinear(d, f, spec=specs["up_proj"], names=("embed", "mlp"), **kw)
+        self.down_proj = QuantLinear(f, d, spec=specs["down_proj"], names=("mlp", "embed"), **kw)
+
+    def __call__(self, x: Array) -> Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: ``h = x + attn(norm(x)); out = h + mlp(norm(h))``."""
+
+    def __init__(
+        self,
+        config: LlamaConfig,
+        specs: dict[str, quant.QuantSpec | None],
+        *,
+        stack: tuple[int, ...] = (),
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        kw = dict(stack=stack, dtype=dtype, param_dtype=param_dtype)
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, **kw)
+        self.self_attn = Attention(config, specs, rngs=rngs, **kw)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, **kw)
+        self.mlp = MLP(config, specs, rngs=rngs, **kw)
+
+    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array) -> Array:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))

@@ -1,0 +1,128 @@
+"""The Llama-family decoder: embeddings, ``L`` stacked decoder layers, final norm, LM head.
+
+Decoder-layer parameters are stored stacked over layers (``(L, ...)``, logical axis 'layers') in a
+single :class:`DecoderLayer`; the forward runs it one layer slice at a time, either with
+``jax.lax.scan`` (``scan_layers=True``: compile time independent of depth) or unrolled in Python
+(faster steps on CPU, compile time linear in depth). Both share one parameter layout, so
+checkpoints and shardings do not depend on the choice.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from paretoq_jax.models.config import LlamaConfig
+from paretoq_jax.models.layers import DecoderLayer, QuantLinear, RMSNorm, _param, rope_cos_sin
+from paretoq_jax.models.layers import rope_inv_freq
+from paretoq_jax.models.rules import QuantRules
+
+Array = jax.Array
+
+PROJECTIONS = {
+    "q_proj": "self_attn.q_proj",
+    "k_proj": "self_attn.k_proj",
+    "v_proj": "self_attn.v_proj",
+    "o_proj": "self_attn.o_proj",
+    "gate_proj": "mlp.gate_proj",
+    "up_proj": "mlp.up_proj",
+    "down_proj": "mlp.down_proj",
+}
+
+
+def layer_specs(config: LlamaConfig, rules: QuantRules) -> dict:
+    """Per-projection `QuantSpec` shared by all layers (paths ``layers.{i}.self_attn.q_proj``...).
+
+    Layers are stacked, so every layer must resolve to the same spec for a given projection.
+    """
+    specs = {}
+    for name, sub in PROJECTIONS.items():
+        found = {rules.spec_for(f"layers.{i}.{sub}") for i in range(config.num_hidden_layers)}
+        if len(found) > 1:
+            raise ValueError(
+                f"quantization rules give layers.*.{sub} different settings across layers "
+                f"({found}); stacked layers need one (bits, method) per projection"
+            )
+        specs[name] = found.pop()
+    return specs
+
+
+class Llama(nnx.Module):
+    """A Llama-family causal LM. ``model(ids)`` with int ``(B, S)`` returns f32 ``(B, S, V)``."""
+
+    def __init__(
+        self,
+        config: LlamaConfig,
+        *,
+        quant: QuantRules | None = None,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+        remat: bool = False,
+        scan_layers: bool = True,
+    ):
+        rules = quant if quant is not None else QuantRules()
+        self.config, self.rules = config, rules
+        self.dtype, self.remat, self.scan_layers = dtype, remat, scan_layers
+        self.embed_tokens = _param(
+            rngs, "normal", (config.vocab_size, config.hidden_size), ("vocab", "embed"),
+            param_dtype, config.initializer_range,
+        )  # fmt: skip
+        self.layers = DecoderLayer(
+            config, layer_specs(config, rules), stack=(config.num_hidden_layers,), dtype=dtype,
+            param_dtype=param_dtype, rngs=rngs,
+        )  # fmt: skip
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype,
+                            param_dtype=param_dtype)  # fmt: skip
+        lm_head = None
+        if not config.tie_word_embeddings:
+            lm_head = QuantLinear(
+                config.hidden_size, config.vocab_size, spec=rules.spec_for("lm_head"),
+                names=("embed", "vocab"), dtype=dtype, param_dtype=param_dtype,
+                std=config.initializer_range, rngs=rngs,
+            )  # fmt: skip
+        self.lm_head = lm_head
+        # RoPE frequencies: a static constant (a hashable tuple), not a parameter.
+        self.inv_freq = tuple(float(f) for f in rope_inv_freq(config))
+
+    def _mask(self, seq: int) -> Array:
+        q, k = jnp.arange(seq)[:, None], jnp.arange(seq)[None, :]
+        mask = k <= q
+        if self.config.sliding_window is not None:
+            mask &= q - k < self.config.sliding_window
+        return mask
+
+    def _decoder(self, h: Array, cos: Array, sin: Array, mask: Array) -> Array:
+        graphdef, state = nnx.split(self.layers)
+
+        def step(h, layer_state):
+            return nnx.merge(graphdef, layer_state)(h, cos, sin, mask), None
+
+        if self.remat:
+            step = jax.checkpoint(step)
+        if self.scan_layers:
+            return jax.lax.scan(step, h, state)[0]
+        for i in range(self.config.num_hidden_layers):
+            h = step(h, jax.tree.map(lambda a, i=i: a[i], state))[0]
+        return h
+
+    def __call__(self, input_ids: Array, *, return_hidden: bool = False) -> Array:
+        """Logits ``(B, S, V)`` in float32, or the final normed hidden ``(B, S, D)``."""
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be (batch, seq), got shape {input_ids.shape}")
+        seq = input_ids.shape[1]
+        h = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
+        cos, sin = rope_cos_sin(jnp.arange(seq)[None, :], np.asarray(self.inv_freq, np.float32))
+        h = self._decoder(h, cos, sin, self._mask(seq)[None, None, None])
+        h = self.norm(h)
+        return h if return_hidden else self.lm_logits(h)
+
+    def lm_logits(self, hidden: Array) -> Array:
+        """Float32 logits of hidden states ``(..., D)`` (tied: ``hidden @ embed_tokens.T``)."""
+        if self.lm_head is not None:
+            return self.lm_head(hidden, out_dtype=jnp.float32)
+        emb = self.embed_tokens[...].astype(self.dtype)
+        return jnp.einsum("...d,vd->...v", hidden.astype(self.dtype), emb,
+                          preferred_element_type=jnp.float32)  # fmt: skip

@@ -1,0 +1,115 @@
+"""Logical axis names -> mesh axes (`data`, `fsdp`, `tensor`), meshes, and placing a model.
+
+Every parameter of :mod:`paretoq_jax.models` names its axes ('layers', 'embed', 'vocab', 'heads',
+'kv_heads', 'mlp', 'norm') in its ``out_sharding`` metadata. One table, ``DEFAULT_RULES``, maps
+each logical name to a mesh axis (or ``None``: replicated). A dimension whose size the mesh axis
+does not divide is replicated instead, so any model works on any mesh.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axis (or tuple of mesh axes, or None = replicated).
+DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),  # activations: the batch is split over data and fsdp
+    "length": None,
+    "layers": None,  # stacked layers stay whole on each device (scan slices them)
+    "embed": "fsdp",  # FSDP: the model dimension of every weight is split
+    "vocab": "tensor",
+    "heads": "tensor",  # Megatron-style tensor parallelism: heads / mlp split
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "norm": None,
+}
+
+Rules = Mapping[str, str | tuple[str, ...] | None]
+
+
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+    """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all of ``jax.devices()``)."""
+    devices = list(jax.devices() if devices is None else devices)
+    if data * fsdp * tensor != len(devices):
+        raise ValueError(
+            f"mesh data={data} x fsdp={fsdp} x tensor={tensor} = {data * fsdp * tensor} devices, "
+            f"but {len(devices)} are available; choose sizes whose product is {len(devices)}"
+        )
+    grid = np.asarray(devices, dtype=object).reshape(data, fsdp, tensor)
+    return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def logical_to_spec(
+    names: Sequence[str | None],
+    mesh: Mesh,
+    rules: Rules | None = None,
+    shape: Sequence[int] | None = None,
+) -> PartitionSpec:
+    """PartitionSpec for logical axis ``names``; with ``shape``, axes the mesh does not divide
+    (and mesh axes already used by an earlier dimension) are replicated."""
+    rules = DEFAULT_RULES if rules is None else rules
+    used: set[str] = set()
+    spec = []
+    for i, name in enumerate(names):
+        if name is not None and name not in rules:
+            raise ValueError(
+                f"logical axis {name!r} has no sharding rule; rules know {sorted(rules)}"
+            )
+        target = None if name is None else rules[name]
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        axes = tuple(a for a in axes if a not in used and mesh.shape.get(a, 1) > 1)
+        size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+        if shape is not None and shape[i] % size:
+            axes = ()
+        used.update(axes)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*spec)
+
+
+def logical_to_sharding(
+    names: Sequence[str | None],
+    mesh: Mesh,
+    rules: Rules | None = None,
+    shape: Sequence[int] | None = None,
+) -> NamedSharding:
+    """NamedSharding on ``mesh`` for logical axis ``names`` (see ``logical_to_spec``)."""
+    return NamedSharding(mesh, logical_to_spec(names, mesh, rules, shape))
+
+
+def variable_sharding(var: nnx.Variable, mesh: Mesh, rules: Rules | None = None) -> NamedSharding:
+    """The sharding of one model variable from its ``out_sharding`` logical names."""
+    names = var.get_metadata().get("out_sharding") or (None,) * var.ndim
+    if len(names) != var.ndim:
+        raise ValueError(f"variable of shape {var.shape} has {len(names)} axis names {names}")
+    return logical_to_sharding(names, mesh, rules, var.shape)
+
+
+def model_shardings(model: nnx.Module, mesh: Mesh, rules: Rules | None = None) -> nnx.State:
+    """An ``nnx.State`` (same structure as ``nnx.state(model)``) of NamedShardings."""
+    state = nnx.state(model)
+    return jax.tree.map(
+        lambda v: variable_sharding(v, mesh, rules),
+        state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+
+
+def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules | None = None) -> nnx.State:
+    """Places every parameter of ``model`` on ``mesh`` (in place) and returns the shardings
+    (an ``nnx.State`` of NamedShardings, usable as jit in/out shardings of ``nnx.state(model)``)."""
+    shardings = model_shardings(model, mesh, rules)
+    state = nnx.state(model)
+    placed = jax.tree.map(
+        lambda v, s: v.replace(jax.device_put(v[...], s)),
+        state,
+        shardings,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+    nnx.update(model, placed)
+    return shardings
