@@ -1,0 +1,289 @@
+"""The training loop: build mesh, model, optimizer and data; resume; step; log; checkpoint.
+
+``train(cfg)`` runs (or resumes) the run described by a ``RunConfig`` and returns a summary.
+See ``docs/training.md`` for the files it writes and the fault-handling guarantees.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from paretoq_jax.config import save_config, to_dict
+from paretoq_jax.models import QuantRules, resolve_rules
+
+from .checkpoint import Checkpointer, abstract_like
+from .config import RunConfig
+from .metrics import MetricsWriter, QuantStats
+from .optim import make_optimizer, make_schedule
+from .step import make_train_step, state_shardings
+
+__all__ = ["train", "NonFiniteLossError", "compute_dtype", "build_mesh", "build_model"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient norm became NaN/inf; the run stopped without saving."""
+
+
+def compute_dtype(name: str) -> Any:
+    """``auto``: bfloat16 on GPU/TPU, float32 on CPU."""
+    if name == "auto":
+        return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+    return jnp.dtype(name)
+
+
+def build_mesh(cfg: RunConfig) -> jax.sharding.Mesh:
+    """``Mesh(data, fsdp, tensor)`` over all devices of all processes (-1 fills the rest)."""
+    from paretoq_jax.sharding import make_mesh
+
+    sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
+    n = jax.device_count()
+    if -1 in sizes:
+        known = math.prod(s for s in sizes if s != -1)
+        if n % known:
+            raise ValueError(f"{n} devices cannot be split into a mesh with fixed axes {sizes}")
+        sizes[sizes.index(-1)] = n // known
+    if math.prod(sizes) != n:
+        raise ValueError(
+            f"mesh data x fsdp x tensor = {sizes} uses {math.prod(sizes)} devices but "
+            f"{n} are available; set mesh.data/fsdp/tensor so the product is {n} (or -1)"
+        )
+    return make_mesh(*sizes)
+
+
+def quant_rules(cfg: RunConfig) -> QuantRules:
+    return resolve_rules(cfg.model.bits, cfg.model.method)
+
+
+def build_model(
+    cfg: RunConfig, mesh: jax.sharding.Mesh, *, bits: float | None = None, path: str | None = None
+) -> nnx.Module:
+    """The model with float32 master weights, sharded over ``mesh`` (``bits=32``: float)."""
+    from paretoq_jax.models import Llama, LlamaConfig
+    from paretoq_jax.sharding import DEFAULT_RULES, shard_model
+
+    bits = cfg.model.bits if bits is None else bits
+    method = cfg.model.method if bits == cfg.model.bits else None
+    path = path or cfg.model.path
+    dtype = compute_dtype(cfg.model.dtype)
+    rules = resolve_rules(bits, method)
+    if cfg.model.init == "random" and path == cfg.model.path:
+        config = LlamaConfig.from_json(path)
+        model = Llama(
+            config,
+            quant=rules,
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            rngs=nnx.Rngs(cfg.train.seed),
+            remat=cfg.model.remat,
+            scan_layers=cfg.model.scan_layers,
+        )
+        shard_model(model, mesh, DEFAULT_RULES)  # places the parameters in place
+        return model
+    from paretoq_jax.io import load_pretrained
+
+    model = load_pretrained(path, bits, method, dtype, mesh, rules)
+    model.remat, model.scan_layers = cfg.model.remat, cfg.model.scan_layers
+    return model
+
+
+def _load_tokenizer(cfg: RunConfig):
+    from paretoq_jax.io import load_tokenizer
+
+    return load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+
+
+class _Stop:
+    """Set by SIGTERM/SIGINT: the loop saves a checkpoint and exits cleanly."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Stop:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, _frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _global_batch(local: np.ndarray, sharding: jax.sharding.NamedSharding) -> jax.Array:
+    """This process's rows -> one global array sharded over the batch axes."""
+    return jax.make_array_from_process_local_data(sharding, np.asarray(local, np.int32))
+
+
+def _diff_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _diff_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            keys.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return keys
+
+
+def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) training; returns ``{"step", "loss", "run_dir", "resumed_from"}``.
+
+    Raises ``NonFiniteLossError`` when the loss or gradient norm becomes non-finite (nothing is
+    saved for that step; earlier checkpoints stay intact).
+    """
+    from paretoq_jax.data import BatchIterator, build_splits
+
+    run_dir = Path(cfg.run_dir)
+    is_main = jax.process_index() == 0
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        old_cfg = run_dir / "config.yaml"
+        if old_cfg.exists():
+            import yaml
+
+            changed = _diff_keys(yaml.safe_load(old_cfg.read_text()) or {}, to_dict(cfg))
+            if changed:
+                print(f"[train] config differs from the saved one in {run_dir}: {changed}")
+        save_config(cfg, run_dir / "config.yaml")
+
+    mesh = build_mesh(cfg)
+    tokenizer = _load_tokenizer(cfg)
+    train_blocks, _ = build_splits(cfg.data, tokenizer)
+    tcfg = cfg.train
+    n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if tcfg.batch_size % (n_batch_shards * tcfg.grad_accum):
+        raise ValueError(
+            f"train.batch_size={tcfg.batch_size} must be divisible by mesh.data x mesh.fsdp x "
+            f"train.grad_accum = {n_batch_shards} x {tcfg.grad_accum}"
+        )
+
+    model = build_model(cfg, mesh)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = params.to_pure_dict()
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    tx = make_optimizer(tcfg)
+    schedule = make_schedule(tcfg)
+    shardings = state_shardings(mesh, param_shardings, tx, params)
+    state = {
+        "params": params,
+        "opt_state": jax.jit(tx.init, out_shardings=shardings["opt_state"])(params),
+        "step": jax.device_put(jnp.zeros((), jnp.int32), shardings["step"]),
+        "rng": jax.device_put(jax.random.PRNGKey(tcfg.seed), shardings["rng"]),
+    }
+
+    teacher_args: dict[str, Any] = {}
+    teacher_params = None
+    if tcfg.distill:
+        teacher = build_model(cfg, mesh, bits=32, path=cfg.model.teacher or cfg.model.path)
+        t_graphdef, t_params, t_rest = nnx.split(teacher, nnx.Param, ...)
+        teacher_params = t_params.to_pure_dict()
+        teacher_args = dict(
+            teacher_graphdef=t_graphdef,
+            teacher_rest=t_rest,
+            teacher_shardings=jax.tree.map(lambda x: x.sharding, teacher_params),
+        )
+    step_fn = make_train_step(
+        graphdef, rest, tx, mesh, shardings, grad_accum=tcfg.grad_accum, **teacher_args
+    )
+
+    ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep,
+                        async_save=cfg.checkpoint.async_save)  # fmt: skip
+    start = ckpt.latest_step()
+    data_state = None
+    if start is not None:
+        state, meta = ckpt.restore(start, abstract_like(state, shardings))
+        data_state = meta["data"]
+    start = start or 0
+
+    it = BatchIterator(
+        train_blocks,
+        tcfg.batch_size,
+        seed=tcfg.seed,
+        shuffle=cfg.data.shuffle,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        state=data_state,
+    )
+    quant_stats = QuantStats(model) if tcfg.quant_stats_every > 0 else None
+    writer = MetricsWriter(
+        run_dir, total_steps=tcfg.steps, start_step=start, enabled=is_main,
+        progress=progress, tensorboard=tcfg.tensorboard,
+    )  # fmt: skip
+    if start:
+        writer.message(f"[train] resumed from step {start} in {run_dir / 'checkpoints'}")
+
+    def save(step: int) -> None:
+        meta = {"step": step, "data": it.state.to_dict(), "config": to_dict(cfg)}
+        ckpt.save(step, state, meta)
+
+    seq_len = cfg.data.seq_len
+    tokens_per_step = tcfg.batch_size * seq_len
+    loss = float("nan")
+    step = start
+    t_start = time.perf_counter()
+    try:
+        with _Stop() as stop:
+            t_last = time.perf_counter()
+            while step < tcfg.steps:
+                batch = {"tokens": _global_batch(it.next(), step_fn.batch_sharding)}
+                extra = (teacher_params,) if tcfg.distill else ()
+                state, metrics = step_fn(state, batch, *extra)
+                metrics = jax.device_get(metrics)
+                step += 1
+                now = time.perf_counter()
+                step_time, t_last = now - t_last, now
+                loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    last = ckpt.latest_step()
+                    raise NonFiniteLossError(
+                        f"non-finite loss={loss} / grad_norm={grad_norm} at step {step}; nothing "
+                        f"was saved for it. The last good checkpoint is step {last} in "
+                        f"{run_dir / 'checkpoints'}. Lower train.lr, raise train.warmup_steps or "
+                        "set train.grad_clip, then rerun (it resumes from that checkpoint)."
+                    )
+                writer.advance(loss=f"{loss:.4f}", tok_s=f"{tokens_per_step / step_time:.0f}")
+                if step % tcfg.log_every == 0 or step == tcfg.steps:
+                    row = {
+                        "step": step,
+                        "loss": loss,
+                        "lr": float(schedule(step - 1)),
+                        "grad_norm": grad_norm,
+                        "tokens_per_sec": tokens_per_step / step_time,
+                        "step_time_s": step_time,
+                        "tokens": step * tokens_per_step,
+                        "elapsed_s": now - t_start,
+                    }
+                    if quant_stats is not None and (
+                        step % tcfg.quant_stats_every == 0 or step == start + 1
+                    ):
+                        row["quant"] = quant_stats(state["params"])
+                    writer.write(row)
+                    t_last = time.perf_counter()  # do not charge logging to the next step
+                if step % cfg.checkpoint.every == 0 or step == tcfg.steps:
+                    save(step)
+                if stop.signum is not None:
+                    if step % cfg.checkpoint.every and step != tcfg.steps:
+                        save(step)
+                    writer.message(f"[train] signal {stop.signum}: saved step {step}, exiting")
+                    break
+    finally:
+        ckpt.close()
+        writer.close()
+    return {"step": step, "loss": loss, "run_dir": str(run_dir), "resumed_from": start}

@@ -1,0 +1,64 @@
+"""The optimizer: optax AdamW over weights and quantization scales, LR schedules, clipping.
+
+ParetoQ trains every parameter (float weights, embeddings, norms and the learned per-channel
+scales ``alpha``) with one AdamW (paper Sec. 4: lr 2e-5 at 1-2 bits, 1e-5 at 3-4 bits, cosine
+decay, no warmup, weight decay 0). Gradient accumulation is done in the train step (an exact
+mean over the global batch), not here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+
+from .config import TrainConfig
+
+__all__ = ["make_schedule", "make_optimizer", "decay_mask"]
+
+# Weight decay applies to matrices only: never to norms or quantization scales.
+_DECAYED = ("kernel", "embedding")
+
+
+def make_schedule(cfg: TrainConfig) -> optax.Schedule:
+    """Learning rate per optimizer update: optional linear warmup, then cosine/linear/constant.
+
+    The decay runs from ``lr`` down to ``lr * min_lr_ratio`` at step ``steps`` (HF's cosine
+    schedule when ``min_lr_ratio=0``).
+    """
+    warmup = cfg.warmup_steps
+    decay_steps = max(cfg.steps - warmup, 1)
+    end = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "cosine":
+        main = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.min_lr_ratio)
+    elif cfg.schedule == "linear":
+        main = optax.linear_schedule(cfg.lr, end, decay_steps)
+    else:
+        main = optax.constant_schedule(cfg.lr)
+    if warmup <= 0:
+        return main
+    ramp = optax.linear_schedule(0.0, cfg.lr, warmup)
+    return optax.join_schedules([ramp, main], [warmup])
+
+
+def decay_mask(params: Any) -> Any:
+    """True for the leaves weight decay applies to (kernels and embeddings)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: any(getattr(k, "key", None) in _DECAYED for k in path[-1:]), params
+    )
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """Global-norm clipping (``grad_clip > 0``) followed by AdamW on ``make_schedule(cfg)``."""
+    adamw = optax.adamw(
+        make_schedule(cfg),
+        b1=cfg.b1,
+        b2=cfg.b2,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        mask=decay_mask,
+    )
+    if cfg.grad_clip and cfg.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
+    return adamw

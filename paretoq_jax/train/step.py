@@ -1,0 +1,202 @@
+"""The train step: one ``jax.jit`` function, pure over pytrees, sharded over Mesh(data, fsdp, tensor).
+
+The train state is a plain dict ``{"params", "opt_state", "step", "rng"}`` of arrays (``params`` is
+the model's ``nnx.Param`` state as a pure dict, float32 master weights). The model is rebuilt from
+its ``graphdef`` inside the step (``nnx.merge``), so the jitted function takes and returns only
+arrays and can donate the state.
+
+Loss: masked next-token cross entropy ``logsumexp(z) - z[label]`` averaged over the unmasked
+tokens of the global batch (no full log-softmax over the vocabulary is materialized). With
+``train.distill`` the loss is ``KL(teacher || student)`` on the logits of a frozen float teacher.
+Gradient accumulation scans over micro-batches and sums token-loss sums and gradients, so the
+result equals the one-shot step over the whole global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+__all__ = [
+    "BATCH_AXES",
+    "token_nll_sum",
+    "token_kl_sum",
+    "split_batch",
+    "TrainStep",
+    "make_train_step",
+    "state_shardings",
+]
+
+# The batch dimension is split over both data-parallel axes (FSDP is data parallel too).
+BATCH_AXES = ("data", "fsdp")
+
+
+def token_nll_sum(
+    logits: jax.Array, labels: jax.Array, mask: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """(sum of masked next-token NLL, number of unmasked tokens).
+
+    ``nll = logsumexp(z) - z[label]``: the cross entropy without a ``(B, S, V)`` log-softmax.
+    """
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    label_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    mask = mask.astype(jnp.float32)
+    return jnp.sum((lse - label_logit) * mask), jnp.sum(mask)
+
+
+def token_kl_sum(
+    student_logits: jax.Array, teacher_logits: jax.Array, mask: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """(sum over unmasked tokens of ``KL(p_teacher || p_student)``, number of tokens)."""
+    log_q = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
+    log_p = jax.nn.log_softmax(teacher_logits.astype(jnp.float32), axis=-1)
+    kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+    mask = mask.astype(jnp.float32)
+    return jnp.sum(kl * mask), jnp.sum(mask)
+
+
+def split_batch(tokens: jax.Array, mask: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Blocks ``(B, S)`` -> model inputs, next-token labels and the label mask.
+
+    As in HF causal-LM training, position ``t`` predicts token ``t + 1``: the inputs are the whole
+    block and the last position has no label (mask 0). ``mask`` (optional, ``(B, S)``) marks the
+    tokens that count as labels.
+    """
+    labels = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+    valid = jnp.ones(tokens.shape, jnp.float32).at[:, -1].set(0.0)
+    if mask is not None:
+        shifted = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
+        valid = valid * shifted.astype(jnp.float32)
+    return {"inputs": tokens, "labels": labels, "mask": valid}
+
+
+def _micro_batches(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
+    """``(B, ...)`` -> ``(n, B // n, ...)`` without moving data between devices.
+
+    Row ``r`` of the batch goes to micro-batch ``r % n``: each device keeps its own rows, since
+    the data-parallel sharding is over contiguous row ranges.
+    """
+
+    def split(x):
+        x = x.reshape(x.shape[0] // n, n, *x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def state_shardings(
+    mesh: Mesh, param_shardings: Any, tx: optax.GradientTransformation, params_shape: Any
+) -> dict[str, Any]:
+    """NamedShardings of the whole train state: optimizer moments follow their parameters."""
+    replicated = NamedSharding(mesh, P())
+    opt_shape = jax.eval_shape(tx.init, params_shape)
+    opt_shardings = optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        opt_shape,
+        param_shardings,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
+    return {
+        "params": param_shardings,
+        "opt_state": opt_shardings,
+        "step": replicated,
+        "rng": replicated,
+    }
+
+
+@dataclasses.dataclass
+class TrainStep:
+    """The compiled step and the shardings it was built with."""
+
+    fn: Callable[..., tuple[dict, dict]]
+    state_shardings: dict[str, Any]
+    batch_sharding: NamedSharding
+
+    def __call__(self, state: dict, batch: dict, *extra) -> tuple[dict, dict]:
+        return self.fn(state, batch, *extra)
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    rest: nnx.State,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    shardings: dict[str, Any],
+    *,
+    grad_accum: int = 1,
+    teacher_graphdef: nnx.GraphDef | None = None,
+    teacher_rest: nnx.State | None = None,
+    teacher_shardings: Any = None,
+) -> TrainStep:
+    """Build the jitted ``step(state, batch[, teacher_params]) -> (state, metrics)``.
+
+    ``batch`` holds ``tokens`` int32 ``(B, seq_len)`` and optionally ``mask`` (same shape,
+    1 where a token counts as a label), sharded over ``BATCH_AXES``. The state is donated.
+    Metrics: ``loss`` (mean over tokens), ``grad_norm`` (before clipping), ``tokens``.
+    """
+    distill = teacher_graphdef is not None
+
+    def micro_loss(params, micro, teacher_params):
+        model = nnx.merge(graphdef, params, rest)
+        logits = model(micro["inputs"])
+        if not distill:
+            return token_nll_sum(logits, micro["labels"], micro["mask"])
+        teacher = nnx.merge(teacher_graphdef, teacher_params, teacher_rest)
+        t_logits = jax.lax.stop_gradient(teacher(micro["inputs"]))
+        return token_kl_sum(logits, t_logits, micro["mask"])
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def step(state, batch, teacher_params=None):
+        params = state["params"]
+        data = split_batch(batch["tokens"], batch.get("mask"))
+        if grad_accum == 1:
+            (loss_sum, count), grads = grad_fn(params, data, teacher_params)
+        else:
+
+            def body(carry, micro):
+                (s, n), g = grad_fn(params, micro, teacher_params)
+                return jax.tree.map(jnp.add, carry, (s, n, g)), None
+
+            zero = jnp.zeros((), jnp.float32)
+            init = (zero, zero, jax.tree.map(jnp.zeros_like, params))
+            micro = _micro_batches(data, grad_accum)
+            (loss_sum, count, grads), _ = jax.lax.scan(body, init, micro)
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        params = optax.apply_updates(params, updates)
+        rng, _ = jax.random.split(state["rng"])
+        new_state = {
+            "params": params,
+            "opt_state": opt_state,
+            "step": state["step"] + 1,
+            "rng": rng,
+        }
+        metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm, "tokens": count}
+        return new_state, metrics
+
+    replicated = NamedSharding(mesh, P())
+    batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
+    in_shardings = [shardings, batch_sharding]
+    if distill:
+        in_shardings.append(teacher_shardings)
+    jitted = jax.jit(
+        step,
+        in_shardings=tuple(in_shardings),
+        out_shardings=(shardings, replicated),
+        donate_argnums=0,
+    )
+    return TrainStep(jitted, shardings, batch_sharding)
