@@ -157,7 +157,7 @@ def _read_parquet(path: Path, field: str) -> list[str]:
 
     names = pq.read_schema(path).names
     if field not in names:
-        raise _field_error(str(path), field, list(names))
+        raise _field_error(str(path), field, sorted(names))
     column = pq.read_table(path, columns=[field]).column(field).to_pylist()
     return [_text_of({field: v}, field, f"{path} row {i}") for i, v in enumerate(column)]
 
@@ -174,7 +174,7 @@ def _read_hub(hub: tuple[str, str | None, str], field: str) -> list[str]:
             f"(config={config!r}, split={split!r}) failed: {type(e).__name__}: {e}"
         ) from e
     if field not in ds.column_names:
-        raise _field_error(f"dataset {name!r}", field, list(ds.column_names))
+        raise _field_error(f"dataset {name!r}", field, sorted(ds.column_names))
     return [_text_of({field: v}, field, f"{name} row {i}") for i, v in enumerate(ds[field])]
 
 
