@@ -133,6 +133,8 @@ def _link_text(link: str) -> str:
         inner_clean = _replace_spans(inner, _matching_spans(inner, "[[", "]]"), _link_text)
     else:
         inner_clean = inner
+    if "{{" in inner_clean:  # [[target|label {{tpl|x}}]]: the template's "|" is not the link's
+        inner_clean = _remove_templates(inner_clean)
     target = inner.split("|", 1)[0].strip()
     if target.startswith(":"):  # [[:Category:X|X]] is an ordinary link to that page
         target = target[1:]
