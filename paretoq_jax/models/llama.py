@@ -15,8 +15,14 @@ import numpy as np
 from flax import nnx
 
 from paretoq_jax.models.config import LlamaConfig
-from paretoq_jax.models.layers import DecoderLayer, QuantLinear, RMSNorm, _param, rope_cos_sin
-from paretoq_jax.models.layers import rope_inv_freq
+from paretoq_jax.models.layers import (
+    DecoderLayer,
+    QuantLinear,
+    RMSNorm,
+    _param,
+    rope_cos_sin,
+    rope_inv_freq,
+)
 from paretoq_jax.models.rules import QuantRules
 
 Array = jax.Array
