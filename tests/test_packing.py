@@ -54,7 +54,7 @@ def reference_unpack(packed: np.ndarray, bits, n: int, ternary: str = "2bit") ->
 
 
 @pytest.mark.parametrize("bits,ternary,rng_range,bpc", FORMATS, ids=IDS)
-@pytest.mark.parametrize("shape", [(1,), (13,), (13, 7), (8, 1), (41, 3), (3, 21, 5), (2, 1, 9)])
+@pytest.mark.parametrize("shape", [(1,), (13, 7), (41, 3), (3, 21, 5)])
 def test_round_trip_numpy_and_jax(bits, ternary, rng_range, bpc, shape):
     rng = np.random.default_rng(zlib.crc32(repr((bits, ternary, shape)).encode()))
     c = random_codes(rng, bits, shape)

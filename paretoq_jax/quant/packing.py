@@ -143,26 +143,32 @@ def _check_codes(codes: Any, fmt: PackFormat) -> None:
         )
 
 
-def planes_to_slabs(planes: Any, fmt: PackFormat) -> Any:
-    """Unsigned values ``u`` of every slab from byte planes.
+def slab_values(planes: Any, fmt: PackFormat) -> list[Any]:
+    """Unsigned values ``u`` of each slab, one array per slab, from byte planes.
 
-    ``planes`` has shape ``(n_planes, T, ...)`` (any contiguous range of byte rows); returns
-    uint8 ``(n_slabs, T, ...)`` where slab ``t`` row ``i`` is the code at row ``t * R + i``.
+    ``planes`` has shape ``(n_planes, T, ...)`` (any contiguous range of byte rows); element
+    ``t`` of the result is uint8 ``(T, ...)`` whose row ``i`` is the code at row ``t * R + i``.
     """
     xp = _xp(planes)
     planes = planes.astype(xp.uint8)
     if fmt.base3:
-        return xp.stack([(planes[0] // 3**t) % 3 for t in range(5)]).astype(xp.uint8)
-    u = None
+        return [(planes[0] // 3**t) % 3 for t in range(5)]
+    slabs = [None] * 8
     plane, bit = 0, 0
     for w in fmt.fields:
         per_byte = 8 // w
         mask = (1 << w) - 1
-        vals = [(planes[plane + j // per_byte] >> (w * (j % per_byte))) & mask for j in range(8)]
-        field = xp.stack(vals).astype(xp.uint8)
-        u = field if u is None else u | (field << bit)
+        for t in range(8):
+            field = (planes[plane + t // per_byte] >> (w * (t % per_byte))) & mask
+            slabs[t] = field if bit == 0 else slabs[t] | (field << bit)
         plane, bit = plane + w, bit + w
-    return u
+    return slabs
+
+
+def planes_to_slabs(planes: Any, fmt: PackFormat) -> Any:
+    """:func:`slab_values` stacked: uint8 ``(n_slabs, T, ...)``."""
+    xp = _xp(planes)
+    return xp.stack(slab_values(planes, fmt)).astype(xp.uint8)
 
 
 def slabs_to_planes(u: Any, fmt: PackFormat) -> Any:
