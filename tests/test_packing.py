@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import zlib
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -154,3 +156,16 @@ def test_to_codes_round_trip_through_packing():
         np.testing.assert_array_equal(
             np.asarray(from_codes(back, s, bits)), np.asarray(from_codes(c, s, bits))
         )
+
+
+def test_doc_reference_unpacker():
+    """The numpy reference unpacker printed in docs/packed-format.md decodes pack's output."""
+    doc = (Path(__file__).parents[1] / "docs" / "packed-format.md").read_text()
+    namespace: dict = {}
+    exec(re.search(r"```python\n(.*?)```", doc, re.S).group(1), namespace)
+    rng = np.random.default_rng(11)
+    for bits, ternary, _, _ in FORMATS:
+        c = random_codes(rng, bits, (37, 5))
+        p = pack(c, bits, ternary=ternary)
+        got = namespace["unpack_ref"](p, bits, 37, base3=ternary == "base3" and bits == 1.58)
+        np.testing.assert_array_equal(got, c)

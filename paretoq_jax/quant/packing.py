@@ -28,7 +28,19 @@ import numpy as np
 
 from .spec import FLOAT_BITS, parse_bits
 
-__all__ = ["PackFormat", "pack", "pack_format", "packed_shape", "unpack"]
+__all__ = [
+    "LAYOUT_VERSION",
+    "PackFormat",
+    "pack",
+    "pack_format",
+    "packed_shape",
+    "planes_to_slabs",
+    "slab_values",
+    "unpack",
+]
+
+# Version of the byte layout in docs/packed-format.md; exporters record it in their metadata.
+LAYOUT_VERSION = 1
 
 TERNARY_LAYOUTS = ("2bit", "base3")
 
