@@ -1,0 +1,322 @@
+"""``build_report(sweep_dir)``: figures and a Markdown page from ``SWEEP_DIR/results.json``."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from paretoq_jax.analysis import pareto_frontier
+
+from . import figures as F
+
+__all__ = ["build_report", "ablation_table", "findings", "load_rows"]
+
+LEARNED = ("elastic", "seq", "lsq")
+STATISTIC = ("absmean", "minmax")
+
+
+def load_rows(sweep_dir: Path) -> list[dict]:
+    """The finished cells' rows (``results.json``, else the cells' ``result.json`` files)."""
+    from paretoq_jax.sweep.runner import collect_results
+
+    rows = collect_results(sweep_dir)
+    if not rows and (sweep_dir / "results.json").is_file():
+        rows = json.loads((sweep_dir / "results.json").read_text())
+    if not rows:
+        raise FileNotFoundError(
+            f"no finished cells in {sweep_dir} (no cells/*/result.json): run "
+            "`python -m paretoq_jax.sweep --config SWEEP.yaml --out DIR` first"
+        )
+    for r in rows:
+        for k in ("val_ppl", "val_loss", "relative_l1", "codes_changed"):
+            if isinstance(r.get(k), str):  # "nan"/"inf" written as strings
+                r[k] = float(r[k])
+    return rows
+
+
+def _ok(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def ablation_table(rows: Sequence[dict], kind: str = "train", key: str = "val_ppl") -> dict:
+    """``{(bits, method): best value of key}`` over the cells of ``kind`` (lowest for perplexity
+    and loss, highest otherwise), i.e. the best over the sweep's other grid keys."""
+    better = min if key in ("val_ppl", "val_loss") else max
+    out: dict = {}
+    for r in rows:
+        if r["kind"] != kind or not _ok(r.get(key)):
+            continue
+        k = (r["bits"], r.get("method"))
+        out[k] = r[key] if k not in out else better(out[k], r[key])
+    return out
+
+
+def _mean(xs):
+    xs = [x for x in xs if _ok(x)]
+    return sum(xs) / len(xs) if xs else None
+
+
+def findings(rows: Sequence[dict]) -> list[tuple[str, str, str]]:
+    """ParetoQ's findings, each checked on the measured cells: ``(claim, verdict, evidence)``
+    with verdict ``holds`` / ``does not hold`` / ``partly`` / ``not measured``."""
+    q, rtn = ablation_table(rows), ablation_table(rows, "rtn")
+    out = []
+
+    def verdict(results: list[bool]) -> str:
+        if not results:
+            return "not measured"
+        return "holds" if all(results) else ("does not hold" if not any(results) else "partly")
+
+    res, ev = [], []
+    for b in (1.58, 2, 3, 4):
+        s, lq = q.get((b, "seq")), q.get((b, "lsq"))
+        if s is None or lq is None:
+            continue
+        want_seq = b <= 2
+        res.append((s < lq) == want_seq)
+        ev.append(f"{b:g}-bit SEQ {s:.4g} vs LSQ {lq:.4g}")
+    out.append(
+        ("SEQ beats LSQ at 1.58 and 2 bits; LSQ beats SEQ at 3 and 4", verdict(res), "; ".join(ev))
+    )
+
+    res, ev = [], []
+    for b in (1, 1.58, 2, 3, 4):
+        learned = [q[(b, m)] for m in LEARNED if (b, m) in q]
+        stats = [q[(b, m)] for m in STATISTIC if (b, m) in q]
+        if learned and stats:
+            res.append(min(learned) < min(stats))
+            ev.append(f"{b:g}-bit learned {min(learned):.4g} vs statistic {min(stats):.4g}")
+    out.append(
+        ("Learned scales beat absmean/minmax at every bit-width", verdict(res), "; ".join(ev))
+    )
+
+    res, ev = [], []
+    for b in (1, 1.58, 2):
+        pairs = [(rtn[k] / q[k], k[1]) for k in q if k[0] == b and k in rtn and q[k] > 0]
+        if pairs:
+            ratio, m = max(pairs)
+            res.append(ratio >= 10)
+            ev.append(f"{b:g}-bit RTN/QAT = {ratio:.3g}x ({m})")
+    out.append(
+        (
+            "QAT beats round-to-nearest by orders of magnitude below 3 bits",
+            verdict(res),
+            "; ".join(ev),
+        )
+    )
+
+    lo = _mean(r.get("relative_l1") for r in rows if r["kind"] == "train" and r["bits"] <= 2)
+    hi = _mean(r.get("relative_l1") for r in rows if r["kind"] == "train" and r["bits"] in (3, 4))
+    if lo is None or hi is None:
+        out.append(("Weights move much more at <= 2 bits than at 3 and 4", "not measured", ""))
+    else:
+        out.append((
+            "Weights move much more at <= 2 bits than at 3 and 4",
+            "holds" if lo > 1.5 * hi else ("partly" if lo > hi else "does not hold"),
+            f"mean relative L1 {lo:.3g} at <= 2 bits vs {hi:.3g} at 3-4 bits",
+        ))  # fmt: skip
+    return out
+
+
+def _metrics(sweep_dir: Path, name: str) -> list[dict]:
+    from paretoq_jax.train.metrics import read_metrics
+
+    return read_metrics(sweep_dir / "cells" / name / "metrics.jsonl")
+
+
+def _fmt(x, digits: int = 4) -> str:
+    if x is None or x == "":
+        return "-"
+    if isinstance(x, float):
+        if not math.isfinite(x):
+            return str(x)
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def _md_table(header: Sequence[str], body: Sequence[Sequence]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def build_report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write ``report.md`` and its PNG figures into ``out`` (default ``SWEEP_DIR/report``)."""
+    sweep_dir = Path(sweep_dir)
+    out = Path(out) if out is not None else sweep_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = load_rows(sweep_dir)
+    name = sweep_dir.name
+    if (sweep_dir / "sweep.yaml").is_file():
+        import yaml
+
+        name = (yaml.safe_load((sweep_dir / "sweep.yaml").read_text()) or {}).get("name", name)
+
+    curves, interval = {}, {}
+    for r in rows:
+        if r["kind"] != "train":
+            continue
+        ms = _metrics(sweep_dir, r["name"])
+        label = r["name"].replace(f"bits={r['bits']:g},", "")
+        curves[r["name"]] = {
+            "bits": r["bits"], "label": label,
+            "tokens": [m["tokens"] for m in ms], "loss": [m["loss"] for m in ms],
+        }  # fmt: skip
+        pts = []
+        for m in ms:
+            vals = [v.get("codes_changed") for v in (m.get("quant") or {}).values()]
+            vals = [v for v in vals if _ok(v)]
+            if vals:
+                pts.append((m["step"], sum(vals) / len(vals)))
+        interval[r["name"]] = pts
+
+    q, rtn = ablation_table(rows), ablation_table(rows, "rtn")
+    F.plot_pareto(rows, out / "pareto.png")
+    has_acc = any(F._metric(r, "accuracy") is not None for r in rows)
+    if has_acc:
+        F.plot_pareto(rows, out / "pareto_accuracy.png", metric="accuracy")
+    F.plot_ablation(q, rtn, out / "ablation.png")
+    F.plot_transition(rows, out / "transition.png")
+    F.plot_transition_over_training(rows, interval, out / "transition_over_training.png")
+    F.plot_loss_curves(curves, out / "loss_curves.png")
+
+    md = [f"# Sweep report: {name}", ""]
+    budgets = sorted({r.get("tokens_seen") for r in rows if r["kind"] == "train"} - {None})
+    models = sorted({str(r.get("model_path")) for r in rows})
+    md += [
+        f"{len(rows)} finished cells ({sum(r['kind'] == 'train' for r in rows)} QAT, "
+        f"{sum(r['kind'] == 'rtn' for r in rows)} round-to-nearest, "
+        f"{sum(r['kind'] == 'float' for r in rows)} float) from `{sweep_dir}`; "
+        f"model: {', '.join(f'`{m}`' for m in models)}; training tokens per QAT cell: "
+        f"{', '.join(f'{b:,}' for b in budgets) or '-'}. Perplexity is on the validation blocks "
+        "of the training config's data split. Generated by `python -m paretoq_jax.report`.",
+        "",
+        "## Quality vs model size",
+        "",
+        "Model size counts every quantized weight at its bit-width (ternary at log2(3) bits; the "
+        "dense 2-bit storage in the table), every other parameter and one scale per output "
+        "channel at 16 bits. Filled markers: QAT; hollow: round-to-nearest; dashed: the Pareto "
+        "frontier.",
+        "",
+        "![pareto](pareto.png)",
+        "",
+    ]
+    if has_acc:
+        md += ["![pareto accuracy](pareto_accuracy.png)", ""]
+    pts = [r for r in rows if _ok(r.get("val_ppl")) and _ok(r.get("size_bits"))]
+    front = [
+        pts[i] for i in pareto_frontier([r["size_bits"] for r in pts], [r["val_ppl"] for r in pts])
+    ]
+    md += [
+        "Cells on the frontier:",
+        "",
+        _md_table(
+            ["cell", "kind", "size (Mbit)", "size stored (Mbit)", "val ppl"],
+            [
+                [
+                    r["name"],
+                    r["kind"],
+                    r["size_bits"] / 1e6,
+                    r["size_bits_stored"] / 1e6,
+                    r["val_ppl"],
+                ]
+                for r in front
+            ],
+        ),  # fmt: skip
+        "",
+        "## Quantizer ablation",
+        "",
+        "Validation perplexity after QAT (best over the sweep's other grid keys), round-to-nearest "
+        "(RTN: the initialized quantized model, no training) in parentheses.",
+        "",
+    ]
+    bits = [b for b in F.BITS_ORDER if any(k[0] == b for k in (*q, *rtn))]
+    methods = [m for m in F.METHOD_ORDER if any(k[1] == m for k in (*q, *rtn))]
+
+    def cell(b, m):
+        a, r_ = q.get((b, m)), rtn.get((b, m))
+        if a is None and r_ is None:
+            return "-"
+        return f"{_fmt(a)} ({_fmt(r_)})" if r_ is not None else _fmt(a)
+
+    md += [
+        _md_table(
+            ["method"] + [F.bits_label(b) for b in bits],
+            [[m] + [cell(b, m) for b in bits] for m in methods],
+        ),
+        "",
+        "![ablation](ablation.png)",
+        "",
+        "## Learning transition",
+        "",
+        "Relative L1 change of the quantized layers' float weights from their start, "
+        "`||W_T - W_0||_1 / ||W_0||_1`, and the fraction of integer codes that differ from the "
+        "start (QAT cells; ParetoQ Sec. 2.2).",
+        "",
+        _md_table(
+            ["cell", "bits", "method", "relative L1", "codes changed"],
+            [
+                [
+                    r["name"],
+                    F.bits_label(r["bits"]),
+                    r.get("method"),
+                    r.get("relative_l1"),
+                    r.get("codes_changed"),
+                ]
+                for r in rows
+                if r["kind"] == "train"
+            ],
+        ),  # fmt: skip
+        "",
+        "![transition](transition.png)",
+        "",
+        "![transition over training](transition_over_training.png)",
+        "",
+        "## ParetoQ's findings, checked on these cells",
+        "",
+        _md_table(["claim", "verdict", "evidence"], findings(rows)),
+        "",
+        "## Loss curves",
+        "",
+        "![loss curves](loss_curves.png)",
+        "",
+        "## All cells",
+        "",
+        _md_table(
+            [
+                "#",
+                "cell",
+                "kind",
+                "status",
+                "size (Mbit)",
+                "val ppl",
+                "tokens",
+                "rel. L1",
+                "codes changed",
+                "train s",
+                "wall s",
+            ],
+            [
+                [
+                    r.get("index"),
+                    r["name"],
+                    r["kind"],
+                    r.get("status"),
+                    r["size_bits"] / 1e6,
+                    r.get("val_ppl"),
+                    r.get("tokens_seen"),
+                    r.get("relative_l1"),
+                    r.get("codes_changed"),
+                    r.get("train_wall_s"),
+                    r.get("wall_s"),
+                ]
+                for r in rows
+            ],
+        ),  # fmt: skip
+        "",
+    ]
+    page = out / "report.md"
+    page.write_text("\n".join(md))
+    return page

@@ -1,0 +1,95 @@
+"""CLI: ``python -m paretoq_jax.sweep --config configs/sweeps/NAME.yaml [--cell I | --shard K/N]
+[--out SWEEP_DIR] [--dry-run]``.
+
+Rerunning the same command skips finished cells and resumes an interrupted one from its
+checkpoint. Several processes (or hosts sharing the directory) may run the same sweep at once:
+each cell is claimed with a file lock; ``--shard K/N`` splits the grid deterministically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from .runner import cell_config, run_cells, write_json_atomic, write_results
+from .spec import SweepError, expand, load_sweep, parse_shard, select
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m paretoq_jax.sweep",
+        description="Run a grid of QAT runs + evaluation (resumable; see docs/sweeps.md).",
+    )
+    parser.add_argument(
+        "--config", required=True, help="sweep file, e.g. configs/sweeps/tiny-bits.yaml"
+    )
+    parser.add_argument("--out", help="sweep directory (default: out_dir of the sweep file)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--cell", help="run only this cell (index or name)")
+    group.add_argument("--shard", help="run cells i with i %% N == K, given as K/N")
+    parser.add_argument("--dry-run", action="store_true", help="list the cells and exit")
+    parser.add_argument("--progress", action="store_true", help="show the trainer's progress bar")
+    args = parser.parse_args(argv)
+
+    try:
+        spec = load_sweep(args.config)
+        shard = parse_shard(args.shard) if args.shard else None
+    except (SweepError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = args.out or spec.out_dir
+    if out is None:
+        print("error: pass --out DIR or set out_dir in the sweep file", file=sys.stderr)
+        return 2
+    sweep_dir = Path(out)
+
+    # Validate every cell's config before running anything (cheap: no model is loaded), so that
+    # indices and shards are over the valid cells only.
+    cells, invalid = [], {}
+    for c in expand(spec):
+        try:
+            cell_config(spec, c, sweep_dir / "cells" / c.name)
+            cells.append(c)
+        except ValueError as e:
+            invalid[c.name] = str(e)
+    for name, why in invalid.items():
+        print(f"[sweep] {'dropped' if spec.drop_invalid else 'error:'} cell {name}: {why}")
+    if invalid and not spec.drop_invalid:
+        print("fix the sweep file, add an exclude rule, or set drop_invalid: true", file=sys.stderr)
+        return 2
+    try:
+        chosen = select(cells, cell=args.cell, shard=shard)
+    except SweepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    index = {c.name: i for i, c in enumerate(cells)}
+
+    if args.dry_run:
+        for c in chosen:
+            print(f"{index[c.name]:4d}  {c.kind:5s}  {c.name}")
+        print(f"{len(chosen)} of {len(cells)} cells -> {sweep_dir}")
+        return 0
+
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    if spec.source is not None:
+        shutil.copyfile(spec.source, sweep_dir / "sweep.yaml")
+    write_json_atomic(
+        sweep_dir / "cells.json",
+        [
+            {"index": i, "name": c.name, "kind": c.kind, "overrides": c.overrides}
+            for i, c in enumerate(cells)
+        ],
+    )
+    report = run_cells(
+        spec, [(index[c.name], c) for c in chosen], sweep_dir, progress=args.progress
+    )
+    write_results(sweep_dir)
+    print("[sweep] " + json.dumps({k: len(v) for k, v in report.items()}) + f" -> {sweep_dir}")
+    return 1 if report["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""The sweep file (``configs/sweeps/*.yaml``) and its expansion into cells; see ``docs/sweeps.md``.
+
+A sweep names a base training config, overrides shared by every cell and a grid of values over
+any dotted config keys. Expansion, in order:
+
+1. the Cartesian product of ``grid`` (keys in file order, the last key varying fastest);
+2. ``exclude``: drop every cell matching all keys of one rule (a list value matches any item);
+3. ``include``: append extra cells given verbatim (dotted key -> value);
+4. ``set_when``: ``{when: RULE, set: {key: value}}`` sets keys on the cells matching ``RULE``
+   (e.g. a lower learning rate at 3 and 4 bits);
+5. ``rtn``: for every cell a round-to-nearest twin: ``train.steps=0`` (evaluate the initialized
+   quantized model, no training) without the other ``train.*`` keys (``train.seed`` is kept);
+   ``float``: one cell evaluating the unquantized model (``model.bits=16``, ``train.steps=0``);
+6. cells with the same name (the same overrides) are merged, keeping the first.
+
+A cell is named by its own overrides (not the shared ones), with keys in one fixed order, so the
+same overrides give the same name (and run directory) whatever grid they came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from paretoq_jax.quant import parse_bits
+
+__all__ = [
+    "Cell",
+    "SweepError",
+    "SweepSpec",
+    "cell_name",
+    "expand",
+    "load_sweep",
+    "matches",
+    "select",
+    "parse_shard",
+]
+
+# Short names used in cell names, in the order they appear there.
+ALIASES = {
+    "model.path": "model",
+    "model.bits": "bits",
+    "model.method": "method",
+    "train.steps": "steps",
+    "train.lr": "lr",
+    "train.distill": "distill",
+    "train.batch_size": "bs",
+    "train.seed": "seed",
+}
+_SAFE = re.compile(r"^[A-Za-z0-9.+\-]+$")
+_MAX_NAME = 180
+
+
+class SweepError(ValueError):
+    """A sweep file or cell selection is invalid; the message names the problem and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One run of a sweep: its name (= run directory name) and its own dotted overrides."""
+
+    name: str
+    overrides: dict[str, Any]
+
+    @property
+    def kind(self) -> str:
+        """``"train"`` (QAT), ``"rtn"`` (no training, quantized) or ``"float"`` (no training)."""
+        if int(self.overrides.get("train.steps", -1)) != 0:
+            return "train"
+        bits = self.overrides.get("model.bits")
+        return "float" if bits is not None and parse_bits(bits) in (16, 32) else "rtn"
+
+
+@dataclasses.dataclass
+class SweepSpec:
+    """A parsed sweep file. ``train_config`` is resolved relative to the sweep file."""
+
+    train_config: Path
+    name: str
+    out_dir: Path | None = None
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    grid: dict[str, list] = dataclasses.field(default_factory=dict)
+    exclude: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    include: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    set_when: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    rtn: bool = False
+    float: bool = False
+    drop_invalid: bool = False
+    eval: dict[str, Any] = dataclasses.field(default_factory=dict)
+    source: Path | None = None
+
+
+_TOP_KEYS = {f.name for f in dataclasses.fields(SweepSpec)} - {"source"}
+_EVAL_KEYS = {"tasks", "batch_size", "max_val_blocks", "transition_every_checkpoint"}
+
+
+def _flat(d: Any, what: str) -> dict[str, Any]:
+    """A mapping of dotted keys; nested mappings are flattened (``{a: {b: 1}}`` -> ``a.b``)."""
+    if d is None:
+        return {}
+    if not isinstance(d, Mapping):
+        raise SweepError(f"{what} must be a mapping of dotted config keys, got {d!r}")
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping) and v:
+            for k2, v2 in _flat(v, what).items():
+                out[f"{k}.{k2}"] = v2
+        else:
+            out[str(k)] = v
+    return out
+
+
+def _rules(items: Any, what: str) -> list[dict[str, Any]]:
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        raise SweepError(f"'{what}' must be a list of mappings, e.g. [{{model.bits: 1}}]")
+    return [_flat(r, f"an entry of '{what}'") for r in items]
+
+
+def load_sweep(path: str | Path) -> SweepSpec:
+    """Parse and check a sweep file (unknown keys are errors)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SweepError(f"sweep file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, Mapping):
+        raise SweepError(f"sweep file {path} must hold a mapping at the top level")
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise SweepError(
+            f"unknown key(s) {sorted(unknown)} in sweep file {path}; valid keys: {sorted(_TOP_KEYS)}"
+        )
+    if "train_config" not in data:
+        raise SweepError(f"sweep file {path} needs 'train_config: PATH' (the base training config)")
+    base = (path.parent / str(data["train_config"])).resolve()
+    if not base.is_file():
+        raise SweepError(f"train_config {base} (from {path}) does not exist")
+    grid = _flat(data.get("grid"), "'grid'")
+    for k, v in grid.items():
+        if not isinstance(v, list) or not v:
+            raise SweepError(f"grid key '{k}' needs a non-empty list of values, got {v!r}")
+    set_when = []
+    for i, r in enumerate(data.get("set_when") or []):
+        if not isinstance(r, Mapping) or set(r) != {"when", "set"}:
+            raise SweepError(f"set_when[{i}] must be {{when: {{key: value}}, set: {{key: value}}}}")
+        set_when.append({"when": _flat(r["when"], "set_when.when"), "set": _flat(r["set"], "set")})
+    ev = dict(data.get("eval") or {})
+    if set(ev) - _EVAL_KEYS:
+        raise SweepError(
+            f"unknown eval key(s) {sorted(set(ev) - _EVAL_KEYS)}: {sorted(_EVAL_KEYS)}"
+        )
+    out_dir = data.get("out_dir")
+    return SweepSpec(
+        train_config=base,
+        name=str(data.get("name") or path.stem),
+        out_dir=None if out_dir is None else Path(str(out_dir)),
+        overrides=_flat(data.get("overrides"), "'overrides'"),
+        grid=grid,
+        exclude=_rules(data.get("exclude"), "exclude"),
+        include=_rules(data.get("include"), "include"),
+        set_when=set_when,
+        rtn=bool(data.get("rtn", False)),
+        float=bool(data.get("float", False)),
+        drop_invalid=bool(data.get("drop_invalid", False)),
+        eval=ev,
+        source=path.resolve(),
+    )
+
+
+def _norm(key: str, value: Any) -> Any:
+    """Canonical value for comparisons: bit-widths parsed, numbers as floats."""
+    if key.endswith("bits") and value is not None:
+        try:
+            return parse_bits(value)
+        except ValueError:
+            return value
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    return value
+
+
+def matches(overrides: Mapping[str, Any], rule: Mapping[str, Any]) -> bool:
+    """True when every key of ``rule`` is in ``overrides`` with that value (or one of a list)."""
+    for k, want in rule.items():
+        if k not in overrides:
+            return False
+        options = want if isinstance(want, list) else [want]
+        if _norm(k, overrides[k]) not in [_norm(k, o) for o in options]:
+            return False
+    return True
+
+
+def _fmt(key: str, value: Any) -> str:
+    if key.endswith("bits") and value is not None:
+        try:
+            b = parse_bits(value)
+            return f"{b:g}"
+        except ValueError:
+            pass
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    s = str(value)
+    if _SAFE.match(s):
+        return s
+    stem = re.sub(r"[^A-Za-z0-9.+\-]+", "-", Path(s).name or s).strip("-") or "v"
+    return f"{stem}~{hashlib.sha1(s.encode()).hexdigest()[:6]}"
+
+
+def _key_order(key: str) -> tuple[int, str]:
+    names = list(ALIASES)
+    return (names.index(key), "") if key in ALIASES else (len(names), key)
+
+
+def cell_name(overrides: Mapping[str, Any]) -> str:
+    """A stable, filesystem-safe name of a cell's overrides, e.g. ``bits=2,method=seq,lr=0.0005``.
+
+    Keys are sorted in a fixed order (``ALIASES`` first), so the name does not depend on the
+    grid's order. Values that are not plain tokens (paths) become ``basename~hash``.
+    """
+    if not overrides:
+        return "base"
+    parts = [
+        f"{ALIASES.get(k, k)}={_fmt(k, overrides[k])}" for k in sorted(overrides, key=_key_order)
+    ]
+    name = ",".join(parts)
+    if len(name) > _MAX_NAME:
+        digest = hashlib.sha1(json.dumps(overrides, sort_keys=True, default=str).encode())
+        name = f"{name[: _MAX_NAME - 9]}~{digest.hexdigest()[:8]}"
+    return name
+
+
+def _rtn_twin(o: Mapping[str, Any]) -> dict[str, Any]:
+    twin = {k: v for k, v in o.items() if not k.startswith("train.") or k == "train.seed"}
+    twin["train.steps"] = 0
+    return twin
+
+
+def expand(spec: SweepSpec) -> list[Cell]:
+    """All cells of a sweep in their fixed order (see the module docstring)."""
+    keys = list(spec.grid)
+    cells = [dict(zip(keys, vals, strict=True)) for vals in itertools.product(*spec.grid.values())]
+    if not keys:
+        cells = [{}] if not spec.include else []
+    cells = [c for c in cells if not any(matches(c, r) for r in spec.exclude)]
+    cells += [dict(r) for r in spec.include]
+    for rule in spec.set_when:
+        for c in cells:
+            if matches({**spec.overrides, **c}, rule["when"]):
+                c.update(rule["set"])
+    if spec.rtn:
+        cells += [_rtn_twin(c) for c in cells if int(c.get("train.steps", 1)) != 0]
+    if spec.float:
+        cells.append({"model.bits": 16, "train.steps": 0})
+    out: dict[str, Cell] = {}
+    for c in cells:
+        name = cell_name(c)
+        out.setdefault(name, Cell(name, c))
+    return list(out.values())
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"K/N"`` -> ``(K, N)`` with ``0 <= K < N``."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not m or int(m.group(2)) < 1 or int(m.group(1)) >= int(m.group(2)):
+        raise SweepError(f"--shard {text!r}: expected K/N with 0 <= K < N, e.g. --shard 0/4")
+    return int(m.group(1)), int(m.group(2))
+
+
+def select(
+    cells: Sequence[Cell], *, cell: str | None = None, shard: tuple[int, int] | None = None
+) -> list[Cell]:
+    """The cells one process runs: ``cell`` (an index or a name) or shard ``K/N`` (cells ``i``
+    with ``i % N == K``: every cell lands in exactly one shard), else all."""
+    if cell is not None and shard is not None:
+        raise SweepError("give either --cell or --shard, not both")
+    if cell is not None:
+        if cell.isdigit():
+            i = int(cell)
+            if i >= len(cells):
+                raise SweepError(
+                    f"--cell {i}: the sweep has {len(cells)} cells (0..{len(cells) - 1})"
+                )
+            return [cells[i]]
+        found = [c for c in cells if c.name == cell]
+        if not found:
+            raise SweepError(f"--cell {cell!r}: no such cell; list them with --dry-run")
+        return found
+    if shard is not None:
+        k, n = shard
+        return [c for i, c in enumerate(cells) if i % n == k]
+    return list(cells)
