@@ -7,6 +7,7 @@ See ``docs/training.md`` for the files it writes and the fault-handling guarante
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -27,6 +28,11 @@ from .optim import make_optimizer, make_schedule
 from .step import make_train_step, state_shardings
 
 __all__ = ["train", "NonFiniteLossError", "compute_dtype", "build_mesh", "build_model"]
+
+
+# Fault-injection aid for the kill/resume tests: sleep this long after every step, so that a
+# signal can be delivered between two checkpoints of a tiny, fast run.
+_FAULT_SLEEP_S = float(os.environ.get("PARETOQ_FAULT_SLEEP_S", "0") or 0)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -96,9 +102,26 @@ def build_model(
 
 
 def _load_tokenizer(cfg: RunConfig):
-    from paretoq_jax.io import load_tokenizer
+    """``model.tokenizer`` or the model folder's tokenizer (``paretoq_jax.io.load_tokenizer``;
+    a plain ``transformers.AutoTokenizer`` on a local folder until that is available)."""
+    path = cfg.model.tokenizer or cfg.model.path
+    try:
+        from paretoq_jax.io import load_tokenizer
+    except ImportError:
+        from transformers import AutoTokenizer
 
-    return load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+        return AutoTokenizer.from_pretrained(path)
+    return load_tokenizer(path)
+
+
+def tree_bytes(tree: Any) -> tuple[int, int]:
+    """(total bytes of the arrays in ``tree``, bytes held on this process's first device)."""
+    dev = jax.local_devices()[0]
+    total = on_dev = 0
+    for x in jax.tree.leaves(tree):
+        total += x.size * x.dtype.itemsize
+        on_dev += sum(s.data.nbytes for s in x.addressable_shards if s.device == dev)
+    return total, on_dev
 
 
 class _Stop:
@@ -176,7 +199,7 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
 
     model = build_model(cfg, mesh)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    params = params.to_pure_dict()
+    params = nnx.to_pure_dict(params)
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
     tx = make_optimizer(tcfg)
     schedule = make_schedule(tcfg)
@@ -193,7 +216,7 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     if tcfg.distill:
         teacher = build_model(cfg, mesh, bits=32, path=cfg.model.teacher or cfg.model.path)
         t_graphdef, t_params, t_rest = nnx.split(teacher, nnx.Param, ...)
-        teacher_params = t_params.to_pure_dict()
+        teacher_params = nnx.to_pure_dict(t_params)
         teacher_args = dict(
             teacher_graphdef=t_graphdef,
             teacher_rest=t_rest,
@@ -203,6 +226,11 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         graphdef, rest, tx, mesh, shardings, grad_accum=tcfg.grad_accum, **teacher_args
     )
 
+    total, on_dev = tree_bytes({"params": state["params"], "opt": state["opt_state"]})
+    memory = {"state_bytes_total": total, "state_bytes_device0": on_dev}
+    if is_main:
+        print(f"[train] params + optimizer state: {total / 2**20:.1f} MiB in all, "
+              f"{on_dev / 2**20:.1f} MiB on device 0 (mesh {dict(mesh.shape)})")  # fmt: skip
     ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep,
                         async_save=cfg.checkpoint.async_save)  # fmt: skip
     start = ckpt.latest_step()
@@ -278,6 +306,8 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
                     t_last = time.perf_counter()  # do not charge logging to the next step
                 if step % cfg.checkpoint.every == 0 or step == tcfg.steps:
                     save(step)
+                if _FAULT_SLEEP_S:
+                    time.sleep(_FAULT_SLEEP_S)
                 if stop.signum is not None:
                     if step % cfg.checkpoint.every and step != tcfg.steps:
                         save(step)
@@ -286,4 +316,10 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     finally:
         ckpt.close()
         writer.close()
-    return {"step": step, "loss": loss, "run_dir": str(run_dir), "resumed_from": start}
+    return {
+        "step": step,
+        "loss": loss,
+        "run_dir": str(run_dir),
+        "resumed_from": start,
+        **memory,
+    }

@@ -1,0 +1,169 @@
+"""Train step, optimizer and an end-to-end run of configs/tiny.yaml (in-process, seconds)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import yaml
+from flax import nnx
+
+from paretoq_jax.config import ConfigError, load_config
+from paretoq_jax.models import Llama, LlamaConfig, resolve_rules
+from paretoq_jax.sharding import make_mesh, shard_model
+from paretoq_jax.train import NonFiniteLossError, RunConfig, TrainConfig, train
+from paretoq_jax.train.checkpoint import Checkpointer
+from paretoq_jax.train.metrics import read_metrics
+from paretoq_jax.train.optim import make_optimizer, make_schedule
+from paretoq_jax.train.step import make_train_step, split_batch, state_shardings, token_nll_sum
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+def tiny_cfg(tmp_path: Path, *overrides: str) -> RunConfig:
+    return load_config(
+        RunConfig,
+        TINY,
+        [f"run_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}", *overrides],
+    )
+
+
+def test_token_nll_matches_float64_log_softmax():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 5, 11)) * 4
+    labels = rng.integers(0, 11, size=(2, 5))
+    mask = (rng.random((2, 5)) > 0.3).astype(np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    ref = -(np.take_along_axis(logp, labels[..., None], -1)[..., 0] * mask).sum()
+    s, n = token_nll_sum(jnp.asarray(logits, jnp.float32), jnp.asarray(labels), jnp.asarray(mask))
+    assert float(n) == mask.sum()
+    np.testing.assert_allclose(float(s), ref, rtol=1e-5)
+
+
+def test_split_batch_shifts_labels_and_masks_last():
+    tokens = jnp.arange(12, dtype=jnp.int32).reshape(2, 6)
+    b = split_batch(tokens)
+    np.testing.assert_array_equal(b["inputs"], tokens)
+    np.testing.assert_array_equal(b["labels"][:, :-1], tokens[:, 1:])
+    np.testing.assert_array_equal(b["mask"][:, -1], 0)
+    assert float(b["mask"].sum()) == 10
+
+
+def test_schedules():
+    base = dict(steps=10, lr=1.0, batch_size=1)
+    cos = make_schedule(TrainConfig(**base, schedule="cosine"))
+    np.testing.assert_allclose([cos(0), cos(5), cos(10)], [1.0, 0.5, 0.0], atol=1e-6)
+    lin = make_schedule(TrainConfig(**base, schedule="linear", min_lr_ratio=0.1))
+    np.testing.assert_allclose([lin(0), lin(5), lin(10)], [1.0, 0.55, 0.1], atol=1e-6)
+    const = make_schedule(TrainConfig(**base, schedule="constant", warmup_steps=4))
+    np.testing.assert_allclose([const(0), const(2), const(4), const(9)], [0, 0.5, 1, 1], atol=1e-6)
+    warm_cos = make_schedule(TrainConfig(**base, warmup_steps=2))
+    np.testing.assert_allclose([warm_cos(1), warm_cos(2), warm_cos(6)], [0.5, 1.0, 0.5], atol=1e-6)
+
+
+def test_bad_train_config_is_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="train.batch_size=6 is not divisible"):
+        tiny_cfg(tmp_path, "train.batch_size=6", "train.grad_accum=4")
+    with pytest.raises(ConfigError, match="did you mean 'train.lr'"):
+        tiny_cfg(tmp_path, "train.lrr=1")
+    with pytest.raises(ConfigError, match="unsupported bits"):
+        tiny_cfg(tmp_path, "model.bits=5")
+
+
+def _tiny_state(accum: int):
+    config = LlamaConfig.from_json(ROOT / "configs/models/tiny-llama")
+    model = Llama(config, quant=resolve_rules(2), rngs=nnx.Rngs(0), scan_layers=False)
+    mesh = make_mesh(1, 1, 1)
+    shard_model(model, mesh)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = nnx.to_pure_dict(params)
+    tx = make_optimizer(TrainConfig(steps=4, lr=1e-3, batch_size=4, grad_accum=accum))
+    shardings = state_shardings(mesh, jax.tree.map(lambda x: x.sharding, params), tx, params)
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+             "rng": jax.random.PRNGKey(0)}  # fmt: skip
+    return make_train_step(graphdef, rest, tx, mesh, shardings, grad_accum=accum), state
+
+
+def test_grad_accumulation_equals_full_batch():
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (4, 16), 0, 512)
+    mask = jnp.ones((4, 16)).at[1, 5:].set(0)  # unequal token counts per micro-batch
+    results = []
+    for accum in (1, 4):
+        step, state = _tiny_state(accum)
+        state, m = step(state, {"tokens": tokens, "mask": mask})
+        results.append((float(m["loss"]), float(m["grad_norm"]), state["params"]))
+    for loss, gn, params in results[1:]:
+        np.testing.assert_allclose(loss, results[0][0], rtol=1e-6)
+        np.testing.assert_allclose(gn, results[0][1], rtol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), params,
+                     results[0][2])  # fmt: skip
+
+
+def test_clipping_and_adamw_match_optax_reference():
+    """One step of our step function equals a hand-written optax update on the same grads."""
+    step, state = _tiny_state(1)
+    tokens = jax.random.randint(jax.random.PRNGKey(2), (4, 16), 0, 512)
+    params0 = jax.tree.map(jnp.copy, state["params"])
+    config = LlamaConfig.from_json(ROOT / "configs/models/tiny-llama")
+    model = Llama(config, quant=resolve_rules(2), rngs=nnx.Rngs(0), scan_layers=False)
+    g, _, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss_fn(p):
+        logits = nnx.merge(g, p, rest)(tokens)
+        logp = jax.nn.log_softmax(logits[:, :-1], -1)
+        return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
+
+    grads = jax.grad(loss_fn)(params0)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, 0.9, 0.999, 1e-8, 0.0))
+    updates, _ = tx.update(grads, tx.init(params0), params0)
+    expected = optax.apply_updates(params0, updates)
+    new_state, m = step(state, {"tokens": tokens})
+    np.testing.assert_allclose(float(m["grad_norm"]), float(optax.tree.norm(grads)), rtol=1e-4)
+    # Adam's first step is lr * g / |g|: atol 2% of lr absorbs float-order noise on tiny grads.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), new_state["params"],
+                 expected)  # fmt: skip
+
+
+def test_tiny_run_end_to_end(tmp_path):
+    cfg = tiny_cfg(tmp_path, "train.steps=6", "checkpoint.every=2", "checkpoint.keep=2",
+                   "train.quant_stats_every=3")  # fmt: skip
+    out = train(cfg, progress=False)
+    run = Path(cfg.run_dir)
+    assert out["step"] == 6
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["train"]["steps"] == 6 and saved["model"]["bits"] == 2
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "step_time_s"):
+        assert all(np.isfinite(r[key]) for r in rows), key
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    q1, q3 = rows[0]["quant"], rows[2]["quant"]
+    assert set(q1) == {f"layers.{i}.{p}" for i in range(2) for p in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}  # fmt: skip
+    assert q1["layers.0.self_attn.q_proj"]["codes_changed"] is None
+    stats = q3["layers.1.mlp.up_proj"]
+    assert 0 <= stats["outside_clip"] <= 1 and 0 < stats["codes_changed"] < 1
+    assert stats["scale_mean"] > 0
+    ckpt = Checkpointer(run / "checkpoints")
+    assert ckpt.all_steps() == [4, 6]  # keep=2
+    ckpt.close()
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
+    cfg = tiny_cfg(tmp_path, "train.steps=6", "train.lr=1e30", "train.grad_clip=0",
+                   "checkpoint.every=1", "train.quant_stats_every=0")  # fmt: skip
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss.*last good checkpoint is step"):
+        train(cfg, progress=False)
+    ckpt = Checkpointer(Path(cfg.run_dir) / "checkpoints")
+    steps = ckpt.all_steps()
+    ckpt.close()
+    rows = read_metrics(Path(cfg.run_dir) / "metrics.jsonl")
+    assert steps and steps[-1] == rows[-1]["step"]  # nothing saved for the bad step
+    assert all(np.isfinite(r["loss"]) for r in rows)
