@@ -229,7 +229,12 @@ def iter_wiki_articles(path: str | Path) -> Iterator[tuple[str, str]]:
     opener = bz2.open if path.suffix == ".bz2" else open
     with opener(path, "rb") as f:
         title, ns, redirect, text = "", "", False, ""
-        for _event, elem in ET.iterparse(f, events=("end",)):
+        root = None
+        for event, elem in ET.iterparse(f, events=("start", "end")):
+            if root is None:
+                root = elem  # the first start event is <mediawiki>
+            if event == "start":
+                continue
             name = _local(elem.tag)
             if name == "title":
                 title = elem.text or ""
@@ -243,4 +248,4 @@ def iter_wiki_articles(path: str | Path) -> Iterator[tuple[str, str]]:
                 if ns == "0" and not redirect and not text.lstrip().lower().startswith("#redirect"):
                     yield title, text
                 title, ns, redirect, text = "", "", False, ""
-                elem.clear()
+                root.clear()  # drop finished pages so a full dump streams in constant memory
