@@ -1,0 +1,97 @@
+"""Faults: SIGKILL + resume reproduces an uninterrupted run exactly; SIGTERM saves and exits."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from paretoq_jax.config import load_config
+from paretoq_jax.train import RunConfig, train
+from paretoq_jax.train.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+STEPS, EVERY = 12, 4
+
+
+def _overrides(run: Path, cache: Path) -> list[str]:
+    return [
+        f"run_dir={run}",
+        f"data.cache_dir={cache}",
+        f"train.steps={STEPS}",
+        f"checkpoint.every={EVERY}",
+        "train.quant_stats_every=0",
+    ]
+
+
+def _start(run: Path, cache: Path) -> subprocess.Popen:
+    """The CLI in a subprocess, slowed to 0.5 s/step so a signal lands between checkpoints."""
+    env = {**os.environ, "PARETOQ_FAULT_SLEEP_S": "0.5", "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "paretoq_jax.train", "--config", str(TINY), "--no-progress"]
+    return subprocess.Popen(
+        cmd + _overrides(run, cache), cwd=ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def _wait_for_checkpoint(proc: subprocess.Popen, run: Path, step: int, timeout: float = 300):
+    t0 = time.time()
+    while not (run / "checkpoints" / str(step)).is_dir():  # Orbax renames it in when complete
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before checkpoint {step}:\n{proc.stdout.read()}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            raise AssertionError(f"no checkpoint {step} after {timeout}s")
+        time.sleep(0.05)
+
+
+def _final_params(run: Path) -> dict:
+    restored = ocp.StandardCheckpointer().restore(run / "checkpoints" / str(STEPS) / "state")
+    return jax.device_get(restored["params"])
+
+
+def _losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl")}
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
+    cache = tmp_path / "cache"
+    ref = tmp_path / "ref"
+    train(load_config(RunConfig, TINY, _overrides(ref, cache)), progress=False)
+
+    run = tmp_path / "killed"
+    proc = _start(run, cache)
+    _wait_for_checkpoint(proc, run, EVERY)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run / "checkpoints" / str(STEPS)).exists(), "killed too late to test anything"
+
+    out = train(load_config(RunConfig, TINY, _overrides(run, cache)), progress=False)
+    assert out["resumed_from"] >= EVERY and out["step"] == STEPS
+    ref_losses, losses = _losses(ref), _losses(run)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert losses == ref_losses  # bit-identical on CPU
+    jax.tree.map(np.testing.assert_array_equal, _final_params(run), _final_params(ref))
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    run = tmp_path / "run"
+    proc = _start(run, tmp_path / "cache")
+    _wait_for_checkpoint(proc, run, EVERY)
+    time.sleep(0.6)  # land between checkpoints
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "saved step" in out
+    last = max(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    rows = read_metrics(run / "metrics.jsonl")
+    assert last == rows[-1]["step"] and EVERY <= last < STEPS
