@@ -14,7 +14,7 @@ from .ops import (
     to_codes,
 )
 from .packed_linear import packed_matmul
-from .packing import PackFormat, pack, pack_format, packed_shape, unpack
+from .packing import LAYOUT_VERSION, PackFormat, pack, pack_format, packed_shape, unpack
 from .spec import (
     CLIP,
     DEFAULT_METHOD,
@@ -27,6 +27,7 @@ from .spec import (
 )
 
 __all__ = [
+    "LAYOUT_VERSION",
     "PackFormat",
     "pack",
     "pack_format",
