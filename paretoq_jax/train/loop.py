@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from paretoq_jax.config import save_config, to_dict
-from paretoq_jax.models import QuantRules, resolve_rules
+from paretoq_jax.models import resolve_rules
 
 from .checkpoint import Checkpointer, abstract_like
 from .config import RunConfig
@@ -65,10 +65,6 @@ def build_mesh(cfg: RunConfig) -> jax.sharding.Mesh:
     return make_mesh(*sizes)
 
 
-def quant_rules(cfg: RunConfig) -> QuantRules:
-    return resolve_rules(cfg.model.bits, cfg.model.method)
-
-
 def build_model(
     cfg: RunConfig, mesh: jax.sharding.Mesh, *, bits: float | None = None, path: str | None = None
 ) -> nnx.Module:
@@ -96,22 +92,17 @@ def build_model(
         return model
     from paretoq_jax.io import load_pretrained
 
-    model = load_pretrained(path, bits, method, dtype, mesh, rules)
-    model.remat, model.scan_layers = cfg.model.remat, cfg.model.scan_layers
-    return model
+    return load_pretrained(
+        path, bits, method, dtype=dtype, mesh=mesh, param_dtype=jnp.float32,
+        remat=cfg.model.remat, scan_layers=cfg.model.scan_layers,
+    )  # fmt: skip
 
 
 def _load_tokenizer(cfg: RunConfig):
-    """``model.tokenizer`` or the model folder's tokenizer (``paretoq_jax.io.load_tokenizer``;
-    a plain ``transformers.AutoTokenizer`` on a local folder until that is available)."""
-    path = cfg.model.tokenizer or cfg.model.path
-    try:
-        from paretoq_jax.io import load_tokenizer
-    except ImportError:
-        from transformers import AutoTokenizer
+    """``model.tokenizer``, else the tokenizer of the model folder / GGUF file."""
+    from paretoq_jax.io import load_tokenizer
 
-        return AutoTokenizer.from_pretrained(path)
-    return load_tokenizer(path)
+    return load_tokenizer(cfg.model.tokenizer or cfg.model.path)
 
 
 def tree_bytes(tree: Any) -> tuple[int, int]:
