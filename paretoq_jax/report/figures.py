@@ -183,16 +183,19 @@ def plot_transition_over_training(
         m = r.get("method")
         styles[r["name"]] = dict(color=_color(r["bits"]), marker=_METHOD_MARKERS.get(m, "o"),
                                  label=f"{bits_label(r['bits'])} {m}")  # fmt: skip
-        t = r["transition"]
+        t = [{"step": 0, "relative_l1": 0.0}, *r["transition"]]
         axes[0].plot(
             [p["step"] for p in t], [p["relative_l1"] for p in t], ms=4, **styles[r["name"]]
         )
+    ys = []
     for name, pts in interval_codes.items():
         if name in styles and pts:
             axes[1].plot([p[0] for p in pts], [p[1] for p in pts], ms=4, **styles[name])
+            ys += [p[1] for p in pts]
     axes[0].set_ylabel("relative L1 change from the start")
-    axes[1].set_ylabel("codes changed since the previous log")
-    axes[1].set_yscale("symlog", linthresh=1e-3)
+    axes[1].set_ylabel("fraction of codes changed since the previous log")
+    if ys and min(ys) > 0:
+        axes[1].set_yscale("log")
     for ax in axes:
         ax.set_xlabel("step")
         ax.grid(True, alpha=0.3)
@@ -213,10 +216,13 @@ def plot_loss_curves(curves: dict[str, dict], path: Path) -> Path:
     cmap = plt.get_cmap("tab10")
     for k, b in enumerate(bits):
         ax = axes[k // cols][k % cols]
-        for j, (_name, c) in enumerate(sorted(
-            ((n_, c) for n_, c in curves.items() if c["bits"] == b), key=lambda x: x[1]["label"]
-        )):  # fmt: skip
-            ax.plot(c["tokens"], c["loss"], color=cmap(j % 10), lw=1.2, label=c["label"])
+        cells = sorted((c for c in curves.values() if c["bits"] == b), key=lambda c: c["label"])
+        by_method = len({c.get("method") for c in cells}) == len(cells)
+        for j, c in enumerate(cells):
+            m = c.get("method")
+            # one line per method: the method's color, as in the ablation chart
+            color = cmap(METHOD_ORDER.index(m)) if by_method and m in METHOD_ORDER else cmap(j % 10)
+            ax.plot(c["tokens"], c["loss"], color=color, lw=1.2, label=c["label"])
         ax.set_title(bits_label(b))
         ax.set_xlabel("tokens seen")
         ax.set_ylabel("train loss")

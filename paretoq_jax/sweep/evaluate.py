@@ -48,7 +48,7 @@ def restore_params(cfg: RunConfig, model: nnx.Module, mesh, step: int) -> dict:
     from paretoq_jax.train.step import state_shardings
 
     _, params, _ = nnx.split(model, nnx.Param, ...)
-    params = params.to_pure_dict()
+    params = nnx.to_pure_dict(params)
     tx = make_optimizer(cfg.train)
     shardings = state_shardings(mesh, jax.tree.map(lambda x: x.sharding, params), tx, params)
     shapes = {
@@ -87,7 +87,7 @@ def checkpoint_steps(cfg: RunConfig) -> list[int]:
 def set_params(model: nnx.Module, params: dict) -> nnx.Module:
     """A model like ``model`` holding ``params`` (a pure dict of its ``nnx.Param`` state)."""
     graphdef, state, rest = nnx.split(model, nnx.Param, ...)
-    state.replace_by_pure_dict(params)
+    nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state, rest)
 
 

@@ -218,7 +218,7 @@ def run_cell(spec: SweepSpec, cell: Cell, index: int, cell_dir: Path, *, progres
 
     if row["status"] == "ok":
         _, params, _ = nnx.split(model, nnx.Param, ...)
-        start_params = params.to_pure_dict()
+        start_params = nnx.to_pure_dict(params)
         start = ev.quantized_arrays(model, start_params)
         final_params = start_params
         transition = []

@@ -1,0 +1,248 @@
+"""paretoq_jax.sweep: grid expansion, cell names, shards, claims, skipping, and a tiny sweep."""
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from paretoq_jax.sweep import cell_name, expand, load_sweep, parse_shard, select
+from paretoq_jax.sweep.runner import cell_config, claim, run_cells, write_json_atomic
+from paretoq_jax.sweep.spec import Cell, SweepError, matches
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+def _sweep(tmp_path: Path, body: str, name: str = "s.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(f"train_config: {TINY}\n" + body)
+    return p
+
+
+def test_grid_expansion_with_exclude_include_set_when_rtn_float(tmp_path):
+    spec = load_sweep(
+        _sweep(
+            tmp_path,
+            """
+overrides: {train.steps: 5}
+grid:
+  model.bits: [1, 2, 4]
+  model.method: [elastic, seq]
+exclude:
+  - {model.method: elastic, model.bits: [2, 4]}
+  - {model.method: seq, model.bits: 1}
+include:
+  - {model.bits: ternary, model.method: seq, train.lr: 0.01}
+set_when:
+  - when: {model.bits: 4}
+    set: {train.lr: 2.0e-5}
+rtn: true
+float: true
+""",
+        )
+    )
+    cells = expand(spec)
+    names = [c.name for c in cells]
+    assert names == [
+        "bits=1,method=elastic",
+        "bits=2,method=seq",
+        "bits=4,method=seq,lr=2e-05",
+        "bits=1.58,method=seq,lr=0.01",
+        "bits=1,method=elastic,steps=0",
+        "bits=2,method=seq,steps=0",
+        "bits=4,method=seq,steps=0",
+        "bits=1.58,method=seq,steps=0",
+        "bits=16,steps=0",
+    ]
+    kinds = [c.kind for c in cells]
+    assert kinds == ["train"] * 4 + ["rtn"] * 4 + ["float"]
+    # The RTN twin drops the training-only keys (lr) but keeps the quantizer.
+    assert cells[6].overrides == {"model.bits": 4, "model.method": "seq", "train.steps": 0}
+
+
+def test_set_when_sees_shared_overrides_and_ternary_aliases(tmp_path):
+    spec = load_sweep(
+        _sweep(
+            tmp_path,
+            """
+overrides: {model.method: seq}
+grid: {model.bits: ["ternary", 2]}
+set_when:
+  - when: {model.method: seq, model.bits: 1.58}
+    set: {train.steps: 3}
+""",
+        )
+    )
+    assert [c.overrides for c in expand(spec)] == [
+        {"model.bits": "ternary", "train.steps": 3},
+        {"model.bits": 2},
+    ]
+    assert matches({"model.bits": "ternary"}, {"model.bits": [1.58, 2]})
+    assert not matches({"model.bits": 3}, {"model.bits": [1.58, 2]})
+    assert not matches({}, {"model.bits": 2})
+
+
+def test_cell_names_are_stable_and_safe():
+    a = cell_name({"train.lr": 5e-4, "model.method": "seq", "model.bits": 2})
+    b = cell_name({"model.bits": 2.0, "train.lr": 0.0005, "model.method": "seq"})
+    assert a == b == "bits=2,method=seq,lr=0.0005"
+    assert cell_name({"model.bits": "ternary"}) == cell_name({"model.bits": 1.58}) == "bits=1.58"
+    p1 = cell_name({"model.path": "/a/b/model.gguf"})
+    p2 = cell_name({"model.path": "/c/b/model.gguf"})
+    assert p1 != p2 and "/" not in p1 and p1.startswith("model=model.gguf~")
+    assert cell_name({"data.seq_len": 128, "model.bits": 3}) == "bits=3,data.seq_len=128"
+    assert cell_name({"train.distill": True}) == "distill=true"
+    long = cell_name({f"x.k{i}": "v" * 20 for i in range(20)})
+    assert len(long) <= 180 and long == cell_name({f"x.k{i}": "v" * 20 for i in range(20)})
+
+
+def test_shards_partition_the_grid_exactly_once():
+    cells = [Cell(f"c{i}", {"i": i}) for i in range(23)]
+    for n in range(1, 7):
+        seen = [c.name for k in range(n) for c in select(cells, shard=(k, n))]
+        assert sorted(seen) == sorted(c.name for c in cells)
+        assert len(seen) == len(set(seen))
+    assert select(cells, cell="5") == [cells[5]]
+    assert select(cells, cell="c7") == [cells[7]]
+    with pytest.raises(SweepError, match="no such cell"):
+        select(cells, cell="nope")
+    with pytest.raises(SweepError, match="has 23 cells"):
+        select(cells, cell="23")
+    assert parse_shard("1/4") == (1, 4)
+    for bad in ("4/4", "1", "-1/2", "a/b", "0/0"):
+        with pytest.raises(SweepError, match="K/N"):
+            parse_shard(bad)
+
+
+def test_bad_sweep_files_name_the_problem(tmp_path):
+    with pytest.raises(SweepError, match="unknown key"):
+        load_sweep(_sweep(tmp_path, "grids: {model.bits: [2]}\n"))
+    p = tmp_path / "x.yaml"
+    p.write_text("grid: {model.bits: [2]}\n")
+    with pytest.raises(SweepError, match="train_config"):
+        load_sweep(p)
+    with pytest.raises(SweepError, match="non-empty list"):
+        load_sweep(_sweep(tmp_path, "grid: {model.bits: 2}\n"))
+    with pytest.raises(SweepError, match="does not exist"):
+        load_sweep(tmp_path / "missing.yaml")
+
+
+def test_cell_config_applies_overrides_and_handles_rtn(tmp_path):
+    spec = load_sweep(_sweep(tmp_path, "overrides: {train.lr: 0.01, train.warmup_steps: 2}\n"))
+    cfg, steps = cell_config(
+        spec, Cell("c", {"model.bits": 4, "model.method": "lsq"}), tmp_path / "r"
+    )
+    assert steps == 20 and cfg.train.lr == 0.01 and cfg.model.bits == 4
+    assert cfg.run_dir == str(tmp_path / "r")
+    cfg, steps = cell_config(spec, Cell("c", {"train.steps": 0}), tmp_path / "r")
+    assert steps == 0 and cfg.train.steps == 1 and cfg.train.warmup_steps == 0
+    with pytest.raises(ValueError, match="not defined at 1"):
+        cell_config(spec, Cell("c", {"model.bits": 1, "model.method": "lsq"}), tmp_path / "r")
+    with pytest.raises(ValueError, match="no asset 'nope'"):
+        cell_config(spec, Cell("c", {"model.path": "asset:nope"}), tmp_path / "r")
+
+
+def test_claim_is_exclusive_and_released(tmp_path):
+    with claim(tmp_path / "c") as first:
+        assert first
+        with claim(tmp_path / "c") as second:
+            assert not second
+    with claim(tmp_path / "c") as again:
+        assert again
+
+
+def test_run_cells_skips_finished_and_claimed_cells_and_survives_failures(tmp_path, monkeypatch):
+    import paretoq_jax.sweep.runner as runner
+
+    spec = load_sweep(_sweep(tmp_path, "grid: {model.bits: [2, 3, 4, 1.58]}\n"))
+    cells = list(enumerate(expand(spec)))
+    sweep_dir = tmp_path / "out"
+    done_dir = sweep_dir / "cells" / cells[0][1].name
+    done_dir.mkdir(parents=True)
+    write_json_atomic(
+        done_dir / "result.json", {"name": cells[0][1].name, "index": 0, "kind": "train"}
+    )
+    ran = []
+
+    def fake_run_cell(spec, cell, index, cell_dir, *, progress):
+        ran.append(cell.name)
+        if cell.name == "bits=4":
+            raise RuntimeError("boom")
+        return {"name": cell.name, "index": index, "kind": "train", "val_ppl": 1.0, "wall_s": 0.0}
+
+    monkeypatch.setattr(runner, "run_cell", fake_run_cell)
+    with claim(sweep_dir / "cells" / "bits=3"):
+        report = run_cells(spec, cells, sweep_dir)
+    assert ran == ["bits=4", "bits=1.58"]
+    assert report == {
+        "done": ["bits=1.58"], "skipped": ["bits=2"], "busy": ["bits=3"], "failed": ["bits=4"]
+    }  # fmt: skip
+    assert "boom" in (sweep_dir / "cells" / "bits=4" / "error.txt").read_text()
+    assert not (sweep_dir / "cells" / "bits=4" / "result.json").exists()
+    rows = json.loads((sweep_dir / "results.json").read_text())
+    assert [r["name"] for r in rows] == ["bits=2", "bits=1.58"]
+
+
+def _read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow  # ~35 s of CPU; over a minute of wall time on a busy 2-core machine
+def test_tiny_sweep_end_to_end(tmp_path):
+    """One 2-bit QAT cell (3 steps) and its round-to-nearest twin, then the report."""
+    import math
+
+    from paretoq_jax.report import build_report
+    from paretoq_jax.sweep.__main__ import main
+
+    sweep = _sweep(
+        tmp_path,
+        f"""
+name: tiny-e2e
+out_dir: {tmp_path / "out"}
+overrides:
+  train.steps: 3
+  train.lr: 0.003
+  train.quant_stats_every: 1
+  checkpoint.every: 1
+  checkpoint.keep: 5
+  checkpoint.async_save: false
+  data.max_val_blocks: 8
+grid:
+  model.bits: [2]
+  model.method: [seq]
+rtn: true
+""",
+    )
+    assert main(["--config", str(sweep)]) == 0
+    out = tmp_path / "out"
+    rows = _read_csv(out / "results.csv")
+    assert [r["name"] for r in rows] == ["bits=2,method=seq", "bits=2,method=seq,steps=0"]
+    full = json.loads((out / "results.json").read_text())
+    qat, rtn = full
+    assert qat["tokens_seen"] == 3 * 8 * 64 and rtn["tokens_seen"] == 0
+    assert qat["val_tokens"] == rtn["val_tokens"] == 8 * 63
+    for r in full:
+        assert math.isclose(r["val_ppl"], math.exp(r["val_loss"]), rel_tol=1e-9)
+        # 92160 2-bit weights + 16 bits x (33088 float params + 1216 channel scales)
+        assert r["size_bits"] == 92160 * 2 + 16 * (33088 + 1216)
+    assert rtn["relative_l1"] == 0.0 and rtn["codes_changed"] == 0.0
+    assert [t["step"] for t in qat["transition"]] == [1, 2, 3]
+    assert 0 < qat["transition"][0]["relative_l1"] < qat["relative_l1"]
+    assert 0 < qat["codes_changed"] <= 1
+    # QAT with a reasonable lr on the training distribution lowers the loss from the init
+    assert qat["val_loss"] < rtn["val_loss"]
+    # Rerunning skips both cells; the result files are untouched.
+    stamp = os.stat(out / "cells" / qat["name"] / "result.json").st_mtime_ns
+    assert main(["--config", str(sweep)]) == 0
+    assert os.stat(out / "cells" / qat["name"] / "result.json").st_mtime_ns == stamp
+
+    page = build_report(out)
+    for f in ("pareto.png", "ablation.png", "transition.png", "transition_over_training.png",
+              "loss_curves.png"):  # fmt: skip
+        assert (page.parent / f).stat().st_size > 1000, f
+    text = page.read_text()
+    assert "bits=2,method=seq" in text and "Pareto" in text
