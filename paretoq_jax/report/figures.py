@@ -137,7 +137,8 @@ def plot_ablation(table: dict, rtn: dict, path: Path) -> Path:
     ax.set_yscale("log")
     ax.set_ylabel("validation perplexity (log)")
     ax.set_title("Quantizer ablation: QAT (solid) vs round-to-nearest (hatched)")
-    ax.legend(fontsize=8, title="method", title_fontsize=8)
+    ax.legend(fontsize=8, title="method", title_fontsize=8, loc="upper left",
+              bbox_to_anchor=(1.0, 1.0))  # fmt: skip
     ax.grid(True, axis="y", which="both", alpha=0.3)
     return _save(fig, path)
 

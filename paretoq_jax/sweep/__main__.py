@@ -30,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--cell", help="run only this cell (index or name)")
     group.add_argument("--shard", help="run cells i with i %% N == K, given as K/N")
+    parser.add_argument(
+        "--kind", choices=("train", "rtn", "float"), action="append",
+        help="run only cells of this kind (repeatable), e.g. --kind rtn --kind float first",
+    )  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="list the cells and exit")
     parser.add_argument("--progress", action="store_true", help="show the trainer's progress bar")
     args = parser.parse_args(argv)
@@ -65,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.kind:
+        chosen = [c for c in chosen if c.kind in args.kind]
     index = {c.name: i for i, c in enumerate(cells)}
 
     if args.dry_run:
