@@ -1,0 +1,170 @@
+"""Inference straight from packed integer codes: a drop-in for a quantized :class:`QuantLinear`.
+
+:class:`PackedLinear` holds a kernel's codes packed at their real bit density
+(:func:`paretoq_jax.quant.pack`, layout ``docs/packed-format.md``) and the per-output-channel
+*effective* scale ``a``; its forward is :func:`paretoq_jax.quant.packed_matmul`, which unpacks
+one tile of codes at a time inside the jitted computation, so the whole float weight
+``W = a * (k + z) / n`` (quantizers.md, codes table) never exists in memory.
+
+:func:`to_packed_model` swaps every quantized ``QuantLinear`` of a model for a ``PackedLinear``
+(NNX module surgery); stacked decoder layers keep their leading layer axis, so the decoder's
+scan and the KV-cache decoder (:mod:`paretoq_jax.models.decode`) run it unchanged.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from paretoq_jax import quant
+from paretoq_jax.models.layers import QuantLinear
+
+__all__ = ["PackedCodes", "PackedLinear", "linear_codes", "packed_linears", "to_packed_model"]
+
+Array = jax.Array
+
+_codes_and_scale = jax.jit(quant.quantize_dequantize_codes, static_argnums=2)
+
+
+def linear_codes(lin: QuantLinear) -> tuple[Array, Array]:
+    """Integer codes (int8, the kernel's shape) and effective scale of a quantized linear.
+
+    Stacked kernels ``(L, in, out)`` are done one layer slice at a time, as the forward runs
+    them: for ``absmean`` the scale is a mean over ``in`` whose float rounding depends on the
+    shape it is reduced in, and this keeps it bit-identical to the forward's.
+    """
+    if lin.spec is None:
+        raise ValueError("linear_codes needs a quantized linear (spec=None is a float layer)")
+    kernel = lin.kernel[...]
+    scale = None if lin.scale is None else lin.scale[...]
+    if kernel.ndim == 2:
+        return _codes_and_scale(kernel, scale, lin.spec)
+    parts = [
+        _codes_and_scale(kernel[i], None if scale is None else scale[i], lin.spec)
+        for i in range(kernel.shape[0])
+    ]
+    return jnp.stack([c for c, _ in parts]), jnp.stack([a for _, a in parts])
+
+
+class PackedCodes(nnx.Variable):
+    """uint8 packed codes (not a trainable parameter)."""
+
+
+class PackedScale(nnx.Variable):
+    """The effective per-output-channel scale of packed codes (not trainable)."""
+
+
+class PackedLinear(nnx.Module):
+    """``y = x @ W + bias`` with ``W`` stored as packed integer codes and an effective scale.
+
+    Attributes:
+      packed: uint8 ``(P, R, out)`` (``(L, P, R, out)`` when stacked over ``L`` layers): the
+        codes of the Flax kernel ``(in, out)`` packed along ``in``.
+      scale: float32 effective scale ``(out,)`` (``(L, out)``), as for ``quant.from_codes``.
+      bias: optional ``(out,)`` (``(L, out)``) parameter.
+      spec: the :class:`~paretoq_jax.quant.QuantSpec` the codes came from.
+      ternary: the 1.58-bit layout (``"2bit"`` or ``"base3"``).
+    """
+
+    def __init__(
+        self,
+        packed: Array,
+        scale: Array,
+        *,
+        spec: quant.QuantSpec,
+        in_features: int,
+        ternary: str = "2bit",
+        bias: Array | None = None,
+        dtype=jnp.float32,
+        tile_rows: int | None = None,
+    ):
+        out_features = int(packed.shape[-1])
+        stack = tuple(packed.shape[:-3])
+        expected = (*stack, *quant.packed_shape((in_features, out_features), spec.bits,
+                                                ternary=ternary))  # fmt: skip
+        if tuple(packed.shape) != expected:
+            raise ValueError(
+                f"packed codes have shape {tuple(packed.shape)}, expected {expected} for a kernel "
+                f"({in_features}, {out_features}) at bits={spec.bits} (ternary={ternary!r})"
+            )
+        if tuple(scale.shape) != (*stack, out_features):
+            raise ValueError(
+                f"scale has shape {tuple(scale.shape)}, expected {(*stack, out_features)} "
+                "(one effective scale per output channel)"
+            )
+        self.in_features, self.out_features = in_features, out_features
+        self.spec, self.ternary, self.dtype, self.tile_rows = spec, ternary, dtype, tile_rows
+        self.packed = PackedCodes(jnp.asarray(packed, jnp.uint8))
+        self.scale = PackedScale(jnp.asarray(scale, jnp.float32))
+        self.bias = None if bias is None else nnx.Param(jnp.asarray(bias))
+
+    def weight(self) -> Array:
+        """The dense float weight (for checks and export only; the forward never forms it)."""
+        shape = (*self.packed.shape[:-3], self.in_features, self.out_features)
+        codes = quant.unpack(self.packed[...], self.spec.bits, shape, ternary=self.ternary)
+        return quant.from_codes(codes, self.scale[...], self.spec)
+
+    def __call__(self, x: Array, out_dtype=None) -> Array:
+        if self.packed.ndim != 3:
+            raise ValueError(
+                f"PackedLinear called with stacked codes {self.packed.shape}: the decoder runs "
+                "one layer slice at a time (call it on a slice)"
+            )
+        y = quant.packed_matmul(
+            x.astype(self.dtype), self.packed[...], self.scale[...], self.spec.bits,
+            self.in_features, method=self.spec.method, ternary=self.ternary,
+            tile_rows=self.tile_rows,
+        )  # fmt: skip
+        if out_dtype is not None:
+            y = y.astype(out_dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        return y
+
+
+def packed_linears(model: nnx.Module) -> dict[str, PackedLinear]:
+    """``{module path: PackedLinear}`` of a model (paths like ``layers.self_attn.q_proj``)."""
+    return {
+        ".".join(map(str, p)): m for p, m in nnx.iter_modules(model) if isinstance(m, PackedLinear)
+    }
+
+
+def set_module(root: nnx.Module, path: tuple, module: nnx.Module) -> None:
+    parent = root
+    for key in path[:-1]:
+        parent = getattr(parent, key)
+    setattr(parent, path[-1], module)
+
+
+def to_packed_model(
+    model: nnx.Module, *, ternary: str = "2bit", tile_rows: int | None = None
+) -> nnx.Module:
+    """A copy of ``model`` whose quantized linears compute from packed codes.
+
+    Codes and effective scales come from :func:`linear_codes` of each kernel, so the
+    packed model multiplies by exactly the weights of the fake-quant forward (the products are
+    summed in another order: logits agree to float32 rounding, not bit for bit). Float linears
+    (``spec=None``) are left alone.
+    """
+    model = nnx.clone(model)
+    targets = [
+        (p, m)
+        for p, m in nnx.iter_modules(model)
+        if isinstance(m, QuantLinear) and m.spec is not None
+    ]
+    if not targets:
+        raise ValueError(
+            "the model has no quantized linear layers (its quantization rules are empty or "
+            "16/32-bit): there are no codes to pack"
+        )
+    for path, lin in targets:
+        codes, a = linear_codes(lin)
+        packed = quant.pack(codes, lin.spec.bits, ternary=ternary)
+        new = PackedLinear(
+            packed, a, spec=lin.spec, in_features=lin.in_features, ternary=ternary,
+            bias=None if lin.bias is None else lin.bias[...], dtype=lin.dtype,
+            tile_rows=tile_rows,
+        )  # fmt: skip
+        set_module(model, path, new)
+    return model
