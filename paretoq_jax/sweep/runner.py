@@ -196,9 +196,13 @@ def run_cell(spec: SweepSpec, cell: Cell, index: int, cell_dir: Path, *, progres
         cell_dir.mkdir(parents=True, exist_ok=True)
     else:
         cell_dir.mkdir(parents=True, exist_ok=True)
-        from paretoq_jax.config import save_config
+        import yaml
 
-        save_config(cfg, cell_dir / "config.yaml")  # note: train.steps is 0 for this cell
+        from paretoq_jax.config import to_dict
+
+        saved = to_dict(cfg)
+        saved["train"]["steps"] = 0  # evaluated as initialized (validated with steps=1)
+        (cell_dir / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
 
     mesh = build_mesh(cfg)
     model = ev.build_start_model(cfg, mesh)
@@ -246,6 +250,8 @@ def run_cell(spec: SweepSpec, cell: Cell, index: int, cell_dir: Path, *, progres
             transition[-1]["codes_changed"] if transition else (0.0 if start else None)
         )
         final = ev.set_params(model, final_params)
+        # Same stacked parameters and math; compiles one layer instead of all of them.
+        final.scan_layers = True
         tokenizer = _load_tokenizer(cfg)
         from paretoq_jax.data import build_splits
 
