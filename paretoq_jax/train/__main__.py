@@ -29,8 +29,6 @@ def init_distributed(force: bool = False) -> bool:
     if addr:
         n = int(os.environ["JAX_NUM_PROCESSES"])
         pid = int(os.environ["JAX_PROCESS_ID"])
-        if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=addr, num_processes=n, process_id=pid)
         return True
     if force:

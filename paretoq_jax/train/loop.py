@@ -10,6 +10,7 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,6 @@ def build_model(
 ) -> nnx.Module:
     """The model with float32 master weights, sharded over ``mesh`` (``bits=32``: float)."""
     from paretoq_jax.models import Llama, LlamaConfig
-    from paretoq_jax.sharding import DEFAULT_RULES, shard_model
 
     bits = cfg.model.bits if bits is None else bits
     method = cfg.model.method if bits == cfg.model.bits else None
@@ -79,23 +79,31 @@ def build_model(
     rules = resolve_rules(bits, method)
     if cfg.model.init == "random" and path == cfg.model.path:
         config = LlamaConfig.from_json(path)
-        model = Llama(
-            config,
-            quant=rules,
-            dtype=dtype,
-            param_dtype=jnp.float32,
-            rngs=nnx.Rngs(cfg.train.seed),
-            remat=cfg.model.remat,
-            scan_layers=cfg.model.scan_layers,
-        )
-        shard_model(model, mesh, DEFAULT_RULES)  # places the parameters in place
-        return model
+        return init_random_model(
+            lambda: Llama(
+                config, quant=rules, dtype=dtype, param_dtype=jnp.float32,
+                rngs=nnx.Rngs(cfg.train.seed), remat=cfg.model.remat,
+                scan_layers=cfg.model.scan_layers,
+            ),
+            mesh,
+        )  # fmt: skip
     from paretoq_jax.io import load_pretrained
 
     return load_pretrained(
         path, bits, method, dtype=dtype, mesh=mesh, param_dtype=jnp.float32,
         remat=cfg.model.remat, scan_layers=cfg.model.scan_layers,
     )  # fmt: skip
+
+
+def init_random_model(make: Callable[[], nnx.Module], mesh: jax.sharding.Mesh) -> nnx.Module:
+    """Random init directly into the shardings: each device computes only its own shards (no
+    full copy on one device; correct on multi-host meshes)."""
+    from paretoq_jax.sharding import DEFAULT_RULES, model_shardings
+
+    abstract = nnx.eval_shape(make)
+    shardings = model_shardings(abstract, mesh, DEFAULT_RULES)
+    state = jax.jit(lambda: nnx.state(make()), out_shardings=shardings)()
+    return nnx.merge(nnx.graphdef(abstract), state)
 
 
 def _load_tokenizer(cfg: RunConfig):
