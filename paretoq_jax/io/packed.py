@@ -37,7 +37,7 @@ from paretoq_jax import quant
 from paretoq_jax.io.hf import CheckpointError
 from paretoq_jax.io.mapping import model_to_hf
 from paretoq_jax.models import Llama, LlamaConfig, QuantLinear, QuantRules
-from paretoq_jax.models.packed import PackedLinear, set_module, linear_codes
+from paretoq_jax.models.packed import PackedLinear, linear_codes, set_module
 
 __all__ = [
     "FORMAT",

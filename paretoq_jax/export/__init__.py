@@ -1,0 +1,173 @@
+"""Export a QAT run to files people can run: packed integer codes, an HF folder, a GGUF file.
+
+``python -m paretoq_jax.export --checkpoint RUN_DIR --format packed|hf|gguf --out PATH``
+
+- ``packed``: :func:`paretoq_jax.io.packed.save_packed` (codes at their real bit-width, one
+  effective scale per output channel; spec in ``docs/export.md``).
+- ``hf``: :func:`paretoq_jax.io.save_pretrained` (the fake-quantized weights as floats; loads
+  in ``transformers``).
+- ``gguf``: :func:`paretoq_jax.io.gguf_writer.write_gguf` (llama.cpp block formats holding the
+  codes exactly up to fp16 block scales).
+
+Outputs are written to a temporary path beside ``PATH`` and renamed into place when complete,
+so a failed export never leaves a partial file at ``PATH``; an existing ``PATH`` is replaced
+only with ``force=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from paretoq_jax.models import Llama
+
+__all__ = ["FORMATS", "ExportError", "export_model", "export_run", "load_run"]
+
+FORMATS = ("packed", "hf", "gguf")
+
+
+class ExportError(ValueError):
+    """An export that cannot be done; the message names the problem and the fix."""
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise ExportError(f"{out} already exists: pass --force (force=True) to overwrite it")
+
+
+def load_run(run_dir: str | Path, step: int | None = None) -> tuple[Llama, Any, Any, int]:
+    """The QAT model of ``RUN_DIR`` at checkpoint ``step`` (default: the latest complete one).
+
+    Rebuilds the model with the trainer's own code (``config.yaml`` -> ``build_model``) on a
+    single-axis mesh over the local devices, and restores its parameters from
+    ``RUN_DIR/checkpoints``. Returns ``(model, tokenizer, run_config, step)``.
+    """
+    from paretoq_jax.config import load_config
+    from paretoq_jax.sweep.evaluate import (
+        build_start_model,
+        checkpoint_steps,
+        restore_params,
+        set_params,
+    )
+    from paretoq_jax.train.config import RunConfig
+    from paretoq_jax.train.loop import _load_tokenizer, build_mesh
+
+    run = Path(run_dir)
+    cfg_path = run / "config.yaml"
+    if not cfg_path.exists():
+        raise ExportError(
+            f"{run} has no config.yaml: not a training run directory (give the run_dir of "
+            "python -m paretoq_jax.train)"
+        )
+    cfg = load_config(RunConfig, cfg_path)
+    cfg = dataclasses.replace(
+        cfg,
+        run_dir=str(run),
+        mesh=dataclasses.replace(cfg.mesh, data=-1, fsdp=1, tensor=1),
+    )
+    steps = checkpoint_steps(cfg)
+    if not steps:
+        raise ExportError(f"{run / 'checkpoints'} holds no complete checkpoint: train first")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise ExportError(f"no checkpoint at step {step} in {run / 'checkpoints'}: have {steps}")
+    mesh = build_mesh(cfg)
+    model = build_start_model(cfg, mesh)
+    model = set_params(model, restore_params(cfg, model, mesh, step))
+    return model, _load_tokenizer(cfg), cfg, step
+
+
+@contextlib.contextmanager
+def atomic_output(out: Path, *, force: bool, directory: bool) -> Iterator[Path]:
+    """Yield a fresh temporary path beside ``out``; on success rename it to ``out`` (replacing
+    an existing ``out`` only with ``force``); on failure remove it and leave ``out`` alone."""
+    _check_out(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the export is a normal folder
+    target = tmp if directory else tmp / out.name
+    try:
+        yield target
+        _check_out(out, force)  # appeared meanwhile?
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(target, out)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            os.replace(target, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_model(
+    model: Llama,
+    fmt: str,
+    out: str | Path,
+    *,
+    tokenizer: Any = None,
+    force: bool = False,
+    ternary: str = "2bit",
+    gguf_qtype: str | None = None,
+    float_type: str = "f32",
+) -> Path:
+    """Export a quantized model; returns ``out``.
+
+    ``ternary`` (packed, 1.58 bits): ``"2bit"`` or ``"base3"``. ``gguf_qtype`` (gguf): block
+    format of the quantized projections (default per bit-width). ``float_type`` (gguf): ``"f32"``
+    or ``"f16"`` for embeddings and a float ``lm_head``.
+    """
+    from paretoq_jax.io.packed import quantized_weights
+
+    _check_format(fmt)
+    out = Path(out)
+    _check_out(out, force)
+    try:
+        quantized_weights(model)  # not quantized / missing scales: clear errors up front
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+    with atomic_output(out, force=force, directory=fmt != "gguf") as tmp:
+        if fmt == "packed":
+            from paretoq_jax.io.packed import save_packed
+
+            save_packed(model, tmp, tokenizer=tokenizer, ternary=ternary)
+        elif fmt == "hf":
+            from paretoq_jax.io import save_pretrained
+
+            save_pretrained(model, tmp, tokenizer=tokenizer)
+        else:
+            from paretoq_jax.io.gguf_writer import write_gguf
+
+            write_gguf(model, tmp, tokenizer=tokenizer, qtype=gguf_qtype, float_type=float_type)
+    return out
+
+
+def export_run(
+    run_dir: str | Path,
+    fmt: str,
+    out: str | Path,
+    *,
+    step: int | None = None,
+    force: bool = False,
+    **kwargs: Any,
+) -> Path:
+    """:func:`load_run` then :func:`export_model` (format and output are checked first)."""
+    _check_format(fmt)
+    _check_out(Path(out), force)
+    model, tokenizer, _, _ = load_run(run_dir, step)
+    return export_model(model, fmt, out, tokenizer=tokenizer, force=force, **kwargs)
