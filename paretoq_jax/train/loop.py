@@ -26,7 +26,7 @@ from .checkpoint import Checkpointer, abstract_like
 from .config import RunConfig
 from .metrics import MetricsWriter, QuantStats
 from .optim import make_optimizer, make_schedule
-from .step import make_train_step, state_shardings
+from .step import TrainStep, make_train_step, state_shardings
 
 __all__ = ["train", "NonFiniteLossError", "compute_dtype", "build_mesh", "build_model"]
 
@@ -182,6 +182,39 @@ def _diff_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def build_trainer(
+    cfg: RunConfig, mesh: jax.sharding.Mesh, model: nnx.Module
+) -> tuple[dict, TrainStep, Any]:
+    """``(initial train state, jitted step, teacher params or None)`` for ``model``."""
+    tcfg = cfg.train
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = nnx.to_pure_dict(params)
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    tx = make_optimizer(tcfg)
+    shardings = state_shardings(mesh, param_shardings, tx, params)
+    state = {
+        "params": params,
+        "opt_state": jax.jit(tx.init, out_shardings=shardings["opt_state"])(params),
+        "step": jax.jit(lambda: jnp.zeros((), jnp.int32), out_shardings=shardings["step"])(),
+        "rng": jax.jit(lambda: jax.random.PRNGKey(tcfg.seed), out_shardings=shardings["rng"])(),
+    }
+    teacher_args: dict[str, Any] = {}
+    teacher_params = None
+    if tcfg.distill:
+        teacher = build_model(cfg, mesh, teacher=True)
+        t_graphdef, t_params, t_rest = nnx.split(teacher, nnx.Param, ...)
+        teacher_params = nnx.to_pure_dict(t_params)
+        teacher_args = dict(
+            teacher_graphdef=t_graphdef,
+            teacher_rest=t_rest,
+            teacher_shardings=jax.tree.map(lambda x: x.sharding, teacher_params),
+        )
+    step_fn = make_train_step(
+        graphdef, rest, tx, mesh, shardings, grad_accum=tcfg.grad_accum, **teacher_args
+    )
+    return state, step_fn, teacher_params
+
+
 def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) training; returns ``{"step", "loss", "run_dir", "resumed_from"}``.
 
@@ -215,33 +248,9 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         )
 
     model = build_model(cfg, mesh)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    params = nnx.to_pure_dict(params)
-    param_shardings = jax.tree.map(lambda x: x.sharding, params)
-    tx = make_optimizer(tcfg)
+    state, step_fn, teacher_params = build_trainer(cfg, mesh, model)
+    shardings = step_fn.state_shardings
     schedule = make_schedule(tcfg)
-    shardings = state_shardings(mesh, param_shardings, tx, params)
-    state = {
-        "params": params,
-        "opt_state": jax.jit(tx.init, out_shardings=shardings["opt_state"])(params),
-        "step": jax.device_put(jnp.zeros((), jnp.int32), shardings["step"]),
-        "rng": jax.device_put(jax.random.PRNGKey(tcfg.seed), shardings["rng"]),
-    }
-
-    teacher_args: dict[str, Any] = {}
-    teacher_params = None
-    if tcfg.distill:
-        teacher = build_model(cfg, mesh, teacher=True)
-        t_graphdef, t_params, t_rest = nnx.split(teacher, nnx.Param, ...)
-        teacher_params = nnx.to_pure_dict(t_params)
-        teacher_args = dict(
-            teacher_graphdef=t_graphdef,
-            teacher_rest=t_rest,
-            teacher_shardings=jax.tree.map(lambda x: x.sharding, teacher_params),
-        )
-    step_fn = make_train_step(
-        graphdef, rest, tx, mesh, shardings, grad_accum=tcfg.grad_accum, **teacher_args
-    )
 
     total, on_dev = tree_bytes({"params": state["params"], "opt": state["opt_state"]})
     memory = {"state_bytes_total": total, "state_bytes_device0": on_dev}
