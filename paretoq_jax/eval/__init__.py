@@ -1,0 +1,206 @@
+"""Evaluation: perplexity, zero-shot multiple choice, the lm-evaluation-harness adapter.
+
+    model, tokenizer = load_model("runs/smollm2-2bit")        # run dir, HF folder, .gguf, hub id
+    perplexity(model, val_blocks, batch_size=8)               # {"perplexity", "loss", "tokens", ...}
+    evaluate_mc(model, tokenizer, "tasks/piqa.jsonl")         # {"acc", "acc_norm", ...}
+
+CLI: ``python -m paretoq_jax.eval --model PATH --data FILE``. See docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from .multiple_choice import encode_pair, evaluate_mc, load_mc, score_choices
+from .perplexity import block_windows, perplexity, strided_windows
+from .scoring import score_windows
+
+__all__ = [
+    "LOADERS",
+    "block_windows",
+    "describe_model",
+    "encode_pair",
+    "evaluate_mc",
+    "is_run_dir",
+    "load_mc",
+    "load_model",
+    "load_run",
+    "perplexity",
+    "score_choices",
+    "score_windows",
+    "strided_windows",
+    "zero_shot",
+]
+
+
+def is_run_dir(path: Path) -> bool:
+    """A training run directory: ``config.yaml`` and a ``checkpoints/`` folder."""
+    return path.is_dir() and (path / "config.yaml").is_file() and (path / "checkpoints").is_dir()
+
+
+def _model_config(path: str):
+    """The LlamaConfig of a run's ``model.path`` (an HF folder or a .gguf file)."""
+    from paretoq_jax.models import LlamaConfig
+
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        from paretoq_jax.io.gguf import _reader, gguf_config
+
+        return gguf_config(_reader(p), p)
+    if p.is_dir():
+        return LlamaConfig.from_json(p)
+    raise FileNotFoundError(
+        f"the run's model.path {path!r} is not a local HF folder or .gguf file; it is needed to "
+        "rebuild the model's shape (download it, or edit model.path in the run's config.yaml)"
+    )
+
+
+def load_run(
+    run_dir: str | Path, *, step: int | None = None, mesh: Mesh | None = None
+) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of a training run: the model the run's ``config.yaml`` describes,
+    holding the parameters of checkpoint ``step`` (default: the latest complete one)."""
+    from flax import nnx
+
+    from paretoq_jax.config import load_config
+    from paretoq_jax.io import load_tokenizer
+    from paretoq_jax.models import Llama, resolve_rules
+    from paretoq_jax.sharding import make_mesh, shard_model
+    from paretoq_jax.train.checkpoint import Checkpointer, abstract_like
+    from paretoq_jax.train.config import RunConfig
+    from paretoq_jax.train.loop import compute_dtype
+    from paretoq_jax.train.optim import make_optimizer
+    from paretoq_jax.train.step import state_shardings
+
+    run_dir = Path(run_dir)
+    cfg = load_config(RunConfig, run_dir / "config.yaml")
+    mesh = make_mesh(data=jax.device_count()) if mesh is None else mesh
+    model = Llama(
+        _model_config(cfg.model.path),
+        quant=resolve_rules(cfg.model.bits, cfg.model.method),
+        dtype=compute_dtype(cfg.model.dtype),
+        param_dtype=jnp.float32,
+        rngs=nnx.Rngs(0),
+        scan_layers=cfg.model.scan_layers,
+    )
+    shard_model(model, mesh)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = nnx.to_pure_dict(params)
+    tx = make_optimizer(cfg.train)
+    shardings = state_shardings(mesh, jax.tree.map(lambda x: x.sharding, params), tx, params)
+    shapes = {
+        "params": params,
+        "opt_state": jax.eval_shape(tx.init, params),
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+        "rng": jax.eval_shape(lambda: jax.random.PRNGKey(0)),
+    }
+    ckpt = Checkpointer(run_dir / "checkpoints", async_save=False)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{run_dir / 'checkpoints'} holds no complete checkpoint")
+        state, _ = ckpt.restore(step, abstract_like(shapes, shardings))
+    finally:
+        ckpt.close()
+    _, param_state, _ = nnx.split(model, nnx.Param, ...)
+    nnx.replace_by_pure_dict(param_state, state["params"])
+    model = nnx.merge(graphdef, param_state, rest)
+    return model, load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+
+
+def _load_pretrained(path: str, *, bits=None, method=None, mesh=None, dtype=jnp.float32):
+    from paretoq_jax.io import load_pretrained, load_tokenizer
+
+    model = load_pretrained(path, 16 if bits is None else bits, method, dtype, mesh)
+    return model, load_tokenizer(path)
+
+
+def _load_run(path: str, *, bits=None, method=None, mesh=None, dtype=None):
+    if bits is not None or method is not None:
+        raise ValueError(
+            f"{path} is a training run: its bits/method come from its config.yaml; drop --bits "
+            "and --method"
+        )
+    return load_run(path, mesh=mesh)
+
+
+def _is_packed(p: Path) -> bool:
+    import paretoq_jax.io as io
+
+    check = getattr(io, "is_packed_export", None)
+    return check is not None and check(p)
+
+
+def _load_packed(path: str, *, bits=None, method=None, mesh=None, dtype=jnp.float32):
+    import paretoq_jax.io as io
+
+    return io.load_packed(path, mesh=mesh), io.load_tokenizer(path)
+
+
+def _is_hub_id(p: Path) -> bool:
+    s = str(p)
+    return not p.exists() and s.count("/") == 1 and not s.startswith((".", "/", "~"))
+
+
+# (predicate, loader): the first predicate that holds picks the loader.
+LOADERS: list[tuple[str, Callable[[Path], bool], Callable[..., tuple[Any, Any]]]] = [
+    ("training run directory", is_run_dir, _load_run),
+    ("packed export", _is_packed, _load_packed),
+    ("HF folder", lambda p: p.is_dir() and (p / "config.json").is_file(), _load_pretrained),
+    (".gguf file", lambda p: p.is_file() and p.suffix == ".gguf", _load_pretrained),
+    ("hub id", _is_hub_id, _load_pretrained),
+]
+
+
+def load_model(
+    path: str | Path,
+    *,
+    bits: float | int | str | None = None,
+    method: str | None = None,
+    mesh: Mesh | None = None,
+    dtype=jnp.float32,
+) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` from a training run directory (latest checkpoint), a packed
+    export, an HF folder, a ``.gguf`` file or a hub id. ``bits``/``method`` quantize a float
+    checkpoint at load (round-to-nearest with the method's scale init); ``mesh`` places the
+    parameters sharded."""
+    p = Path(path).expanduser()
+    for _, predicate, loader in LOADERS:
+        if predicate(p):
+            return loader(str(p), bits=bits, method=method, mesh=mesh, dtype=dtype)
+    kinds = ", ".join(name for name, _, _ in LOADERS)
+    raise FileNotFoundError(f"cannot load a model from {str(path)!r}: expected one of {kinds}")
+
+
+def describe_model(path: str | Path, bits=None, method=None) -> dict[str, Any]:
+    """What a results file records about the model: path, kind, bits, method (and run step)."""
+    p = Path(path).expanduser()
+    kind = next((name for name, pred, _ in LOADERS if pred(p)), "unknown")
+    info: dict[str, Any] = {"model": str(path), "kind": kind, "bits": bits, "method": method}
+    if kind == "training run directory":
+        from paretoq_jax.config import load_config
+        from paretoq_jax.train.checkpoint import Checkpointer
+        from paretoq_jax.train.config import RunConfig
+
+        cfg = load_config(RunConfig, p / "config.yaml")
+        ckpt = Checkpointer(p / "checkpoints", async_save=False)
+        try:
+            info.update(bits=cfg.model.bits, method=cfg.model.method, step=ckpt.latest_step())
+        finally:
+            ckpt.close()
+    elif bits is None:
+        info["bits"] = 16
+    return info
+
+
+def zero_shot(model: Any, tokenizer: Any, path: str | Path, **kwargs: Any) -> dict[str, Any]:
+    """:func:`evaluate_mc` on a jsonl file, with ``accuracy`` (= ``acc``) added for sweeps."""
+    out = evaluate_mc(model, tokenizer, path, **kwargs)
+    out["accuracy"] = out["acc"]
+    return out

@@ -1,0 +1,258 @@
+"""Text generation with a KV cache: ``python -m paretoq_jax.generate --model PATH --prompt "..."``.
+
+Greedy decoding (``temperature=0``, the default) or sampling with temperature, top-k and top-p
+(nucleus) from a PRNG key. Prompts are left-padded to a bucketed length and prefilled in one
+jitted call; each new token is one jitted decode step (:mod:`paretoq_jax.models.decode`).
+A row stops at an end-of-sequence token, at a stop string (the text is cut before it), or
+after ``max_new_tokens``. Shapes are bucketed so a handful of compilations serve any prompt.
+See docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from paretoq_jax.models.decode import forward_cached, init_cache, materialize_quantized
+from paretoq_jax.models.llama import Llama
+
+__all__ = ["SamplingConfig", "sample_logits", "generate_tokens", "generate", "main"]
+
+PROMPT_BUCKET = 16  # prompts are padded to a multiple of this (one prefill compile per bucket)
+CACHE_BUCKET = 64  # cache length is rounded up to a multiple of this
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """``temperature=0``: greedy (argmax). Otherwise sample from ``softmax(logits / T)``
+    restricted to the ``top_k`` most likely tokens (0: all) and to the smallest set whose
+    probability reaches ``top_p`` (1.0: all)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> jax.Array:
+    """Next tokens ``(B,)`` int32 from float logits ``(B, V)`` (pure; ``cfg`` is static)."""
+    if cfg.temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / cfg.temperature
+    neg = jnp.finfo(jnp.float32).min
+    if cfg.top_k > 0 and cfg.top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, cfg.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, neg, logits)
+    if cfg.top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # keep a token while the mass of the tokens before it is below top_p (the first is kept)
+        before = jnp.cumsum(probs, axis=-1) - probs
+        keep_sorted = before < cfg.top_p
+        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(
+            keep_sorted
+        )
+        logits = jnp.where(keep, logits, neg)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))
+def _prefill(graphdef, state, ids, cache, key, sampling):
+    model = nnx.merge(graphdef, state)
+    logits, cache = forward_cached(model, ids, cache, last_only=True)
+    logits = logits[:, 0]
+    return sample_logits(logits, key, sampling), logits, cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))
+def _decode(graphdef, state, token, cache, key, sampling):
+    model = nnx.merge(graphdef, state)
+    logits, cache = forward_cached(model, token[:, None], cache)
+    logits = logits[:, 0]
+    return sample_logits(logits, key, sampling), logits, cache
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def generate_tokens(
+    model: Llama,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    sampling: SamplingConfig = SamplingConfig(),
+    seed: int = 0,
+    eos_ids: Sequence[int] = (),
+    pad_id: int = 0,
+    should_stop: Callable[[int, list[int]], bool] | None = None,
+    return_logits: bool = False,
+    materialize: bool = True,
+) -> list[list[int]] | tuple[list[list[int]], np.ndarray]:
+    """New token ids for each prompt (token-id lists), decoded with a KV cache.
+
+    A row stops after an ``eos_ids`` token (kept in its output), when ``should_stop(row,
+    new_tokens)`` returns True, or after ``max_new_tokens``. Prompts longer than the model's
+    context minus ``max_new_tokens`` keep their last tokens. With ``return_logits``, also the
+    float32 logits of every step ``(B, steps, V)`` (for tests). ``materialize`` folds the
+    fake-quantized weights once (:func:`~paretoq_jax.models.decode.materialize_quantized`).
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (add a BOS token to empty ones)")
+    max_pos = model.config.max_position_embeddings
+    if max_new_tokens >= max_pos:
+        raise ValueError(f"max_new_tokens={max_new_tokens} >= the model's context of {max_pos}")
+    keep = max_pos - max_new_tokens
+    prompts = [list(p)[-keep:] for p in prompts]
+    b = len(prompts)
+    p_len = min(_round_up(max(len(p) for p in prompts), PROMPT_BUCKET), keep)
+    t_len = min(_round_up(p_len + max_new_tokens, CACHE_BUCKET), max_pos)
+    ids = np.full((b, p_len), pad_id, np.int32)
+    start = np.zeros(b, np.int32)
+    for i, p in enumerate(prompts):
+        ids[i, p_len - len(p) :] = p
+        start[i] = p_len - len(p)
+
+    run_model = materialize_quantized(model) if materialize else model
+    graphdef, state = nnx.split(run_model)
+    cache = init_cache(run_model, b, t_len, start=start)
+    key = jax.random.PRNGKey(seed)
+    eos = set(int(e) for e in eos_ids)
+    out: list[list[int]] = [[] for _ in range(b)]
+    done = np.zeros(b, bool)
+    all_logits = []
+    key, sub = jax.random.split(key)
+    token, logits, cache = _prefill(graphdef, state, jnp.asarray(ids), cache, sub, sampling)
+    for step in range(max_new_tokens):
+        host = np.asarray(token)
+        if return_logits:
+            all_logits.append(np.asarray(logits))
+        for i in np.flatnonzero(~done):
+            out[i].append(int(host[i]))
+            if int(host[i]) in eos or (should_stop is not None and should_stop(int(i), out[i])):
+                done[i] = True
+        if done.all() or step == max_new_tokens - 1:
+            break
+        key, sub = jax.random.split(key)
+        token, logits, cache = _decode(graphdef, state, token, cache, sub, sampling)
+    if return_logits:
+        return out, np.stack(all_logits, axis=1)
+    return out
+
+
+def _eos_ids(tokenizer: Any, model: Llama) -> list[int]:
+    ids = set()
+    for e in (getattr(tokenizer, "eos_token_id", None), model.config.eos_token_id):
+        if isinstance(e, int):
+            ids.add(e)
+        elif isinstance(e, (list, tuple)):
+            ids.update(int(x) for x in e)
+    return sorted(ids)
+
+
+def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    cut = min((text.find(s) for s in stop if s and s in text), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def generate(
+    model: Llama,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int = 64,
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop: Sequence[str] = (),
+    add_bos: bool | None = None,
+    stop_at_eos: bool = True,
+) -> list[str]:
+    """Continuations of text ``prompts`` (the prompt is not included).
+
+    ``stop``: strings that end a row; the returned text is cut before the first one.
+    ``add_bos``: prepend the tokenizer's BOS token (default: when the tokenizer defines one and
+    its encoding does not already add it).
+    """
+    sampling = SamplingConfig(temperature, top_k, top_p)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    encoded = []
+    for p in prompts:
+        ids = list(tokenizer(p, add_special_tokens=False)["input_ids"])
+        if (add_bos or (add_bos is None and bos is not None)) and bos is not None:
+            ids = [bos] + ids
+        if not ids:
+            raise ValueError("empty prompt and the tokenizer has no BOS token to start from")
+        encoded.append(ids)
+    stop = [s for s in stop if s]
+
+    def should_stop(_row: int, new: list[int]) -> bool:
+        if not stop:
+            return False
+        return _cut_at_stop(tokenizer.decode(new, skip_special_tokens=True), stop)[1]
+
+    pad = getattr(tokenizer, "pad_token_id", None)
+    new_tokens = generate_tokens(
+        model, encoded, max_new_tokens, sampling=sampling, seed=seed,
+        eos_ids=_eos_ids(tokenizer, model) if stop_at_eos else (),
+        pad_id=0 if pad is None else int(pad), should_stop=should_stop,
+    )  # fmt: skip
+    texts = []
+    for toks in new_tokens:
+        text = tokenizer.decode(toks, skip_special_tokens=True)
+        texts.append(_cut_at_stop(text, stop)[0])
+    return texts
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m paretoq_jax.generate",
+        description="Generate text with a KV cache (greedy by default).",
+    )
+    p.add_argument("--model", required=True, help="run dir, HF folder, .gguf file or hub id")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--bits", default=None, help="quantize a float checkpoint (RTN) at load")
+    p.add_argument("--method", default=None, help="quantizer method with --bits")
+    args = p.parse_args(argv)
+    from paretoq_jax.eval import load_model
+
+    model, tokenizer = load_model(args.model, bits=args.bits, method=args.method)
+    texts = generate(
+        model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
+    )  # fmt: skip
+    for prompt, text in zip(args.prompt, texts):
+        sys.stdout.write(f"{prompt}{text}\n")
+        if len(args.prompt) > 1:
+            sys.stdout.write("-" * 40 + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
