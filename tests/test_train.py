@@ -19,7 +19,13 @@ from paretoq_jax.train import NonFiniteLossError, RunConfig, TrainConfig, train
 from paretoq_jax.train.checkpoint import Checkpointer
 from paretoq_jax.train.metrics import read_metrics
 from paretoq_jax.train.optim import make_optimizer, make_schedule
-from paretoq_jax.train.step import make_train_step, split_batch, state_shardings, token_nll_sum
+from paretoq_jax.train.step import (
+    make_train_step,
+    split_batch,
+    state_shardings,
+    token_kl_sum,
+    token_nll_sum,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -167,3 +173,37 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     rows = read_metrics(Path(cfg.run_dir) / "metrics.jsonl")
     assert steps and steps[-1] == rows[-1]["step"]  # nothing saved for the bad step
     assert all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_token_kl_matches_float64():
+    rng = np.random.default_rng(1)
+    s, t = rng.normal(size=(2, 3, 7)) * 3, rng.normal(size=(2, 3, 7)) * 3
+    mask = np.array([[1, 1, 0], [1, 0, 1]], np.float64)
+
+    def logp(z):
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    ref = ((np.exp(logp(t)) * (logp(t) - logp(s))).sum(-1) * mask).sum()
+    got, n = token_kl_sum(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32),
+                          jnp.asarray(mask))  # fmt: skip
+    np.testing.assert_allclose(float(got), ref, rtol=1e-5)
+    assert float(n) == 4
+
+
+def test_distillation_from_saved_float_teacher(tmp_path):
+    """Load a saved HF folder as the pretrained model; distill its 2-bit student from it."""
+    from transformers import AutoTokenizer
+
+    from paretoq_jax.io import save_pretrained
+
+    config = LlamaConfig.from_json(ROOT / "configs/models/tiny-llama")
+    teacher = Llama(config, rngs=nnx.Rngs(3), scan_layers=False)
+    tok = AutoTokenizer.from_pretrained(str(ROOT / "configs/models/tiny-llama"))
+    save_pretrained(teacher, tmp_path / "teacher", tokenizer=tok)
+    cfg = tiny_cfg(tmp_path, f"model.path={tmp_path / 'teacher'}", "model.init=pretrained",
+                   "train.distill=true", "train.steps=4", "train.quant_stats_every=0",
+                   "checkpoint.every=100")  # fmt: skip
+    train(cfg, progress=False)
+    losses = [r["loss"] for r in read_metrics(Path(cfg.run_dir) / "metrics.jsonl")]
+    assert len(losses) == 4 and losses[0] > 0 and losses[-1] < losses[0]
