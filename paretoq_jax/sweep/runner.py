@@ -114,22 +114,6 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def resolve_value(value: Any) -> Any:
-    """``"asset:NAME"`` -> ``str(paretoq_jax.assets.NAME())`` (e.g. ``asset:smollm2_gguf``)."""
-    if isinstance(value, str) and value.startswith("asset:"):
-        from paretoq_jax import assets
-
-        name = value.removeprefix("asset:")
-        fn = getattr(assets, name, None)
-        if name.startswith("_") or not callable(fn):
-            public = [n for n in assets.__all__ if n not in ("cache_dir", "fetch_wheel", "extract")]
-            raise ValueError(
-                f"{value!r}: paretoq_jax.assets has no asset {name!r}; use one of {public}"
-            )
-        return str(fn())
-    return value
-
-
 def cell_config(spec: SweepSpec, cell: Cell, run_dir: Path):
     """``(RunConfig, steps)`` of a cell: the base config, the shared then the cell's overrides,
     ``run_dir``. A cell with ``train.steps=0`` is validated with ``steps=1`` (the trainer needs at
@@ -138,7 +122,7 @@ def cell_config(spec: SweepSpec, cell: Cell, run_dir: Path):
 
     data = copy.deepcopy(load_yaml(spec.train_config))
     for key, value in {**spec.overrides, **cell.overrides}.items():
-        _set_dotted(data, key, resolve_value(value))
+        _set_dotted(data, key, value)
     _set_dotted(data, "run_dir", str(run_dir))
     steps = int(data.get("train", {}).get("steps", 1))
     if steps == 0:
