@@ -159,3 +159,10 @@ def test_config_round_trip_and_errors():
         LlamaConfig.from_hf({**cfg, "rope_parameters": {"rope_type": "yarn", "factor": 2.0}})
     with pytest.raises(ValueError, match="multiple"):
         LlamaConfig.from_hf({**cfg, "num_attention_heads": 3, "num_key_value_heads": 2})
+
+
+def test_graphdef_hashable_with_rope_scaling():
+    """jit caches on the graphdef: a config holding a rope_scaling dict must still hash."""
+    d, _, _ = fixture("tiny_llama_tied_llama3")
+    g1, g2 = nnx.graphdef(load_pretrained(d)), nnx.graphdef(load_pretrained(d))
+    assert hash(g1) == hash(g2) and g1 == g2

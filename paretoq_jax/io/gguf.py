@@ -9,6 +9,7 @@ A file without ``output.weight`` has tied embeddings.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -28,10 +29,18 @@ GGUF_ARCHS = {
 
 
 def _reader(path: Path):
+    """A parsed GGUFReader (memory-mapped); cached, since parsing the tokenizer arrays of a
+    49k-token vocabulary takes seconds and model + tokenizer loading both need it."""
+    st = Path(path).stat()
+    return _cached_reader(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_reader(path: str, mtime_ns: int, size: int):
     from gguf import GGUFReader
 
     try:
-        return GGUFReader(str(path))
+        return GGUFReader(path)
     except Exception as e:  # truncated files fail while parsing the header or tensor infos
         raise CheckpointError(
             f"cannot read GGUF file {path}: {type(e).__name__}: {e} (truncated or corrupt? "

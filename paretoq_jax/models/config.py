@@ -74,6 +74,10 @@ class LlamaConfig:
                 f"rope_scaling type {rope_type!r} unsupported; supported: {ROPE_TYPES}"
             )
 
+    def __hash__(self) -> int:
+        # rope_scaling is a dict: hash the JSON form so graphdefs holding a config stay hashable
+        return hash(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str))
+
     @property
     def rope_type(self) -> str:
         if not self.rope_scaling:
