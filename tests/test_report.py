@@ -84,6 +84,9 @@ def test_report_files_from_a_sweep_dir(tmp_path):
                         row["quant"] = {"layers.0.mlp.up_proj": {"codes_changed": 0.01 * r["bits"]}}
                     f.write(json.dumps(row) + "\n")
     write_results(tmp_path)
+    (tmp_path / "sweep.yaml").write_text(
+        'name: paper-like\nanchors: {"bits=4,method=lsq,steps=0": 26.5, "bits=9": 1.0}\n'
+    )
     assert main([str(tmp_path), "--out", str(tmp_path / "rep")]) == 0
     out = tmp_path / "rep"
     for f in ("pareto.png", "ablation.png", "transition.png", "transition_over_training.png",
@@ -97,6 +100,9 @@ def test_report_files_from_a_sweep_dir(tmp_path):
                      "bits=4,method=lsq"]  # fmt: skip
     assert "| seq | 30 (2.4e+07) | 25 (3.2e+07) | 20 | 18.5 |" in md
     assert md.count("| holds |") == 4
+    assert md.startswith("# Sweep report: paper-like")
+    assert "| bits=4,method=lsq,steps=0 | 53 | 26.5 | 2 |" in md
+    assert "| bits=9 | not run | 1 | - |" in md
 
 
 def test_report_on_an_empty_dir_says_what_to_do(tmp_path, capsys):

@@ -142,17 +142,39 @@ def _md_table(header: Sequence[str], body: Sequence[Sequence]) -> str:
     return "\n".join(lines)
 
 
+def _anchor_section(rows: Sequence[dict], anchors: dict) -> list[str]:
+    """Our validation perplexity beside the reference implementation's (the sweep's ``anchors``)."""
+    if not anchors:
+        return []
+    by_name = {r["name"]: r for r in rows}
+    body = []
+    for cell, ref in anchors.items():
+        ours = by_name.get(cell, {}).get("val_ppl")
+        ratio = ours / float(ref) if _ok(ours) else None
+        body.append([cell, ours if ours is not None else "not run", float(ref), ratio])
+    return [
+        "## Against the reference implementation",
+        "",
+        "Validation perplexity of our cells and of the PyTorch reference with the same settings "
+        "(the sweep file's `anchors`, from `docs/anchors.md`).",
+        "",
+        _md_table(["cell", "ours", "reference", "ours / reference"], body),
+        "",
+    ]
+
+
 def build_report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write ``report.md`` and its PNG figures into ``out`` (default ``SWEEP_DIR/report``)."""
     sweep_dir = Path(sweep_dir)
     out = Path(out) if out is not None else sweep_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     rows = load_rows(sweep_dir)
-    name = sweep_dir.name
+    name, anchors = sweep_dir.name, {}
     if (sweep_dir / "sweep.yaml").is_file():
         import yaml
 
-        name = (yaml.safe_load((sweep_dir / "sweep.yaml").read_text()) or {}).get("name", name)
+        sweep = yaml.safe_load((sweep_dir / "sweep.yaml").read_text()) or {}
+        name, anchors = sweep.get("name", name), sweep.get("anchors") or {}
 
     curves, interval = {}, {}
     for r in rows:
@@ -274,6 +296,7 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
         "",
         "![transition over training](transition_over_training.png)",
         "",
+        *_anchor_section(rows, anchors),
         "## ParetoQ's findings, checked on these cells",
         "",
         _md_table(["claim", "verdict", "evidence"], findings(rows)),

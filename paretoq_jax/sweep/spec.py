@@ -95,6 +95,7 @@ class SweepSpec:
     float: bool = False
     drop_invalid: bool = False
     eval: dict[str, Any] = dataclasses.field(default_factory=dict)
+    anchors: dict[str, float] = dataclasses.field(default_factory=dict)
     source: Path | None = None
 
 
@@ -172,8 +173,21 @@ def load_sweep(path: str | Path) -> SweepSpec:
         float=bool(data.get("float", False)),
         drop_invalid=bool(data.get("drop_invalid", False)),
         eval=ev,
+        anchors=_anchors(data.get("anchors")),
         source=path.resolve(),
     )
+
+
+def _anchors(data: Any) -> dict[str, float]:
+    """``anchors: {cell name: reference validation perplexity}`` (shown beside ours in the report)."""
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise SweepError("'anchors' must map cell names to reference perplexities")
+    try:
+        return {str(k): float(v) for k, v in data.items()}
+    except (TypeError, ValueError):
+        raise SweepError(f"'anchors' values must be numbers, got {dict(data)!r}") from None
 
 
 def _norm(key: str, value: Any) -> Any:
