@@ -66,8 +66,10 @@ def sample_logits(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> jax
         # keep a token while the mass of the tokens before it is below top_p (the first is kept)
         before = jnp.cumsum(probs, axis=-1) - probs
         keep_sorted = before < cfg.top_p
-        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(
-            keep_sorted
+        keep = (
+            jnp.zeros_like(keep_sorted)
+            .at[jnp.arange(logits.shape[0])[:, None], order]
+            .set(keep_sorted)
         )
         logits = jnp.where(keep, logits, neg)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
@@ -247,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
     )  # fmt: skip
-    for prompt, text in zip(args.prompt, texts):
+    for prompt, text in zip(args.prompt, texts, strict=True):
         sys.stdout.write(f"{prompt}{text}\n")
         if len(args.prompt) > 1:
             sys.stdout.write("-" * 40 + "\n")

@@ -75,14 +75,17 @@ def test_prefill_logits_match_forward_with_left_padding():
     a, b = [1, 2, 3, 4, 5, 6], [7, 8, 9]
     ids = jnp.asarray([a, [0, 0, 0] + b], jnp.int32)
     cache = init_cache(model, 2, 16, start=np.array([0, 3]))
-    logits, cache = forward_cached(model, ids, cache)
-    np.testing.assert_allclose(logits[0], model(jnp.asarray([a]))[0], atol=1e-5)
-    np.testing.assert_allclose(logits[1, 3:], model(jnp.asarray([b]))[0], atol=1e-5)
+    run = nnx.jit(forward_cached)
+    logits, cache = run(model, ids, cache)
+    np.testing.assert_allclose(logits[0], _forward(model, jnp.asarray([a]))[0], atol=1e-5)
+    np.testing.assert_allclose(logits[1, 3:], _forward(model, jnp.asarray([b]))[0], atol=1e-5)
     assert int(cache["length"]) == 6
     # one more token: the cache extends the sequence
-    step, _ = forward_cached(model, jnp.asarray([[11], [12]], jnp.int32), cache)
-    np.testing.assert_allclose(step[0, 0], model(jnp.asarray([a + [11]]))[0, -1], atol=1e-5)
-    np.testing.assert_allclose(step[1, 0], model(jnp.asarray([b + [12]]))[0, -1], atol=1e-5)
+    step, _ = run(model, jnp.asarray([[11], [12]], jnp.int32), cache)
+    np.testing.assert_allclose(step[0, 0], _forward(model, jnp.asarray([a + [11]]))[0, -1],
+                               atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(step[1, 0], _forward(model, jnp.asarray([b + [12, 0, 0]]))[0, 3],
+                               atol=1e-5)  # fmt: skip
 
 
 def test_materialize_quantized_is_exact_and_float():

@@ -108,7 +108,7 @@ class ParetoQLM(TemplateLM):
         pairs = [(list(ctx), list(cont)) for _, ctx, cont in requests]
         ll, greedy = self._score(pairs)
         out = []
-        for (key, _, _), lp, g in zip(requests, ll, greedy):
+        for (key, _, _), lp, g in zip(requests, ll, greedy, strict=True):
             out.append((lp, g))
             if key is not None:
                 self.cache_hook.add_partial("loglikelihood", key, (lp, g))
@@ -132,9 +132,9 @@ class ParetoQLM(TemplateLM):
                 owner.append(i)
         ll, _ = self._score(pairs) if pairs else ([], [])
         totals = [0.0] * len(requests)
-        for i, lp in zip(owner, ll):
+        for i, lp in zip(owner, ll, strict=True):
             totals[i] += lp
-        for req, total in zip(requests, totals):
+        for req, total in zip(requests, totals, strict=True):
             self.cache_hook.add_partial("loglikelihood_rolling", (req.args[0],), total)
         return totals
 
@@ -163,7 +163,7 @@ class ParetoQLM(TemplateLM):
                     top_p=float(kwargs.get("top_p", 1.0) or 1.0), seed=int(kwargs.get("seed", 0)),
                     stop=until, add_bos=self.add_bos,
                 )  # fmt: skip
-                for i, text in zip(rows, texts):
+                for i, text in zip(rows, texts, strict=True):
                     out[i] = text
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
         return out  # type: ignore[return-value]

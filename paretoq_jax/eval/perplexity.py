@@ -106,9 +106,7 @@ def perplexity(
             f"{arr.size} tokens give no window of seq_len={seq_len}; use more text or a smaller "
             "seq_len"
         )
-    nll, count, _ = score_windows(
-        model, windows, batch_size=batch_size, pad_to=seq_len, mesh=mesh
-    )
+    nll, count, _ = score_windows(model, windows, batch_size=batch_size, pad_to=seq_len, mesh=mesh)
     total, tokens = float(nll.sum()), int(count.sum())
     if tokens == 0:
         raise ValueError(f"{arr.size} tokens leave nothing to score; use more text")
