@@ -138,7 +138,7 @@ def test_clipping_and_adamw_match_optax_reference():
 
 def test_tiny_run_end_to_end(tmp_path):
     cfg = tiny_cfg(tmp_path, "train.steps=6", "checkpoint.every=2", "checkpoint.keep=2",
-                   "train.quant_stats_every=3")  # fmt: skip
+                   "train.quant_stats_every=3", "train.eval_every=3")  # fmt: skip
     out = train(cfg, progress=False)
     run = Path(cfg.run_dir)
     assert out["step"] == 6
@@ -149,6 +149,8 @@ def test_tiny_run_end_to_end(tmp_path):
     for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "step_time_s"):
         assert all(np.isfinite(r[key]) for r in rows), key
     assert rows[-1]["loss"] < rows[0]["loss"]
+    assert [r["step"] for r in rows if "val_loss" in r] == [3, 6]
+    assert rows[-1]["val_ppl"] == pytest.approx(np.exp(rows[-1]["val_loss"]))
     q1, q3 = rows[0]["quant"], rows[2]["quant"]
     assert set(q1) == {f"layers.{i}.{p}" for i in range(2) for p in (
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",

@@ -68,6 +68,7 @@ class TrainConfig:
     seed: int = 0
     distill: bool = False
     log_every: int = 1
+    eval_every: int = 0
     quant_stats_every: int = 50
     tensorboard: bool = False
 

@@ -26,7 +26,7 @@ from .checkpoint import Checkpointer, abstract_like
 from .config import RunConfig
 from .metrics import MetricsWriter, QuantStats
 from .optim import make_optimizer, make_schedule
-from .step import TrainStep, make_train_step, state_shardings
+from .step import TrainStep, make_eval_step, make_train_step, state_shardings
 
 __all__ = ["train", "NonFiniteLossError", "compute_dtype", "build_mesh", "build_model"]
 
@@ -238,7 +238,7 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
 
     mesh = build_mesh(cfg)
     tokenizer = _load_tokenizer(cfg)
-    train_blocks, _ = build_splits(cfg.data, tokenizer)
+    train_blocks, val_blocks = build_splits(cfg.data, tokenizer)
     tcfg = cfg.train
     n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if tcfg.batch_size % (n_batch_shards * tcfg.grad_accum):
@@ -283,6 +283,34 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     if start:
         writer.message(f"[train] resumed from step {start} in {run_dir / 'checkpoints'}")
 
+    def evaluate(params) -> dict[str, float]:
+        """Mean next-token loss and perplexity over all validation blocks."""
+        if eval_fn is None:
+            return {}
+        total = count = 0.0
+        b, p, n = tcfg.batch_size, jax.process_index(), jax.process_count()
+        for i in range(0, len(val_blocks), b):
+            rows = np.asarray(val_blocks[i : i + b], np.int32)
+            mask = np.ones_like(rows)
+            if len(rows) < b:  # pad the last batch with masked rows
+                pad = b - len(rows)
+                rows = np.concatenate([rows, np.zeros((pad, rows.shape[1]), np.int32)])
+                mask = np.concatenate([mask, np.zeros((pad, rows.shape[1]), np.int32)])
+            lo, hi = p * b // n, (p + 1) * b // n
+            batch = {
+                "tokens": _global_batch(rows[lo:hi], step_fn.batch_sharding),
+                "mask": _global_batch(mask[lo:hi], step_fn.batch_sharding),
+            }
+            s, c = eval_fn(params, batch)
+            total, count = total + float(s), count + float(c)
+        loss = total / max(count, 1.0)
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))}
+
+    eval_fn = None
+    if tcfg.eval_every and len(val_blocks):
+        graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+        eval_fn = make_eval_step(graphdef, rest, mesh, shardings["params"])
+
     def save(step: int) -> None:
         meta = {"step": step, "data": it.state.to_dict(), "config": to_dict(cfg)}
         ckpt.save(step, state, meta)
@@ -324,6 +352,8 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
                         "tokens": step * tokens_per_step,
                         "elapsed_s": now - t_start,
                     }
+                    if tcfg.eval_every and (step % tcfg.eval_every == 0 or step == tcfg.steps):
+                        row.update(evaluate(state["params"]))
                     if quant_stats is not None and (
                         step % tcfg.quant_stats_every == 0 or step == start + 1
                     ):
