@@ -244,3 +244,28 @@ rtn: true
         assert (page.parent / f).stat().st_size > 1000, f
     text = page.read_text()
     assert "bits=2,method=seq" in text and "Pareto" in text
+
+
+def test_cli_dry_run_lists_valid_cells_by_shard_and_kind(tmp_path, capsys):
+    from paretoq_jax.sweep.__main__ import main
+
+    sweep = _sweep(
+        tmp_path,
+        f"""
+out_dir: {tmp_path / "out"}
+grid:
+  model.bits: [1, 2, 4]
+  model.method: [lsq, minmax]
+drop_invalid: true
+rtn: true
+""",
+    )
+    assert main(["--config", str(sweep), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "dropped cell bits=1,method=lsq" in out and "10 of 10 cells" in out
+    assert main(["--config", str(sweep), "--dry-run", "--shard", "1/3", "--kind", "rtn"]) == 0
+    lines = [ln.split() for ln in capsys.readouterr().out.splitlines() if ln.startswith(" ")]
+    assert [(int(i), k) for i, k, _ in lines] == [(7, "rtn")]
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing
+    bad = _sweep(tmp_path, "grid: {model.bits: [1], model.method: [lsq]}\n", "bad.yaml")
+    assert main(["--config", str(bad), "--out", str(tmp_path / "o2"), "--dry-run"]) == 2
