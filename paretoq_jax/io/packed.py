@@ -341,7 +341,8 @@ def load_packed(
     filled = []
     for p, var in nnx.to_flat_state(state):
         key = ".".join(map(str, p))
-        if isinstance(var.value, jax.ShapeDtypeStruct):
+        current = var.get_value()
+        if isinstance(current, jax.ShapeDtypeStruct):
             if key not in values:
                 if key.startswith("layers."):
                     values[key] = np.stack([get(_hf(key, i)[0]) for i in range(layers)])
@@ -351,12 +352,12 @@ def load_packed(
                     name, transpose = _hf(key, None)
                     values[key] = get(name).T if transpose else get(name)
             arr = values[key]
-            if tuple(arr.shape) != tuple(var.value.shape):
+            if tuple(arr.shape) != tuple(current.shape):
                 raise CheckpointError(
                     f"{weights_file}: tensor for {key} has shape {arr.shape}, expected "
-                    f"{tuple(var.value.shape)} from config.json"
+                    f"{tuple(current.shape)} from config.json"
                 )
-            var = var.replace(jnp.asarray(arr, var.value.dtype))
+            var = var.replace(jnp.asarray(arr, current.dtype))
         filled.append((p, var))
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
