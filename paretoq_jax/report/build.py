@@ -200,9 +200,11 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
     if has_acc:
         F.plot_pareto(rows, out / "pareto_accuracy.png", metric="accuracy")
     F.plot_ablation(q, rtn, out / "ablation.png")
-    F.plot_transition(rows, out / "transition.png")
-    F.plot_transition_over_training(rows, interval, out / "transition_over_training.png")
-    F.plot_loss_curves(curves, out / "loss_curves.png")
+    if curves:  # figures of training need QAT cells
+        F.plot_transition(rows, out / "transition.png")
+        F.plot_transition_over_training(rows, interval, out / "transition_over_training.png")
+        F.plot_loss_curves(curves, out / "loss_curves.png")
+    no_qat = ["No QAT cell has finished yet.", ""]
 
     md = [f"# Sweep report: {name}", ""]
     budgets = sorted({r.get("tokens_seen") for r in rows if r["kind"] == "train"} - {None})
@@ -290,12 +292,20 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
                 for r in rows
                 if r["kind"] == "train"
             ],
+        )
+        if curves
+        else "",
+        "",
+        *(
+            [
+                "![transition](transition.png)",
+                "",
+                "![transition over training](transition_over_training.png)",
+                "",
+            ]
+            if curves
+            else no_qat
         ),  # fmt: skip
-        "",
-        "![transition](transition.png)",
-        "",
-        "![transition over training](transition_over_training.png)",
-        "",
         *_anchor_section(rows, anchors),
         "## ParetoQ's findings, checked on these cells",
         "",
@@ -303,8 +313,7 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
         "",
         "## Loss curves",
         "",
-        "![loss curves](loss_curves.png)",
-        "",
+        *(["![loss curves](loss_curves.png)", ""] if curves else no_qat),
         "## All cells",
         "",
         _md_table(

@@ -74,7 +74,8 @@ def plot_pareto(rows: Sequence[dict], path: Path, metric: str = "val_ppl") -> Pa
         for i in idx:
             r = pts[i]
             ax.annotate(
-                f"{bits_label(r['bits'])} {r.get('method') or ''}".strip(),
+                f"{'RTN ' if r['kind'] == 'rtn' else ''}{bits_label(r['bits'])} "
+                f"{r.get('method') or ''}".strip(),
                 (r["size_bits"] / 1e6, _metric(r, metric)),
                 textcoords="offset points", xytext=(6, 4), fontsize=8,
             )  # fmt: skip
