@@ -71,7 +71,10 @@ def test_smollm2_gguf_perplexity_matches_transformers(tmp_path):
 
     path = smollm2_gguf()
     tok = load_tokenizer(path)
-    ids = np.asarray(tok(_wiki_text())["input_ids"], np.int64)
+    text = _wiki_text()
+    ids = np.asarray(tok(text)["input_ids"], np.int64)
+    ref_tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    assert ref_tok(text)["input_ids"] == ids.tolist()  # transformers' own GGUF tokenizer
     n_blocks, seq = 8, 256
     blocks = ids[-n_blocks * seq :].reshape(n_blocks, seq)
 
