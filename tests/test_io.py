@@ -15,7 +15,13 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from paretoq_jax import quant
-from paretoq_jax.io import CheckpointError, load_pretrained, load_tokenizer, save_pretrained
+from paretoq_jax.io import (
+    CheckpointError,
+    load_config,
+    load_pretrained,
+    load_tokenizer,
+    save_pretrained,
+)
 from paretoq_jax.io.gguf import unpermute_qk
 from paretoq_jax.io.hf import SCALES_FILE
 from paretoq_jax.models import LlamaConfig, QuantRules
@@ -117,6 +123,20 @@ def test_gguf_f32_matches_transformers(tmp_path):
     ids, ref = ids_and_ref(GQA)
     model = load_pretrained(path)
     assert not model.config.tie_word_embeddings
+    assert load_config(path) == model.config
+    want, got = LlamaConfig.from_json(GQA), load_config(path)
+    for key in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "rope_theta",
+    ):
+        assert getattr(got, key) == getattr(want, key), key  # fmt: skip
+    assert got.rms_norm_eps == pytest.approx(want.rms_norm_eps)  # stored as float32 in GGUF
     assert rel_err(forward(model, ids), ref) < 1e-4
 
 

@@ -11,10 +11,16 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from paretoq_jax.io.hf import CheckpointError, load_hf, save_hf
-from paretoq_jax.models import Llama, QuantRules, resolve_rules
+from paretoq_jax.models import Llama, LlamaConfig, QuantRules, resolve_rules
 from paretoq_jax.sharding import Rules
 
-__all__ = ["CheckpointError", "load_pretrained", "load_tokenizer", "save_pretrained"]
+__all__ = [
+    "CheckpointError",
+    "load_config",
+    "load_pretrained",
+    "load_tokenizer",
+    "save_pretrained",
+]
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.model"]
 
@@ -82,6 +88,17 @@ def load_pretrained(
             raise FileNotFoundError(f"{p} has no config.json: not a Hugging Face model folder")
         return load_hf(p, **kwargs)
     raise CheckpointError(f"{p}: expected an HF model folder or a .gguf file")
+
+
+def load_config(path: str | Path) -> LlamaConfig:
+    """The :class:`LlamaConfig` of an HF folder (``config.json``) or a ``.gguf`` file's metadata,
+    without reading any weights."""
+    p = _resolve(path)
+    if p.is_file() and p.suffix == ".gguf":
+        from paretoq_jax.io.gguf import _reader, gguf_config
+
+        return gguf_config(_reader(p), p)
+    return LlamaConfig.from_json(p)
 
 
 def save_pretrained(model: Llama, out_dir: str | Path, tokenizer=None, dtype=None) -> Path:
