@@ -203,8 +203,13 @@ def generate(
         ids = list(tokenizer(p, add_special_tokens=False)["input_ids"])
         if (add_bos or (add_bos is None and bos is not None)) and bos is not None:
             ids = [bos] + ids
-        if not ids:
-            raise ValueError("empty prompt and the tokenizer has no BOS token to start from")
+        if not ids:  # an empty prompt starts from BOS (or EOS), as lm-eval scores empty contexts
+            start = bos if bos is not None else getattr(tokenizer, "eos_token_id", None)
+            if start is None:
+                raise ValueError(
+                    "empty prompt and the tokenizer has no BOS/EOS token to start from"
+                )
+            ids = [start]
         encoded.append(ids)
     stop = [s for s in stop if s]
 
