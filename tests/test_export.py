@@ -218,13 +218,20 @@ def test_errors(tmp_path, tokenizer):
     out.write_text("precious")
     with pytest.raises(ExportError, match="already exists"):
         export_model(model, "gguf", out, tokenizer=tokenizer)
-    with pytest.raises(ValueError, match="unknown GGUF qtype"):
+    with pytest.raises(ExportError, match="unknown GGUF qtype"):
         export_model(model, "gguf", out, tokenizer=tokenizer, gguf_qtype="Q9_9", force=True)
+    with pytest.raises(ValueError, match="needs the tokenizer"):  # fails mid-export
+        export_model(model, "gguf", out, tokenizer=None, force=True)
     assert out.read_text() == "precious"
     export_model(model, "gguf", out, tokenizer=tokenizer, force=True)
     assert out.read_bytes()[:4] == b"GGUF"
-    with pytest.raises(ValueError, match="unknown GGUF qtype"):
-        export_model(model, "gguf", tmp_path / "new.gguf", tokenizer=tokenizer, gguf_qtype="Q9")
+
+    class Broken:  # fails after model.safetensors is written
+        def save_pretrained(self, path):
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        export_model(model, "packed", tmp_path / "new", tokenizer=Broken())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
     with pytest.raises(ExportError, match="config.yaml"):
         load_run(tmp_path)

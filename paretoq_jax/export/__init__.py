@@ -41,6 +41,19 @@ def _check_format(fmt: str) -> None:
         raise ExportError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
 
 
+def _check_options(ternary: str = "2bit", gguf_qtype: str | None = None, float_type: str = "f32"):
+    from paretoq_jax.io.gguf_writer import FLOAT_TYPES, QTYPE_NAMES
+
+    if ternary not in ("2bit", "base3"):
+        raise ExportError(f"ternary={ternary!r}: choose '2bit' or 'base3'")
+    if gguf_qtype is not None and gguf_qtype.upper() not in QTYPE_NAMES:
+        raise ExportError(
+            f"unknown GGUF qtype {gguf_qtype!r}: choose one of {', '.join(sorted(QTYPE_NAMES))}"
+        )
+    if float_type not in FLOAT_TYPES:
+        raise ExportError(f"float_type={float_type!r}: choose one of {sorted(FLOAT_TYPES)}")
+
+
 def _check_out(out: Path, force: bool) -> None:
     if out.exists() and not force:
         raise ExportError(f"{out} already exists: pass --force (force=True) to overwrite it")
@@ -135,6 +148,7 @@ def export_model(
     from paretoq_jax.io.packed import quantized_weights
 
     _check_format(fmt)
+    _check_options(ternary, gguf_qtype, float_type)
     out = Path(out)
     _check_out(out, force)
     try:
@@ -168,6 +182,7 @@ def export_run(
 ) -> Path:
     """:func:`load_run` then :func:`export_model` (format and output are checked first)."""
     _check_format(fmt)
+    _check_options(**kwargs)
     _check_out(Path(out), force)
     model, tokenizer, _, _ = load_run(run_dir, step)
     return export_model(model, fmt, out, tokenizer=tokenizer, force=force, **kwargs)

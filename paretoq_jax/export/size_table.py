@@ -79,7 +79,9 @@ def measure(config: LlamaConfig, bits_list=(1, 1.58, 2, 3, 4)) -> list[dict]:
                 theory_q = nq * density / 8 + 4 * nout
                 size = (out / "model.safetensors").stat().st_size
                 name = "packed" + (f" ({ternary})" if bits == 1.58 else "")
-                rows.append(_row(bits, name, qbytes, theory_q, nq, size, theory_q + float_bytes))
+                rows.append(
+                    _row(bits, name, qbytes, theory_q, nq, size, theory_q + float_bytes, nq + nf)
+                )
             qtypes = ("TQ2_0", "TQ1_0") if bits == 1.58 else (None,)
             for qtype in qtypes:
                 path = Path(tmp) / f"m-{qtype}.gguf"
@@ -101,7 +103,7 @@ def measure(config: LlamaConfig, bits_list=(1, 1.58, 2, 3, 4)) -> list[dict]:
                 size = path.stat().st_size
                 rows.append(
                     _row(bits, "gguf " + "/".join(kinds), qbytes, theory_q, nq, size,
-                         theory_q + float_bytes)
+                         theory_q + float_bytes, nq + nf)
                 )  # fmt: skip
     return rows
 
@@ -112,8 +114,10 @@ def _nbytes(f, key: str) -> int:
     return int(np.prod(sl.get_shape())) * {"U8": 1, "F32": 4}[sl.get_dtype()]
 
 
-def _row(bits, fmt, qbytes, theory_q, nq, size, theory_file) -> dict:
+def _row(bits, fmt, qbytes, theory_q, nq, size, theory_file, n_params) -> dict:
     return {
+        "params": n_params,
+        "quantized_params": nq,
         "bits": bits,
         "format": fmt,
         "quant_bits_per_weight": 8 * qbytes / nq,
@@ -150,13 +154,17 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     config = LlamaConfig.from_json(args.config) if args.config else _smollm2_config()
     rows = measure(config)
-    print("| bits | format | quant bits/weight | theory | file MiB | file / theory |")
-    print("|---|---|---|---|---|---|")
+    nq, n = rows[0]["quantized_params"], rows[0]["params"]
+    print(f"{n / 1e6:.1f}M parameters, {nq / 1e6:.1f}M of them quantized; float parts f32\n")
+    print(
+        "| bits | format | quant bits/weight | theory | file MiB | file bytes/param | file / theory |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['bits']} | {r['format']} | {r['quant_bits_per_weight']:.4f} | "
             f"{r['theory_bits_per_weight']:.4f} | {r['file_bytes'] / 2**20:.2f} | "
-            f"{r['file_vs_theory']:.4f} |"
+            f"{r['file_bytes'] / r['params']:.3f} | {r['file_vs_theory']:.4f} |"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
