@@ -71,9 +71,10 @@ def perplexity(
     ``batch_size``: windows per forward pass (the last batch is padded and masked).
     ``mesh``: shard batches over its ``data``/``fsdp`` axes; the model must be placed on it.
 
-    From the trainer, every N steps (params as the train state's pure dict)::
+    From the trainer, every N steps (``graphdef, _, rest = nnx.split(model, nnx.Param, ...)``
+    and the train state's pure-dict params)::
 
-        model = nnx.merge(graphdef, nnx.State(params), rest)   # or the live model
+        model = nnx.merge(graphdef, state["params"], rest)
         row = perplexity(model, val_blocks, batch_size=B, mesh=mesh)
         writer.write({"step": step, "val_loss": row["loss"], "val_ppl": row["perplexity"]})
     """
