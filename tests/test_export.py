@@ -286,3 +286,46 @@ def test_hf_export_runs_in_transformers(tmp_path, tokenizer):
     with torch.no_grad():
         got = hf(torch.tensor(ids)).logits.numpy()
     np.testing.assert_allclose(got, logits(model, ids), rtol=0, atol=1e-4)
+
+
+def test_qwen2_packed_and_gguf(tmp_path, tokenizer):
+    """Qwen2: q/k/v biases, arch 'qwen2' (no q/k permutation), F16 fallback for in=48."""
+    from gguf import GGUFReader
+
+    cfg = dataclasses.replace(
+        LlamaConfig.from_json(ROOT / "tests/fixtures/tiny_llama_qwen2"), vocab_size=512
+    )
+    model = Llama(cfg, quant=QuantRules.paretoq(3), rngs=nnx.Rngs(2))
+    for lin in (model.layers.self_attn.q_proj, model.layers.self_attn.k_proj):
+        lin.bias[...] = jax.random.normal(jax.random.PRNGKey(5), lin.bias.shape) * 0.1
+    ref = logits(model)
+    out = export_model(model, "packed", tmp_path / "pk", tokenizer=tokenizer)
+    np.testing.assert_array_equal(logits(load_packed(out)), ref)
+    path = export_model(model, "gguf", tmp_path / "q.gguf", tokenizer=tokenizer)
+    r = GGUFReader(str(path))
+    assert r.fields["general.architecture"].contents() == "qwen2"
+    types = {t.name: t.tensor_type.name for t in r.tensors}
+    assert types["blk.0.attn_q.bias"] == "F32" and types["blk.0.attn_q.weight"] == "Q4_0"
+    assert types["blk.0.ffn_down.weight"] == "F16"  # in = 48: no exact block size
+    got = logits(load_pretrained(path))
+    assert np.max(np.abs(got - ref)) / np.max(np.abs(ref)) < 2e-3
+
+
+def test_gguf_llama3_rope_freqs(tmp_path, tokenizer):
+    """Llama-3.1 rope scaling is written as llama.cpp's rope_freqs (unscaled / scaled freqs)."""
+    from gguf import GGUFReader
+
+    from paretoq_jax.models.layers import rope_inv_freq
+
+    cfg = dataclasses.replace(
+        LlamaConfig.from_json(ROOT / "tests/fixtures/tiny_llama_tied_llama3"), vocab_size=512
+    )
+    assert cfg.rope_type == "llama3"
+    model = Llama(cfg, quant=QuantRules.paretoq(4), rngs=nnx.Rngs(0))
+    path = export_model(model, "gguf", tmp_path / "l3.gguf", tokenizer=tokenizer)
+    t = {t.name: t for t in GGUFReader(str(path)).tensors}
+    assert "output.weight" not in t  # tied
+    d = cfg.head_dim
+    base = 1.0 / cfg.rope_theta ** (np.arange(0, d, 2) / d)
+    np.testing.assert_allclose(1.0 / np.asarray(t["rope_freqs.weight"].data),
+                               rope_inv_freq(cfg) / base, rtol=1e-5)  # fmt: skip
