@@ -143,3 +143,13 @@ def test_simple_evaluate_on_local_tasks(tmp_path, monkeypatch, model, tok):
     assert np.isfinite(res["tiny_ppl"]["word_perplexity,none"])
     assert res["tiny_ppl"]["bits_per_byte,none"] > 0
     assert 0.0 <= res["tiny_gen"]["exact_match,none"] <= 1.0
+
+
+def test_registered_and_model_args_win_over_cli_defaults(model, tok):
+    from lm_eval.api.registry import get_model
+
+    assert get_model("paretoq_jax") is ParetoQLM
+    lm = ParetoQLM.create_from_arg_obj(
+        {"model": model, "tokenizer": tok, "batch_size": 4}, {"batch_size": 1, "device": None}
+    )
+    assert lm.batch_size == 4 and lm.max_length == 64

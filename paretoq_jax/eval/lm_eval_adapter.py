@@ -77,6 +77,20 @@ class ParetoQLM(TemplateLM):
         self.add_bos = bool(add_bos)
         self.max_gen_toks = int(max_gen_toks)
 
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        """lm-eval's constructor hook; ``model_args`` win over the command line's defaults
+        (``--batch_size`` is passed both ways)."""
+        merged = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        merged.update(arg_dict)
+        return cls(**merged)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
     @property
     def eot_token_id(self) -> int:
         eos = self.tokenizer.eos_token_id
@@ -177,7 +191,8 @@ def register() -> None:
         register_model(MODEL_NAME)(ParetoQLM)
 
 
-register()
+if __name__ != "__main__":  # run as a script, the importable module registers its own class
+    register()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
