@@ -159,7 +159,7 @@ def test_gguf_tensors_dequantize_to_qat_weights(bits, qtype, expect, tmp_path, t
     assert f["llama.context_length"] == c.max_position_embeddings
     assert f["llama.rope.freq_base"] == pytest.approx(c.rope_theta)
     assert f["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(c.rms_norm_eps)
-    assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == "gpt2"
+    assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == "gpt-2"
     assert len(f["tokenizer.ggml.tokens"]) == c.vocab_size and f["tokenizer.ggml.merges"]
     assert f["tokenizer.ggml.bos_token_id"] == tokenizer.bos_token_id
     assert f["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id

@@ -90,7 +90,7 @@ def _pre_tokenizer_name(tok_json: dict) -> str:
     pre = tok_json.get("pre_tokenizer") or {}
     kind = pre.get("type")
     if kind == "ByteLevel":
-        return "gpt2"
+        return "gpt-2"  # llama.cpp spells it with a hyphen (llama-vocab.cpp)
     if kind == "Sequence":
         parts = pre.get("pretokenizers", [])
         types = [p.get("type") for p in parts]

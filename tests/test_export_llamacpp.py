@@ -1,0 +1,90 @@
+"""llama.cpp runs our GGUF exports: logits of every position agree with the fake-quant model.
+
+Slow and optional: needs llama.cpp's C API from ``llama-cpp-cffi`` (0.4.20's CPU wheel works on
+glibc 2.36; install it outside the venv, e.g. ``pip install --no-deps --target DIR
+llama-cpp-cffi==0.4.20 cffi`` and set ``PARETOQ_LLAMA_CPP_PATH=DIR``). llama.cpp quantizes
+activations to 8 bits for its quantized matmuls, so agreement is ~1e-3, not fp16-scale exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from paretoq_jax.export import export_model
+from paretoq_jax.io import load_tokenizer
+from paretoq_jax.models import Llama, LlamaConfig, QuantRules
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "models" / "tiny-llama"
+LLAMA_CPP = os.environ.get("PARETOQ_LLAMA_CPP_PATH", "")
+
+RUNNER = r"""
+import sys
+import numpy as np
+from llama._llama_cpp_cpu import lib, ffi
+
+@ffi.callback("void(enum ggml_log_level, char *, void *)")
+def _log(level, text, user):
+    if level >= lib.GGML_LOG_LEVEL_WARN:
+        sys.stderr.write(ffi.string(text).decode(errors="replace"))
+
+lib.llama_log_set(_log, ffi.NULL)
+lib.llama_backend_init()
+model = lib.llama_model_load_from_file(sys.argv[1].encode(), lib.llama_model_default_params())
+assert model != ffi.NULL, "llama.cpp could not load the model"
+cp = lib.llama_context_default_params()
+cp.n_ctx, cp.n_batch, cp.n_threads, cp.n_threads_batch = 128, 128, 1, 1
+ctx = lib.llama_init_from_model(model, cp)
+n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model))
+tok, out = ffi.new("int32_t[1]"), []
+for t in np.load(sys.argv[2]):
+    tok[0] = int(t)
+    assert lib.llama_decode(ctx, lib.llama_batch_get_one(tok, 1)) == 0
+    p = lib.llama_get_logits_ith(ctx, -1)
+    out.append(np.frombuffer(ffi.buffer(p, 4 * n_vocab), np.float32).copy())
+np.save(sys.argv[3], np.stack(out))
+"""
+
+
+def _llama_cpp_available() -> bool:
+    env = dict(os.environ, PYTHONPATH=LLAMA_CPP)
+    cmd = [sys.executable, "-c", "import llama._llama_cpp_cpu"]
+    return subprocess.run(cmd, env=env, capture_output=True).returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits,qtype", [(1, None), (1.58, None), (1.58, "TQ1_0"), (2, None),
+                                        (2, "Q4_0"), (3, None), (4, None)])  # fmt: skip
+def test_llama_cpp_runs_gguf_export(bits, qtype, tmp_path):
+    if not _llama_cpp_available():
+        pytest.skip("llama.cpp (llama-cpp-cffi) not importable: set PARETOQ_LLAMA_CPP_PATH")
+    cfg = dataclasses.replace(
+        LlamaConfig.from_json(TINY), hidden_size=256, intermediate_size=512, head_dim=64,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    model = Llama(cfg, quant=QuantRules.paretoq(bits), rngs=nnx.Rngs(0))
+    model.embed_tokens[...] = model.embed_tokens[...] * 30  # logits far from flat
+    model.lm_head.kernel[...] = model.lm_head.kernel[...] * 30
+    path = export_model(model, "gguf", tmp_path / "m.gguf", tokenizer=load_tokenizer(TINY),
+                        gguf_qtype=qtype)  # fmt: skip
+    ids = np.random.RandomState(0).randint(3, cfg.vocab_size, 24).astype(np.int32)
+    np.save(tmp_path / "ids.npy", ids)
+    (tmp_path / "run.py").write_text(RUNNER)
+    r = subprocess.run(
+        [sys.executable, str(tmp_path / "run.py"), str(path), str(tmp_path / "ids.npy"),
+         str(tmp_path / "out.npy")],
+        env=dict(os.environ, PYTHONPATH=LLAMA_CPP), capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = np.load(tmp_path / "out.npy")
+    ref = np.asarray(model(ids[None]))[0]
+    assert np.max(np.abs(got - ref)) / np.max(np.abs(ref)) < 1e-2
+    assert np.mean(got.argmax(-1) == ref.argmax(-1)) > 0.95
