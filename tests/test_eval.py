@@ -212,6 +212,19 @@ def test_cli_on_hf_folder(tmp_path, monkeypatch, model, tok):
         load_model(tmp_path / "nothing-here")
 
 
+def test_load_model_packed_export(tmp_path, tok):
+    from paretoq_jax.io.packed import save_packed
+
+    quantized = tiny(vocab=len(tok), bits=2)
+    folder = save_packed(quantized, tmp_path / "packed", tokenizer=tok)
+    loaded, loaded_tok = load_model(folder)
+    ids = jnp.asarray([[5, 9, 40, 7, 300, 2]])
+    np.testing.assert_allclose(loaded(ids), quantized(ids), atol=1e-5)
+    assert len(loaded_tok) == len(tok)
+    with pytest.raises(ValueError, match="packed export"):
+        load_model(folder, bits=4)
+
+
 EIGHT_DEVICES = """
 import json, sys
 import numpy as np

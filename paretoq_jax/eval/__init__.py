@@ -61,6 +61,14 @@ def _model_config(path: str):
     )
 
 
+def _resolve_asset(path: str) -> str:
+    """The trainer's ``asset:NAME`` model paths -> the cached local file."""
+    from paretoq_jax.train import loop
+
+    resolve = getattr(loop, "resolve_model_path", None)
+    return resolve(path) if resolve is not None else path
+
+
 def load_run(
     run_dir: str | Path, *, step: int | None = None, mesh: Mesh | None = None
 ) -> tuple[Any, Any]:
@@ -81,8 +89,9 @@ def load_run(
     run_dir = Path(run_dir)
     cfg = load_config(RunConfig, run_dir / "config.yaml")
     mesh = make_mesh(data=jax.device_count()) if mesh is None else mesh
+    model_path = _resolve_asset(cfg.model.path)
     model = Llama(
-        _model_config(cfg.model.path),
+        _model_config(model_path),
         quant=resolve_rules(cfg.model.bits, cfg.model.method),
         dtype=compute_dtype(cfg.model.dtype),
         param_dtype=jnp.float32,
@@ -111,7 +120,7 @@ def load_run(
     _, param_state, _ = nnx.split(model, nnx.Param, ...)
     nnx.replace_by_pure_dict(param_state, state["params"])
     model = nnx.merge(graphdef, param_state, rest)
-    return model, load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    return model, load_tokenizer(_resolve_asset(cfg.model.tokenizer or cfg.model.path))
 
 
 def _load_pretrained(path: str, *, bits=None, method=None, mesh=None, dtype=jnp.float32):
@@ -131,16 +140,23 @@ def _load_run(path: str, *, bits=None, method=None, mesh=None, dtype=None):
 
 
 def _is_packed(p: Path) -> bool:
-    import paretoq_jax.io as io
+    from paretoq_jax.io.packed import is_packed_export
 
-    check = getattr(io, "is_packed_export", None)
-    return check is not None and check(p)
+    return is_packed_export(p)
 
 
 def _load_packed(path: str, *, bits=None, method=None, mesh=None, dtype=jnp.float32):
-    import paretoq_jax.io as io
+    """A packed export as a float model holding exactly its dequantized codes."""
+    from paretoq_jax.io import load_tokenizer
+    from paretoq_jax.io.packed import load_packed
+    from paretoq_jax.sharding import shard_model
 
-    return io.load_packed(path, mesh=mesh), io.load_tokenizer(path)
+    if bits is not None or method is not None:
+        raise ValueError(f"{path} is a packed export with its own bits; drop --bits/--method")
+    model = load_packed(path, mode="dequantize", dtype=dtype)
+    if mesh is not None:
+        shard_model(model, mesh)
+    return model, load_tokenizer(path)
 
 
 def _is_hub_id(p: Path) -> bool:
