@@ -102,9 +102,9 @@ def main() -> None:
             "load_s": round(v["load_s"], 2),
         }
     if len(variants) == 2:
-        out["qat_over_float"] = round(
-            out["qat"]["median_step_s"] / out["float"]["median_step_s"], 4
-        )
+        q, f = out["qat"], out["float"]
+        out["qat_over_float"] = round(q["median_step_s"] / f["median_step_s"], 4)
+        out["qat_over_float_cpu"] = round(q["median_cpu_s"] / f["median_cpu_s"], 4)
     print(json.dumps(out, indent=1))
 
 
