@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
@@ -44,83 +43,16 @@ def is_run_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.yaml").is_file() and (path / "checkpoints").is_dir()
 
 
-def _model_config(path: str):
-    """The LlamaConfig of a run's ``model.path`` (an HF folder or a .gguf file)."""
-    from paretoq_jax.models import LlamaConfig
-
-    p = Path(path).expanduser()
-    if p.is_file() and p.suffix == ".gguf":
-        from paretoq_jax.io.gguf import _reader, gguf_config
-
-        return gguf_config(_reader(p), p)
-    if p.is_dir():
-        return LlamaConfig.from_json(p)
-    raise FileNotFoundError(
-        f"the run's model.path {path!r} is not a local HF folder or .gguf file; it is needed to "
-        "rebuild the model's shape (download it, or edit model.path in the run's config.yaml)"
-    )
-
-
-def _resolve_asset(path: str) -> str:
-    """The trainer's ``asset:NAME`` model paths -> the cached local file."""
-    from paretoq_jax.train import loop
-
-    resolve = getattr(loop, "resolve_model_path", None)
-    return resolve(path) if resolve is not None else path
-
-
 def load_run(
     run_dir: str | Path, *, step: int | None = None, mesh: Mesh | None = None
 ) -> tuple[Any, Any]:
     """``(model, tokenizer)`` of a training run: the model the run's ``config.yaml`` describes,
-    holding the parameters of checkpoint ``step`` (default: the latest complete one)."""
-    from flax import nnx
+    holding the parameters of checkpoint ``step`` (default: the latest complete one); see
+    :func:`paretoq_jax.train.restore.load_run`."""
+    from paretoq_jax.train.restore import load_run as restore_run
 
-    from paretoq_jax.config import load_config
-    from paretoq_jax.io import load_tokenizer
-    from paretoq_jax.models import Llama, resolve_rules
-    from paretoq_jax.sharding import make_mesh, shard_model
-    from paretoq_jax.train.checkpoint import Checkpointer, abstract_like
-    from paretoq_jax.train.config import RunConfig
-    from paretoq_jax.train.loop import compute_dtype
-    from paretoq_jax.train.optim import make_optimizer
-    from paretoq_jax.train.step import state_shardings
-
-    run_dir = Path(run_dir)
-    cfg = load_config(RunConfig, run_dir / "config.yaml")
-    mesh = make_mesh(data=jax.device_count()) if mesh is None else mesh
-    model_path = _resolve_asset(cfg.model.path)
-    model = Llama(
-        _model_config(model_path),
-        quant=resolve_rules(cfg.model.bits, cfg.model.method),
-        dtype=compute_dtype(cfg.model.dtype),
-        param_dtype=jnp.float32,
-        rngs=nnx.Rngs(0),
-        scan_layers=cfg.model.scan_layers,
-    )
-    shard_model(model, mesh)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    params = nnx.to_pure_dict(params)
-    tx = make_optimizer(cfg.train)
-    shardings = state_shardings(mesh, jax.tree.map(lambda x: x.sharding, params), tx, params)
-    shapes = {
-        "params": params,
-        "opt_state": jax.eval_shape(tx.init, params),
-        "step": jax.ShapeDtypeStruct((), jnp.int32),
-        "rng": jax.eval_shape(lambda: jax.random.PRNGKey(0)),
-    }
-    ckpt = Checkpointer(run_dir / "checkpoints", async_save=False)
-    try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"{run_dir / 'checkpoints'} holds no complete checkpoint")
-        state, _ = ckpt.restore(step, abstract_like(shapes, shardings))
-    finally:
-        ckpt.close()
-    _, param_state, _ = nnx.split(model, nnx.Param, ...)
-    nnx.replace_by_pure_dict(param_state, state["params"])
-    model = nnx.merge(graphdef, param_state, rest)
-    return model, load_tokenizer(_resolve_asset(cfg.model.tokenizer or cfg.model.path))
+    model, tokenizer, _, _ = restore_run(run_dir, step, mesh=mesh)
+    return model, tokenizer
 
 
 def _load_pretrained(path: str, *, bits=None, method=None, mesh=None, dtype=jnp.float32):

@@ -129,4 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from paretoq_jax.runtime import reexec_with_malloc_tunables
+
+    reexec_with_malloc_tunables()
     raise SystemExit(main())

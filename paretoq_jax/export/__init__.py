@@ -17,7 +17,6 @@ only with ``force=True``.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import shutil
 import tempfile
@@ -60,46 +59,14 @@ def _check_out(out: Path, force: bool) -> None:
 
 
 def load_run(run_dir: str | Path, step: int | None = None) -> tuple[Llama, Any, Any, int]:
-    """The QAT model of ``RUN_DIR`` at checkpoint ``step`` (default: the latest complete one).
+    """``(model, tokenizer, run_config, step)`` of ``RUN_DIR`` at checkpoint ``step`` (default:
+    the latest complete one); see :func:`paretoq_jax.train.restore.load_run`."""
+    from paretoq_jax.train.restore import load_run as restore_run
 
-    Rebuilds the model with the trainer's own code (``config.yaml`` -> ``build_model``) on a
-    single-axis mesh over the local devices, and restores its parameters from
-    ``RUN_DIR/checkpoints``. Returns ``(model, tokenizer, run_config, step)``.
-    """
-    from paretoq_jax.config import load_config
-    from paretoq_jax.sweep.evaluate import (
-        build_start_model,
-        checkpoint_steps,
-        restore_params,
-        set_params,
-    )
-    from paretoq_jax.train.config import RunConfig
-    from paretoq_jax.train.loop import _load_tokenizer, build_mesh
-
-    run = Path(run_dir)
-    cfg_path = run / "config.yaml"
-    if not cfg_path.exists():
-        raise ExportError(
-            f"{run} has no config.yaml: not a training run directory (give the run_dir of "
-            "python -m paretoq_jax.train)"
-        )
-    cfg = load_config(RunConfig, cfg_path)
-    cfg = dataclasses.replace(
-        cfg,
-        run_dir=str(run),
-        mesh=dataclasses.replace(cfg.mesh, data=-1, fsdp=1, tensor=1),
-    )
-    steps = checkpoint_steps(cfg)
-    if not steps:
-        raise ExportError(f"{run / 'checkpoints'} holds no complete checkpoint: train first")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise ExportError(f"no checkpoint at step {step} in {run / 'checkpoints'}: have {steps}")
-    mesh = build_mesh(cfg)
-    model = build_start_model(cfg, mesh)
-    model = set_params(model, restore_params(cfg, model, mesh, step))
-    return model, _load_tokenizer(cfg), cfg, step
+    try:
+        return restore_run(run_dir, step)
+    except FileNotFoundError as e:
+        raise ExportError(str(e)) from None
 
 
 @contextlib.contextmanager

@@ -19,6 +19,8 @@ from flax import nnx
 from paretoq_jax import quant
 from paretoq_jax.analysis import TransitionStats, transition_stats
 from paretoq_jax.train.config import RunConfig
+from paretoq_jax.train.restore import checkpoint_steps as _run_checkpoint_steps
+from paretoq_jax.train.restore import restore_params, set_params
 
 __all__ = [
     "build_start_model",
@@ -31,64 +33,16 @@ __all__ = [
 ]
 
 
+def checkpoint_steps(cfg: RunConfig) -> list[int]:
+    """Steps of the complete checkpoints in ``cfg.run_dir`` (ascending)."""
+    return _run_checkpoint_steps(cfg.run_dir)
+
+
 def build_start_model(cfg: RunConfig, mesh: jax.sharding.Mesh) -> nnx.Module:
     """The model exactly as the trainer builds it before its first step."""
     from paretoq_jax.train.loop import build_model
 
     return build_model(cfg, mesh)
-
-
-def restore_params(cfg: RunConfig, model: nnx.Module, mesh, step: int) -> dict:
-    """The ``params`` pure dict of checkpoint ``step`` in ``cfg.run_dir``, restored into the
-    trainer's shardings (the optimizer state is restored too and dropped)."""
-    from pathlib import Path
-
-    from paretoq_jax.train.checkpoint import Checkpointer
-    from paretoq_jax.train.optim import make_optimizer
-    from paretoq_jax.train.step import state_shardings
-
-    _, params, _ = nnx.split(model, nnx.Param, ...)
-    params = nnx.to_pure_dict(params)
-    tx = make_optimizer(cfg.train)
-    shardings = state_shardings(mesh, jax.tree.map(lambda x: x.sharding, params), tx, params)
-    shapes = {
-        "params": params,
-        "opt_state": jax.eval_shape(tx.init, params),
-        "step": jax.ShapeDtypeStruct((), jnp.int32),
-        "rng": jax.eval_shape(lambda: jax.random.PRNGKey(0)),
-    }
-    abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
-    )
-    ckpt = Checkpointer(Path(cfg.run_dir) / "checkpoints", async_save=False)
-    try:
-        state, _ = ckpt.restore(step, abstract)
-    finally:
-        ckpt.close()
-    return state["params"]
-
-
-def checkpoint_steps(cfg: RunConfig) -> list[int]:
-    """Steps of the complete checkpoints in ``cfg.run_dir`` (ascending)."""
-    from pathlib import Path
-
-    from paretoq_jax.train.checkpoint import Checkpointer
-
-    directory = Path(cfg.run_dir) / "checkpoints"
-    if not directory.exists():
-        return []
-    ckpt = Checkpointer(directory, async_save=False)
-    try:
-        return sorted(ckpt.all_steps())
-    finally:
-        ckpt.close()
-
-
-def set_params(model: nnx.Module, params: dict) -> nnx.Module:
-    """A model like ``model`` holding ``params`` (a pure dict of its ``nnx.Param`` state)."""
-    graphdef, state, rest = nnx.split(model, nnx.Param, ...)
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state, rest)
 
 
 def quantized_arrays(model: nnx.Module, params: dict) -> dict[str, tuple[Any, Any, Any]]:

@@ -72,4 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from paretoq_jax.runtime import reexec_with_malloc_tunables
+
+    reexec_with_malloc_tunables()
     sys.exit(main())

@@ -88,7 +88,7 @@ def build_model(cfg: RunConfig, mesh: jax.sharding.Mesh, *, teacher: bool = Fals
     ``teacher``: the frozen float teacher for distillation (``model.teacher`` or the pretrained
     weights at ``model.path``, unquantized).
     """
-    from paretoq_jax.models import Llama, LlamaConfig
+    from paretoq_jax.models import Llama
 
     bits = 32 if teacher else cfg.model.bits
     method = None if teacher else cfg.model.method
@@ -96,7 +96,9 @@ def build_model(cfg: RunConfig, mesh: jax.sharding.Mesh, *, teacher: bool = Fals
     dtype = compute_dtype(cfg.model.dtype)
     rules = resolve_rules(bits, method)
     if cfg.model.init == "random" and not teacher:
-        config = LlamaConfig.from_json(path)
+        from paretoq_jax.io import load_config
+
+        config = load_config(path)  # config.json of a folder, or a .gguf's metadata
         return init_random_model(
             lambda: Llama(
                 config, quant=rules, dtype=dtype, param_dtype=jnp.float32,

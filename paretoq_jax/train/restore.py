@@ -1,0 +1,104 @@
+"""Rebuild a training run's model from ``RUN_DIR`` and restore its parameters.
+
+One implementation for everyone who reads runs back (evaluation, export, sweeps, the
+quickstart): the model is built with the trainer's own ``build_model`` from the run's saved
+``config.yaml`` and its parameters are restored from ``RUN_DIR/checkpoints`` into the trainer's
+shardings, so a restored model is the trained one bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from paretoq_jax.train.config import RunConfig
+
+__all__ = ["checkpoint_steps", "restore_params", "set_params", "load_run"]
+
+
+def checkpoint_steps(run_dir: str | Path) -> list[int]:
+    """Steps of the complete checkpoints in ``run_dir/checkpoints`` (ascending)."""
+    from paretoq_jax.train.checkpoint import Checkpointer
+
+    directory = Path(run_dir) / "checkpoints"
+    if not directory.exists():
+        return []
+    ckpt = Checkpointer(directory, async_save=False)
+    try:
+        return sorted(ckpt.all_steps())
+    finally:
+        ckpt.close()
+
+
+def restore_params(cfg: RunConfig, model: nnx.Module, mesh, step: int) -> dict:
+    """The ``params`` pure dict of checkpoint ``step`` in ``cfg.run_dir``, restored into the
+    trainer's shardings (the optimizer state is restored too and dropped)."""
+    from paretoq_jax.train.checkpoint import Checkpointer, abstract_like
+    from paretoq_jax.train.optim import make_optimizer
+    from paretoq_jax.train.step import state_shardings
+
+    _, params, _ = nnx.split(model, nnx.Param, ...)
+    params = nnx.to_pure_dict(params)
+    tx = make_optimizer(cfg.train)
+    shardings = state_shardings(mesh, jax.tree.map(lambda x: x.sharding, params), tx, params)
+    shapes = {
+        "params": params,
+        "opt_state": jax.eval_shape(tx.init, params),
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+        "rng": jax.eval_shape(lambda: jax.random.PRNGKey(0)),
+    }
+    ckpt = Checkpointer(Path(cfg.run_dir) / "checkpoints", async_save=False)
+    try:
+        state, _ = ckpt.restore(step, abstract_like(shapes, shardings))
+    finally:
+        ckpt.close()
+    return state["params"]
+
+
+def set_params(model: nnx.Module, params: dict) -> nnx.Module:
+    """A model like ``model`` holding ``params`` (a pure dict of its ``nnx.Param`` state)."""
+    graphdef, state, rest = nnx.split(model, nnx.Param, ...)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state, rest)
+
+
+def load_run(
+    run_dir: str | Path, step: int | None = None, *, mesh: jax.sharding.Mesh | None = None
+) -> tuple[nnx.Module, Any, RunConfig, int]:
+    """``(model, tokenizer, run_config, step)`` of checkpoint ``step`` (default: the latest
+    complete one) of a training run. ``mesh`` defaults to one data axis over all devices.
+
+    Raises ``FileNotFoundError`` naming what is missing (no ``config.yaml``: not a run
+    directory; no complete checkpoint; no checkpoint at ``step``).
+    """
+    from paretoq_jax.config import load_config
+    from paretoq_jax.train.loop import _load_tokenizer, build_mesh, build_model
+
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise FileNotFoundError(
+            f"{run} has no config.yaml: not a training run directory (give the run_dir of "
+            "python -m paretoq_jax.train)"
+        )
+    cfg = load_config(RunConfig, run / "config.yaml")
+    cfg = dataclasses.replace(
+        cfg, run_dir=str(run), mesh=dataclasses.replace(cfg.mesh, data=-1, fsdp=1, tensor=1)
+    )
+    steps = checkpoint_steps(run)
+    if not steps:
+        raise FileNotFoundError(f"{run / 'checkpoints'} holds no complete checkpoint: train first")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise FileNotFoundError(f"no checkpoint at step {step} in {run / 'checkpoints'}: {steps}")
+    mesh = build_mesh(cfg) if mesh is None else mesh
+    # The shapes come from the model's config alone: no need to read the start weights.
+    shell = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init="random"))
+    model = build_model(shell, mesh)
+    model = set_params(model, restore_params(cfg, model, mesh, step))
+    return model, _load_tokenizer(cfg), cfg, step
