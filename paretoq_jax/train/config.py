@@ -67,6 +67,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     distill: bool = False
+    # Quantization scales' own learning rate / schedule (null: the same as the weights').
+    scale_lr: float | None = None
+    scale_schedule: Literal["cosine", "linear", "constant"] | None = None
     log_every: int = 1
     eval_every: int = 0
     quant_stats_every: int = 50
@@ -82,6 +85,10 @@ class TrainConfig:
             raise ValueError(
                 f"train.batch_size={self.batch_size} is not divisible by "
                 f"train.grad_accum={self.grad_accum}"
+            )
+        if self.scale_lr is not None and self.scale_lr < 0:
+            raise ValueError(
+                f"train.scale_lr must be >= 0 (0 freezes the scales), got {self.scale_lr}"
             )
         if self.warmup_steps < 0 or self.warmup_steps > self.steps:
             raise ValueError(f"train.warmup_steps must be in [0, steps], got {self.warmup_steps}")

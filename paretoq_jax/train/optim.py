@@ -15,30 +15,35 @@ import optax
 
 from .config import TrainConfig
 
-__all__ = ["make_schedule", "make_optimizer", "decay_mask"]
+__all__ = ["make_schedule", "make_optimizer", "decay_mask", "scale_labels"]
 
 # Weight decay applies to matrices only: never to norms or quantization scales.
 _DECAYED = ("kernel", "embedding")
 
 
-def make_schedule(cfg: TrainConfig) -> optax.Schedule:
+def make_schedule(
+    cfg: TrainConfig, lr: float | None = None, kind: str | None = None
+) -> optax.Schedule:
     """Learning rate per optimizer update: optional linear warmup, then cosine/linear/constant.
 
-    The decay runs from ``lr`` down to ``lr * min_lr_ratio`` at step ``steps`` (HF's cosine
-    schedule when ``min_lr_ratio=0``).
+    The decay runs from ``lr`` (default ``cfg.lr``) down to ``lr * min_lr_ratio`` at step
+    ``steps`` (HF's cosine schedule when ``min_lr_ratio=0``); ``kind`` overrides
+    ``cfg.schedule``.
     """
+    lr = cfg.lr if lr is None else lr
+    kind = cfg.schedule if kind is None else kind
     warmup = cfg.warmup_steps
     decay_steps = max(cfg.steps - warmup, 1)
-    end = cfg.lr * cfg.min_lr_ratio
-    if cfg.schedule == "cosine":
-        main = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.min_lr_ratio)
-    elif cfg.schedule == "linear":
-        main = optax.linear_schedule(cfg.lr, end, decay_steps)
+    end = lr * cfg.min_lr_ratio
+    if kind == "cosine":
+        main = optax.cosine_decay_schedule(lr, decay_steps, alpha=cfg.min_lr_ratio)
+    elif kind == "linear":
+        main = optax.linear_schedule(lr, end, decay_steps)
     else:
-        main = optax.constant_schedule(cfg.lr)
+        main = optax.constant_schedule(lr)
     if warmup <= 0:
         return main
-    ramp = optax.linear_schedule(0.0, cfg.lr, warmup)
+    ramp = optax.linear_schedule(0.0, lr, warmup)
     return optax.join_schedules([ramp, main], [warmup])
 
 
@@ -49,16 +54,35 @@ def decay_mask(params: Any) -> Any:
     )
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """Global-norm clipping (``grad_clip > 0``) followed by AdamW on ``make_schedule(cfg)``."""
-    adamw = optax.adamw(
-        make_schedule(cfg),
-        b1=cfg.b1,
-        b2=cfg.b2,
-        eps=cfg.eps,
-        weight_decay=cfg.weight_decay,
-        mask=decay_mask,
+def scale_labels(params: Any) -> Any:
+    """``"scales"`` for the quantization scales (leaves named ``scale``), else ``"weights"``."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "scales" if getattr(path[-1], "key", None) == "scale" else "weights",
+        params,
     )
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """Global-norm clipping (``grad_clip > 0``) followed by AdamW on ``make_schedule(cfg)``.
+
+    With ``train.scale_lr`` or ``train.scale_schedule`` set, the quantization scales get their
+    own AdamW with that learning rate / schedule (``optax.multi_transform``); the clipping
+    still uses the global norm over all gradients.
+    """
+
+    def adamw(schedule: optax.Schedule) -> optax.GradientTransformation:
+        return optax.adamw(
+            schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+            mask=decay_mask,
+        )  # fmt: skip
+
+    if cfg.scale_lr is None and cfg.scale_schedule is None:
+        adamw = adamw(make_schedule(cfg))
+    else:
+        scales = make_schedule(cfg, cfg.scale_lr, cfg.scale_schedule)
+        adamw = optax.multi_transform(
+            {"weights": adamw(make_schedule(cfg)), "scales": adamw(scales)}, scale_labels
+        )
     if cfg.grad_clip and cfg.grad_clip > 0:
         return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
     return adamw

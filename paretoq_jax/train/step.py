@@ -100,13 +100,14 @@ def state_shardings(
     """NamedShardings of the whole train state: optimizer moments follow their parameters."""
     replicated = NamedSharding(mesh, P())
     opt_shape = jax.eval_shape(tx.init, params_shape)
+    masked = optax.MaskedNode  # params that a multi_transform branch skips
     opt_shardings = optax.tree_map_params(
         tx,
-        lambda _, s: s,
+        lambda leaf, s: leaf if isinstance(leaf, masked) else s,
         opt_shape,
         param_shardings,
         transform_non_params=lambda _: replicated,
-        is_leaf=lambda x: isinstance(x, NamedSharding),
+        is_leaf=lambda x: isinstance(x, (NamedSharding, masked)),
     )
     return {
         "params": param_shardings,
