@@ -12,24 +12,12 @@ Prints medians over ``--reps`` timed calls (after a warm-up) of, side by side in
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
+from bench_packed_linear import median_seconds as median_time  # one timing helper
 
 from paretoq_jax.quant import fake_quant, init_scale, resolve
-
-
-def median_time(fn, *args, reps: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile + warm-up
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
