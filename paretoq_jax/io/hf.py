@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from paretoq_jax.io.mapping import HF_IGNORED, hf_to_model, model_to_hf
+from paretoq_jax.io.mapping import HF_IGNORED, hf_tensors, hf_to_model, model_to_hf
 from paretoq_jax.models import Llama, LlamaConfig, QuantLinear, QuantRules
 from paretoq_jax.sharding import Rules, variable_sharding
 
@@ -358,13 +358,7 @@ def save_hf(model: Llama, out_dir: str | Path, *, tokenizer=None, dtype=None) ->
         if dtype is not None and leaf != "scale":
             value = value.astype(_np_dtype(dtype))
         target = scales if leaf == "scale" else tensors
-        if path.startswith("layers."):
-            for i in range(layers):
-                name, transpose = model_to_hf(path, i)
-                target[name] = np.ascontiguousarray(value[i].T if transpose else value[i])
-        else:
-            name, transpose = model_to_hf(path)
-            target[name] = np.ascontiguousarray(value.T if transpose else value)
+        target.update(hf_tensors(path, value, layers))
 
     config = model.config.to_hf()
     stored = next(iter(tensors.values())).dtype

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Iterator
+
+import numpy as np
 
 PLACEHOLDERS = {
     "layer": r"\d+",
@@ -104,6 +107,18 @@ def model_to_hf(path: str, layer: int | None = None) -> tuple[str, bool]:
         if groups is not None:
             return entry.checkpoint.format(layer=layer, **groups), entry.transpose
     raise KeyError(f"model parameter {path!r} has no HF name in paretoq_jax.io.mapping.HF_TABLE")
+
+
+def hf_tensors(path: str, value: np.ndarray, layers: int) -> Iterator[tuple[str, np.ndarray]]:
+    """``(HF name, HF-layout array)`` for one model parameter: stacked ``layers.*`` parameters
+    are split into one tensor per layer; kernels are transposed to HF's ``(out, in)``."""
+    if path.startswith("layers."):
+        for i in range(layers):
+            name, transpose = model_to_hf(path, i)
+            yield name, np.ascontiguousarray(value[i].T if transpose else value[i])
+    else:
+        name, transpose = model_to_hf(path)
+        yield name, np.ascontiguousarray(value.T if transpose else value)
 
 
 def gguf_to_hf(name: str) -> str | None:

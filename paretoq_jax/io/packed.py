@@ -35,7 +35,7 @@ from flax import nnx
 
 from paretoq_jax import quant
 from paretoq_jax.io.hf import CheckpointError
-from paretoq_jax.io.mapping import model_to_hf
+from paretoq_jax.io.mapping import hf_tensors, model_to_hf
 from paretoq_jax.models import Llama, LlamaConfig, QuantLinear, QuantRules
 from paretoq_jax.models.packed import PackedLinear, linear_codes, set_module
 
@@ -171,13 +171,7 @@ def save_packed(
         if float_dtype is not None:
             value = value.astype(_np_dtype(jnp.dtype(float_dtype).name))
         float_dtypes.add(_dtype_name(value.dtype))
-        if path.startswith("layers."):
-            for i in range(layers):
-                name, transpose = model_to_hf(path, i)
-                tensors[name] = np.ascontiguousarray(value[i].T if transpose else value[i])
-        else:
-            name, transpose = model_to_hf(path)
-            tensors[name] = np.ascontiguousarray(value.T if transpose else value)
+        tensors.update(hf_tensors(path, value, layers))
 
     quant_config = {
         "format": FORMAT,
