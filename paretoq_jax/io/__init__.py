@@ -56,6 +56,7 @@ def load_pretrained(
     param_dtype=None,
     remat: bool = False,
     scan_layers: bool = True,
+    scale_init: str = "paretoq",
 ) -> Llama:
     """Loads a Llama-family model from an HF folder, a ``.gguf`` file or a hub id.
 
@@ -63,6 +64,8 @@ def load_pretrained(
     ``quant_rules`` overrides it. ``dtype`` is the compute dtype (parameters are stored in
     ``param_dtype``, default ``dtype``). With ``mesh``, parameters are placed sharded by the
     logical-axis ``rules`` (default ``paretoq_jax.sharding.DEFAULT_RULES``) as they are read.
+    ``scale_init``: how learned scales start (``paretoq`` or ``mse``) unless the checkpoint
+    holds scales for the same quantizer.
     """
     if isinstance(rules, QuantRules):
         raise TypeError(
@@ -78,6 +81,7 @@ def load_pretrained(
         rules=rules,
         remat=remat,
         scan_layers=scan_layers,
+        scale_init=scale_init,
     )
     if p.is_file() and p.suffix == ".gguf":
         from paretoq_jax.io.gguf import load_gguf

@@ -153,13 +153,19 @@ def assemble_model(
     mesh: Mesh | None = None,
     rules: Rules | None = None,
     transform: Callable[[str, np.ndarray], np.ndarray] | None = None,
+    scale_init: str = "paretoq",
     **model_kwargs,
 ) -> Llama:
     """A :class:`Llama` whose parameters come from ``source`` (HF names), placed on ``mesh``.
 
     Learned scales come from the checkpoint when it holds them for the same (bits, method)
-    (``saved_rules``); otherwise ParetoQ's ``init_scale`` of the loaded kernel.
+    (``saved_rules``); otherwise ``scale_init`` of the loaded kernel: ``paretoq`` (ParetoQ's
+    ``init_scale``) or ``mse`` (``quant.mse_scale``, the least-squares scale).
     """
+    from paretoq_jax import quant
+
+    if scale_init not in quant.SCALE_INITS:
+        raise ValueError(f"scale_init {scale_init!r} is not one of {sorted(quant.SCALE_INITS)}")
     abstract = nnx.eval_shape(
         lambda: Llama(
             config, quant=quant_rules, dtype=dtype, param_dtype=param_dtype,
@@ -250,9 +256,8 @@ def assemble_model(
         if saved_rules is not None and saved_rules.spec_for(spec_path) == linear.spec:
             saved = _read_scales(source, path, linear.scale.shape, layers)
         if saved is None:
-            from paretoq_jax import quant
-
-            scale = jax.jit(quant.init_scale, static_argnums=1)(kernel, linear.spec)
+            init = quant.SCALE_INITS[scale_init]
+            scale = jax.jit(init, static_argnums=1)(kernel, linear.spec)
             scale = np.asarray(scale, _np_dtype(param_dtype))
         else:
             scale = saved.astype(_np_dtype(param_dtype))

@@ -114,16 +114,52 @@ class Llama(nnx.Module):
             h = step(h, jax.tree.map(lambda a, i=i: a[i], state))[0]
         return h
 
-    def __call__(self, input_ids: Array, *, return_hidden: bool = False) -> Array:
-        """Logits ``(B, S, V)`` in float32, or the final normed hidden ``(B, S, D)``."""
+    def _embed(self, input_ids: Array) -> tuple[Array, tuple[Array, Array, Array]]:
+        """Token embeddings ``(B, S, D)`` and the ``(cos, sin, mask)`` every layer takes."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {input_ids.shape}")
         seq = input_ids.shape[1]
         h = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
         cos, sin = rope_cos_sin(jnp.arange(seq)[None, :], np.asarray(self.inv_freq, np.float32))
-        h = self._decoder(h, cos, sin, self._mask(seq)[None, None, None])
-        h = self.norm(h)
+        return h, (cos, sin, self._mask(seq)[None, None, None])
+
+    def __call__(self, input_ids: Array, *, return_hidden: bool = False) -> Array:
+        """Logits ``(B, S, V)`` in float32, or the final normed hidden ``(B, S, D)``."""
+        h, ctx = self._embed(input_ids)
+        h = self.norm(self._decoder(h, *ctx))
         return h if return_hidden else self.lm_logits(h)
+
+    def residual_stream(self, input_ids: Array) -> Array:
+        """The residual stream entering every decoder layer and leaving the last (before the
+        final norm): ``(L + 1, B, S, D)``. ``lm_logits(norm(out[-1]))`` are the logits."""
+        h, ctx = self._embed(input_ids)
+        graphdef, state = nnx.split(self.layers)
+
+        def step(h, layer_state):
+            out = nnx.merge(graphdef, layer_state)(h, *ctx)
+            return out, out
+
+        if self.scan_layers:
+            return jnp.concatenate([h[None], jax.lax.scan(step, h, state)[1]])
+        hs = [h]
+        for i in range(self.config.num_hidden_layers):
+            hs.append(step(hs[-1], jax.tree.map(lambda a, i=i: a[i], state))[0])
+        return jnp.stack(hs)
+
+    def layers_on(self, input_ids: Array, inputs: Array) -> Array:
+        """Decoder layer ``l`` applied to ``inputs[l]`` for every ``l`` at once (one vmapped
+        call over the stacked layers): ``(L, B, S, D)`` -> ``(L, B, S, D)``. With the teacher's
+        ``residual_stream`` as ``inputs`` this is the per-layer reconstruction of block-wise
+        distillation; ``input_ids`` only fix the positions and mask."""
+        _, ctx = self._embed(input_ids)
+        graphdef, state = nnx.split(self.layers)
+
+        def one(layer_state, h):
+            return nnx.merge(graphdef, layer_state)(h, *ctx)
+
+        if self.remat:
+            one = jax.checkpoint(one)
+        return jax.vmap(one)(state, inputs)
 
     def lm_logits(self, hidden: Array) -> Array:
         """Float32 logits of hidden states ``(..., D)`` (tied: ``hidden @ embed_tokens.T``)."""

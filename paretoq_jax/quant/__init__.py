@@ -6,10 +6,12 @@ Public API (used by the rest of the project): ``fake_quant``, ``init_scale``, ``
 """
 
 from .ops import (
+    SCALE_INITS,
     effective_scale,
     fake_quant,
     from_codes,
     init_scale,
+    mse_scale,
     quantize_dequantize_codes,
     to_codes,
 )
@@ -44,6 +46,8 @@ __all__ = [
     "fake_quant",
     "from_codes",
     "init_scale",
+    "mse_scale",
+    "SCALE_INITS",
     "parse_bits",
     "quantize_dequantize_codes",
     "resolve",

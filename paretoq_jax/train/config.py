@@ -32,6 +32,8 @@ class ModelConfig:
     ``dtype``: compute dtype; ``auto`` is bfloat16 on GPU/TPU and float32 on CPU. Master
     weights and optimizer state are always float32.
     ``teacher``: float teacher for ``train.distill`` (null: the float weights at ``path``).
+    ``scale_init``: initial learned scales: ``paretoq`` (the paper's statistic) or ``mse``
+    (least-squares fit to the pretrained weights, ``quant.mse_scale``).
     """
 
     path: str
@@ -43,10 +45,16 @@ class ModelConfig:
     remat: bool = False
     scan_layers: bool = False
     teacher: str | None = None
+    scale_init: Literal["paretoq", "mse"] = "paretoq"
 
     def __post_init__(self) -> None:
         self.bits = parse_bits(self.bits)
         resolve(self.bits, self.method)  # raises a ValueError naming a bad method
+        if self.scale_init != "paretoq" and self.init == "random":
+            raise ValueError(
+                f"model.scale_init={self.scale_init!r} fits scales to pretrained weights; "
+                "with model.init=random use scale_init=paretoq"
+            )
 
 
 @dataclasses.dataclass
@@ -67,6 +75,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     distill: bool = False
+    # Block-wise distillation: weight of the per-layer reconstruction loss (train.step.
+    # layer_reconstruction; every quantized layer fed the float teacher's input). 0 = off.
+    distill_layers: float = 0.0
     # Quantization scales' own learning rate / schedule (null: the same as the weights').
     scale_lr: float | None = None
     scale_schedule: Literal["cosine", "linear", "constant"] | None = None
@@ -92,6 +103,13 @@ class TrainConfig:
             )
         if self.warmup_steps < 0 or self.warmup_steps > self.steps:
             raise ValueError(f"train.warmup_steps must be in [0, steps], got {self.warmup_steps}")
+        if self.distill_layers < 0:
+            raise ValueError(f"train.distill_layers must be >= 0, got {self.distill_layers}")
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether the run needs the frozen float teacher (``distill`` or ``distill_layers``)."""
+        return self.distill or self.distill_layers > 0
 
 
 @dataclasses.dataclass

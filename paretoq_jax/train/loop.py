@@ -112,6 +112,7 @@ def build_model(cfg: RunConfig, mesh: jax.sharding.Mesh, *, teacher: bool = Fals
     return load_pretrained(
         path, bits, method, dtype=dtype, mesh=mesh, param_dtype=jnp.float32,
         remat=cfg.model.remat, scan_layers=cfg.model.scan_layers,
+        scale_init="paretoq" if teacher else cfg.model.scale_init,
     )  # fmt: skip
 
 
@@ -202,7 +203,7 @@ def build_trainer(
     }
     teacher_args: dict[str, Any] = {}
     teacher_params = None
-    if tcfg.distill:
+    if tcfg.uses_teacher:
         teacher = build_model(cfg, mesh, teacher=True)
         t_graphdef, t_params, t_rest = nnx.split(teacher, nnx.Param, ...)
         teacher_params = nnx.to_pure_dict(t_params)
@@ -212,8 +213,9 @@ def build_trainer(
             teacher_shardings=jax.tree.map(lambda x: x.sharding, teacher_params),
         )
     step_fn = make_train_step(
-        graphdef, rest, tx, mesh, shardings, grad_accum=tcfg.grad_accum, **teacher_args
-    )
+        graphdef, rest, tx, mesh, shardings, grad_accum=tcfg.grad_accum,
+        distill=tcfg.distill, layer_weight=tcfg.distill_layers, **teacher_args,
+    )  # fmt: skip
     return state, step_fn, teacher_params
 
 
@@ -327,7 +329,7 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
             t_last = time.perf_counter()
             while step < tcfg.steps:
                 batch = {"tokens": _global_batch(it.next(), step_fn.batch_sharding)}
-                extra = (teacher_params,) if tcfg.distill else ()
+                extra = (teacher_params,) if tcfg.uses_teacher else ()
                 state, metrics = step_fn(state, batch, *extra)
                 metrics = jax.device_get(metrics)
                 step += 1

@@ -65,6 +65,22 @@ def token_kl_sum(
     return jnp.sum(kl * mask), jnp.sum(mask)
 
 
+def layer_reconstruction(student_out: jax.Array, teacher_stream: jax.Array) -> jax.Array:
+    """Mean over decoder layers of ``|f_l^S(h_l) - h_{l+1}|^2 / |h_{l+1} - h_l|^2``.
+
+    ``teacher_stream`` ``(L + 1, B, S, D)``: the float teacher's residual stream ``h``;
+    ``student_out`` ``(L, B, S, D)``: the student's layer ``l`` applied to the teacher's ``h_l``.
+    Each layer's error is relative to what that teacher layer adds to the stream, so every
+    layer weighs alike whatever the stream's scale (block-wise reconstruction, as in BRECQ /
+    EfficientQAT's Block-AP, here for all layers in parallel and alongside end-to-end QAT).
+    """
+    t_in, t_out = teacher_stream[:-1].astype(jnp.float32), teacher_stream[1:].astype(jnp.float32)
+    axes = tuple(range(1, t_out.ndim))
+    err = jnp.sum(jnp.square(student_out.astype(jnp.float32) - t_out), axis=axes)
+    power = jnp.maximum(jnp.sum(jnp.square(t_out - t_in), axis=axes), 1e-12)
+    return jnp.mean(err / power)
+
+
 def split_batch(tokens: jax.Array, mask: jax.Array | None = None) -> dict[str, jax.Array]:
     """Blocks ``(B, S)`` -> model inputs, next-token labels and the label mask.
 
@@ -140,23 +156,46 @@ def make_train_step(
     teacher_graphdef: nnx.GraphDef | None = None,
     teacher_rest: nnx.State | None = None,
     teacher_shardings: Any = None,
+    distill: bool | None = None,
+    layer_weight: float = 0.0,
 ) -> TrainStep:
     """Build the jitted ``step(state, batch[, teacher_params]) -> (state, metrics)``.
 
     ``batch`` holds ``tokens`` int32 ``(B, seq_len)`` and optionally ``mask`` (same shape,
     1 where a token counts as a label), sharded over ``BATCH_AXES``. The state is donated.
     Metrics: ``loss`` (mean over tokens), ``grad_norm`` (before clipping), ``tokens``.
+
+    With a teacher: ``distill`` (default: whenever a teacher is given) makes the token loss
+    ``KL(teacher || student)`` instead of the cross entropy, and ``layer_weight > 0`` adds
+    ``layer_weight * layer_reconstruction(...)`` to the per-token loss.
     """
-    distill = teacher_graphdef is not None
+    if distill is None:
+        distill = teacher_graphdef is not None
+    uses_teacher = teacher_graphdef is not None
+    if (distill or layer_weight > 0) and not uses_teacher:
+        raise ValueError("distill / layer_weight > 0 need the teacher (teacher_graphdef)")
 
     def micro_loss(params, micro, teacher_params):
         model = nnx.merge(graphdef, params, rest)
-        logits = model(micro["inputs"])
-        if not distill:
+        inputs = micro["inputs"]
+        logits = model(inputs)
+        if not uses_teacher:
             return token_nll_sum(logits, micro["labels"], micro["mask"])
         teacher = nnx.merge(teacher_graphdef, teacher_params, teacher_rest)
-        t_logits = jax.lax.stop_gradient(teacher(micro["inputs"]))
-        return token_kl_sum(logits, t_logits, micro["mask"])
+        if layer_weight > 0:
+            stream = jax.lax.stop_gradient(teacher.residual_stream(inputs))
+            t_logits = teacher.lm_logits(teacher.norm(stream[-1]))
+        else:
+            t_logits = teacher(inputs)
+        t_logits = jax.lax.stop_gradient(t_logits)
+        if distill:
+            loss_sum, count = token_kl_sum(logits, t_logits, micro["mask"])
+        else:
+            loss_sum, count = token_nll_sum(logits, micro["labels"], micro["mask"])
+        if layer_weight > 0:
+            rec = layer_reconstruction(model.layers_on(inputs, stream[:-1]), stream)
+            loss_sum = loss_sum + layer_weight * rec * count
+        return loss_sum, count
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
@@ -193,7 +232,7 @@ def make_train_step(
     replicated = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
     in_shardings = [shardings, batch_sharding]
-    if distill:
+    if uses_teacher:
         in_shardings.append(teacher_shardings)
     jitted = jax.jit(
         step,
