@@ -36,3 +36,18 @@ def test_reexec_sets_tunables_once(tmp_path, opt_out):
         assert lines.count("start") == 1 and value == "None"
     else:  # ran twice (same pid: execve), the second time with the tunables set
         assert lines.count("start") == 2 and value == MALLOC_TUNABLES
+
+
+def test_heap_guard_trims_only_when_resident_memory_grows(monkeypatch):
+    from paretoq_jax import runtime
+
+    rss = iter([1000, 1100, 5000, 1200, 1300])
+    trims = []
+    monkeypatch.setattr(runtime, "_rss_bytes", lambda: next(rss))
+    monkeypatch.setattr(runtime, "release_free_memory", lambda: trims.append(1) or True)
+    guard = runtime.HeapGuard(slack=0.25, floor=100)
+    assert guard() is False  # baseline 1000
+    assert guard() is False  # 1100 <= 1000 * 1.25 + 100
+    assert guard() is True and trims == [1]  # 5000: trimmed, 1200 still resident
+    assert guard.base == 1200
+    assert guard() is False  # 1300 <= 1200 * 1.25 + 100
