@@ -88,7 +88,9 @@ def _tiny(bits=16, scan=False) -> Llama:
 @pytest.mark.parametrize("scan", [False, True])
 def test_residual_stream_and_layers_on(scan):
     model = _tiny(scan=scan)
-    ids = jnp.asarray(np.random.default_rng(0).integers(0, 1000, (2, 12)), jnp.int32)
+    ids = jnp.asarray(
+        np.random.default_rng(0).integers(0, model.config.vocab_size, (2, 12)), jnp.int32
+    )
     stream = model.residual_stream(ids)
     n = model.config.num_hidden_layers
     assert stream.shape == (n + 1, 2, 12, model.config.hidden_size)
