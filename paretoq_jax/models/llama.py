@@ -100,19 +100,26 @@ class Llama(nnx.Module):
             mask &= q - k < self.config.sliding_window
         return mask
 
-    def _decoder(self, h: Array, cos: Array, sin: Array, mask: Array) -> Array:
+    def _decoder(self, h: Array, cos: Array, sin: Array, mask: Array, keep_all: bool = False):
+        """The decoder layers on ``h``: the last output, or with ``keep_all`` every layer's
+        input plus the last output stacked ``(L + 1, ...)``."""
         graphdef, state = nnx.split(self.layers)
 
         def step(h, layer_state):
-            return nnx.merge(graphdef, layer_state)(h, cos, sin, mask), None
+            out = nnx.merge(graphdef, layer_state)(h, cos, sin, mask)
+            return out, (out if keep_all else None)
 
         if self.remat:
             step = jax.checkpoint(step)
         if self.scan_layers:
-            return jax.lax.scan(step, h, state)[0]
-        for i in range(self.config.num_hidden_layers):
-            h = step(h, jax.tree.map(lambda a, i=i: a[i], state))[0]
-        return h
+            last, outs = jax.lax.scan(step, h, state)
+        else:
+            outs, last = [], h
+            for i in range(self.config.num_hidden_layers):
+                last, out = step(last, jax.tree.map(lambda a, i=i: a[i], state))
+                outs.append(out)
+            outs = jnp.stack(outs) if keep_all else None
+        return jnp.concatenate([h[None], outs]) if keep_all else last
 
     def _embed(self, input_ids: Array) -> tuple[Array, tuple[Array, Array, Array]]:
         """Token embeddings ``(B, S, D)`` and the ``(cos, sin, mask)`` every layer takes."""
@@ -133,18 +140,7 @@ class Llama(nnx.Module):
         """The residual stream entering every decoder layer and leaving the last (before the
         final norm): ``(L + 1, B, S, D)``. ``lm_logits(norm(out[-1]))`` are the logits."""
         h, ctx = self._embed(input_ids)
-        graphdef, state = nnx.split(self.layers)
-
-        def step(h, layer_state):
-            out = nnx.merge(graphdef, layer_state)(h, *ctx)
-            return out, out
-
-        if self.scan_layers:
-            return jnp.concatenate([h[None], jax.lax.scan(step, h, state)[1]])
-        hs = [h]
-        for i in range(self.config.num_hidden_layers):
-            hs.append(step(hs[-1], jax.tree.map(lambda a, i=i: a[i], state))[0])
-        return jnp.stack(hs)
+        return self._decoder(h, *ctx, keep_all=True)
 
     def layers_on(self, input_ids: Array, inputs: Array) -> Array:
         """Decoder layer ``l`` applied to ``inputs[l]`` for every ``l`` at once (one vmapped

@@ -184,11 +184,11 @@ def make_train_step(
         teacher = nnx.merge(teacher_graphdef, teacher_params, teacher_rest)
         if layer_weight > 0:
             stream = jax.lax.stop_gradient(teacher.residual_stream(inputs))
-            t_logits = teacher.lm_logits(teacher.norm(stream[-1]))
-        else:
-            t_logits = teacher(inputs)
-        t_logits = jax.lax.stop_gradient(t_logits)
         if distill:
+            t_logits = (
+                teacher.lm_logits(teacher.norm(stream[-1])) if layer_weight > 0 else teacher(inputs)
+            )
+            t_logits = jax.lax.stop_gradient(t_logits)
             loss_sum, count = token_kl_sum(logits, t_logits, micro["mask"])
         else:
             loss_sum, count = token_nll_sum(logits, micro["labels"], micro["mask"])
