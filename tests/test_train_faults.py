@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -80,6 +81,10 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     ref_losses, losses = _losses(ref), _losses(run)
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert losses == ref_losses  # bit-identical on CPU
+    # elapsed_s counts on across the resume (the killed segment slept 0.5 s a step)
+    elapsed = [r["elapsed_s"] for r in read_metrics(run / "metrics.jsonl")]
+    assert all(b >= a for a, b in zip(elapsed, elapsed[1:], strict=False)), elapsed
+    assert elapsed[-1] >= 0.5 * (out["resumed_from"] - 1)
     jax.tree.map(np.testing.assert_array_equal, _final_params(run), _final_params(ref))
 
 
@@ -95,3 +100,18 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     last = max(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
     rows = read_metrics(run / "metrics.jsonl")
     assert last == rows[-1]["step"] and EVERY <= last < STEPS
+
+
+def test_metrics_writer_elapsed_goes_on_after_resume(tmp_path):
+    from paretoq_jax.train.metrics import MetricsWriter
+
+    rows = [{"step": s, "loss": 1.0, "elapsed_s": 2.0 * s} for s in range(1, 9)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    w = MetricsWriter(tmp_path, total_steps=10, start_step=5, progress=False)
+    w.close()
+    assert w.resumed_elapsed_s == 10.0
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    (tmp_path / "new").mkdir()
+    fresh = MetricsWriter(tmp_path / "new", total_steps=10, start_step=0, progress=False)
+    fresh.close()
+    assert fresh.resumed_elapsed_s == 0.0

@@ -328,7 +328,7 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
                 "rel. L1",
                 "codes changed",
                 "train s",
-                "wall s",
+                "wall s (last run)",
             ],
             [
                 [
@@ -341,7 +341,7 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
                     r.get("tokens_seen"),
                     r.get("relative_l1"),
                     r.get("codes_changed"),
-                    r.get("train_wall_s"),
+                    r.get("train_elapsed_s") or r.get("train_wall_s"),
                     r.get("wall_s"),
                 ]
                 for r in rows

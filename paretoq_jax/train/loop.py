@@ -356,7 +356,8 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
                         "tokens_per_sec": tokens_per_step / step_time,
                         "step_time_s": step_time,
                         "tokens": step * tokens_per_step,
-                        "elapsed_s": now - t_start,
+                        # training time over all segments of a resumed run
+                        "elapsed_s": writer.resumed_elapsed_s + now - t_start,
                     }
                     if tcfg.eval_every and (step % tcfg.eval_every == 0 or step == tcfg.steps):
                         row.update(evaluate(state["params"]))

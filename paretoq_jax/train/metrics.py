@@ -54,6 +54,7 @@ class MetricsWriter:
     ):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.resumed_elapsed_s = 0.0
         if enabled:
             self._truncate_after(start_step)
         self._file = self.path.open("a") if enabled else None
@@ -65,10 +66,15 @@ class MetricsWriter:
         self._tb = _tensorboard_writer(Path(run_dir) / "tb") if enabled and tensorboard else None
 
     def _truncate_after(self, step: int) -> None:
-        """On resume, drop rows logged after the checkpoint being resumed from."""
+        """On resume, drop rows logged after the checkpoint being resumed from.
+
+        Sets ``resumed_elapsed_s``: the training time already spent up to ``step`` (the kept rows'
+        last ``elapsed_s``), so that ``elapsed_s`` keeps counting across resumed segments.
+        """
         rows = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
         if self.path.exists():
             self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        self.resumed_elapsed_s = float(rows[-1].get("elapsed_s", 0.0)) if step and rows else 0.0
 
     def advance(self, n: int = 1, **postfix: Any) -> None:
         if self._bar is not None:
