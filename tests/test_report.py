@@ -64,6 +64,21 @@ def test_findings_fail_honestly():
     assert {v for _, v, _ in findings([])} == {"not measured"}
 
 
+def test_movement_finding_checks_the_learning_rate():
+    rows = [dict(r, lr=5e-4 if r["bits"] <= 2 else 2e-5) for r in PAPER_LIKE]
+    for r in rows:  # 25x the lr, and only 4x the movement: per unit of lr, 4 bits moved more
+        if r["kind"] == "train" and r["bits"] in (3, 4):
+            r["relative_l1"] = 0.1
+    got = {claim.split()[0]: (verdict, ev) for claim, verdict, ev in findings(rows)}
+    verdict, ev = got["Weights"]
+    assert verdict == "not shown (lr differs)", got
+    assert "learning rates differ (0.0005 vs 2e-05)" in ev and "codes changed" in ev
+    for r in rows:  # same lr everywhere: the raw comparison decides
+        r["lr"] = 1e-4
+    got = {claim.split()[0]: verdict for claim, verdict, _ in findings(rows)}
+    assert got["Weights"] == "holds"
+
+
 def test_ablation_table_keeps_the_best_cell():
     rows = PAPER_LIKE + [dict(_row(13, 2, "seq", "train", 22.0, 0.4, 0.4), name="lr2")]
     t = ablation_table(rows)
