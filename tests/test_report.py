@@ -97,6 +97,8 @@ def test_report_files_from_a_sweep_dir(tmp_path):
                     row = {"step": s, "loss": 5 - 0.1 * s * r["bits"] / 4, "tokens": 512 * s}
                     if s % 5 == 0:
                         row["quant"] = {"layers.0.mlp.up_proj": {"codes_changed": 0.01 * r["bits"]}}
+                        if r["name"] == "bits=2,method=seq":  # the one cell with eval_every
+                            row["val_ppl"] = 500.0 / s
                     f.write(json.dumps(row) + "\n")
     write_results(tmp_path)
     (tmp_path / "sweep.yaml").write_text(
@@ -105,7 +107,7 @@ def test_report_files_from_a_sweep_dir(tmp_path):
     assert main([str(tmp_path), "--out", str(tmp_path / "rep")]) == 0
     out = tmp_path / "rep"
     for f in ("pareto.png", "ablation.png", "transition.png", "transition_over_training.png",
-              "loss_curves.png"):  # fmt: skip
+              "loss_curves.png", "val_curves.png"):  # fmt: skip
         assert (out / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f
     md = (out / "report.md").read_text()
     # the frontier of PAPER_LIKE by (size, ppl): 1.58 seq, 2 seq, 3 lsq, 4 lsq
@@ -118,6 +120,8 @@ def test_report_files_from_a_sweep_dir(tmp_path):
     assert md.startswith("# Sweep report: paper-like")
     assert "| bits=4,method=lsq,steps=0 | 53 | 26.5 | 2 |" in md
     assert "| bits=9 | not run | 1 | - |" in md
+    val = md.split("## Validation perplexity during training")[1].split("## ")[0]
+    assert "| cell | 2,560 | 5,120 |" in val and "| bits=2,method=seq | 100 | 50 |" in val
 
 
 def test_report_on_an_empty_dir_says_what_to_do(tmp_path, capsys):

@@ -141,6 +141,24 @@ def _movement_finding(rows: Sequence[dict]) -> tuple[str, str, str]:
     return claim, verdict, "; ".join(ev)
 
 
+def _val_curve_section(curves: dict[str, dict]) -> list[str]:
+    """Markdown: validation perplexity at each evaluation during training, one row per cell."""
+    tokens = sorted({t for c in curves.values() for t, _ in c["val"]})
+    return [
+        "## Validation perplexity during training",
+        "",
+        "Cells that evaluated during training (`train.eval_every`), by training tokens seen.",
+        "",
+        _md_table(
+            ["cell"] + [f"{t:,}" for t in tokens],
+            [[name] + [dict(c["val"]).get(t) for t in tokens] for name, c in curves.items()],
+        ),
+        "",
+        "![validation curves](val_curves.png)",
+        "",
+    ]
+
+
 def _metrics(sweep_dir: Path, name: str) -> list[dict]:
     from paretoq_jax.train.metrics import read_metrics
 
@@ -206,6 +224,7 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
         curves[r["name"]] = {
             "bits": r["bits"], "label": label,
             "tokens": [m["tokens"] for m in ms], "loss": [m["loss"] for m in ms],
+            "val": [(m["tokens"], m["val_ppl"]) for m in ms if _ok(m.get("val_ppl"))],
         }  # fmt: skip
         pts = []
         for m in ms:
@@ -225,6 +244,9 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
         F.plot_transition(rows, out / "transition.png")
         F.plot_transition_over_training(rows, interval, out / "transition_over_training.png")
         F.plot_loss_curves(curves, out / "loss_curves.png")
+    val_curves = {k: c for k, c in curves.items() if c["val"]}
+    if val_curves:
+        F.plot_val_curves(val_curves, out / "val_curves.png")
     no_qat = ["No QAT cell has finished yet.", ""]
 
     md = [f"# Sweep report: {name}", ""]
@@ -335,6 +357,7 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
         "## Loss curves",
         "",
         *(["![loss curves](loss_curves.png)", ""] if curves else no_qat),
+        *(_val_curve_section(val_curves) if val_curves else []),
         "## All cells",
         "",
         _md_table(

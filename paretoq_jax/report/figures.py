@@ -234,3 +234,21 @@ def plot_loss_curves(curves: dict[str, dict], path: Path) -> Path:
         axes[k // cols][k % cols].axis("off")
     fig.suptitle("Training loss per cell")
     return _save(fig, path)
+
+
+def plot_val_curves(curves: dict[str, dict], path: Path) -> Path:
+    """Validation perplexity (log scale) against tokens seen, one line per cell that evaluated
+    during training (``train.eval_every``): how fast each recipe recovers per token."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    cmap = plt.get_cmap("tab10")
+    cells = sorted((c for c in curves.values() if c.get("val")), key=lambda c: c["label"])
+    for j, c in enumerate(cells):
+        t, v = zip(*c["val"], strict=True)
+        ax.plot(t, v, marker="o", ms=3, lw=1.2, color=cmap(j % 10), label=c["label"])
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("validation perplexity")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=6)
+    ax.set_title("Validation perplexity during training")
+    return _save(fig, path)
