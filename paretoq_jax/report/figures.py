@@ -241,10 +241,10 @@ def plot_val_curves(curves: dict[str, dict], path: Path) -> Path:
     during training (``train.eval_every``): how fast each recipe recovers per token."""
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     cmap = plt.get_cmap("tab10")
-    cells = sorted((c for c in curves.values() if c.get("val")), key=lambda c: c["label"])
-    for j, c in enumerate(cells):
+    cells = sorted((name, c) for name, c in curves.items() if c.get("val"))
+    for j, (name, c) in enumerate(cells):  # labelled by the full cell name: bits included
         t, v = zip(*c["val"], strict=True)
-        ax.plot(t, v, marker="o", ms=3, lw=1.2, color=cmap(j % 10), label=c["label"])
+        ax.plot(t, v, marker="o", ms=3, lw=1.2, color=cmap(j % 10), label=name)
     ax.set_yscale("log")
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("validation perplexity")
