@@ -129,12 +129,12 @@ def _movement_finding(rows: Sequence[dict]) -> tuple[str, str, str]:
     clo, chi = (_mean(r.get("codes_changed") for r in g) for g in (low, high))
     if clo is not None and chi is not None:
         ev.append(f"codes changed {clo:.3g} vs {chi:.3g}")
-    lrs = [sorted({r.get("lr") for r in g}, key=str) for g in (low, high)]
+    lrs = [{r.get("lr") for r in g} for g in (low, high)]
     if all(_ok(x) and x > 0 for g in lrs for x in g) and lrs[0] != lrs[1]:
         nlo, nhi = (_mean(r["relative_l1"] / r["lr"] for r in g) for g in (low, high))
+        lo_lr, hi_lr = ("/".join(f"{x:g}" for x in sorted(g)) for g in lrs)
         ev.append(
-            f"learning rates differ ({'/'.join(f'{x:g}' for x in lrs[0])} vs "
-            f"{'/'.join(f'{x:g}' for x in lrs[1])}): per unit of lr {nlo:.3g} vs {nhi:.3g}"
+            f"learning rates differ ({lo_lr} vs {hi_lr}): per unit of lr {nlo:.3g} vs {nhi:.3g}"
         )
         if verdict != "does not hold" and nlo <= nhi:
             verdict = "not shown (lr differs)"
