@@ -59,6 +59,9 @@ def test_findings_fail_honestly():
     got = {claim.split()[0]: (verdict, ev) for claim, verdict, ev in findings(rows)}
     assert got["SEQ"][0] == "partly" and "1.58-bit SEQ 40 vs LSQ 35" in got["SEQ"][1]
     assert got["Learned"][0] == "does not hold"  # the only bit-width with minmax: 2
+    assert got["Learned"][1].endswith("bit-widths not measured: 1, 1.58, 3, 4")
+    assert "not measured" not in got["SEQ"][1]  # SEQ and LSQ ran at all four bit-widths
+    assert got["QAT"][1].endswith("bit-widths not measured: 1")
     assert got["Weights"][0] == "does not hold"
     assert got["QAT"][0] == "holds"
     assert {v for _, v, _ in findings([])} == {"not measured"}

@@ -69,7 +69,11 @@ def findings(rows: Sequence[dict]) -> list[tuple[str, str, str]]:
             return "not measured"
         return "holds" if all(results) else ("does not hold" if not any(results) else "partly")
 
-    res, ev = [], []
+    def unmeasured(ev: list[str], wanted: Sequence[float], seen: set) -> list[str]:
+        missing = [f"{b:g}" for b in wanted if b not in seen]
+        return ev + [f"bit-widths not measured: {', '.join(missing)}"] if ev and missing else ev
+
+    res, ev, seen = [], [], set()
     for b in (1.58, 2, 3, 4):
         s, lq = q.get((b, "seq")), q.get((b, "lsq"))
         if s is None or lq is None:
@@ -77,28 +81,34 @@ def findings(rows: Sequence[dict]) -> list[tuple[str, str, str]]:
         want_seq = b <= 2
         res.append((s < lq) == want_seq)
         ev.append(f"{b:g}-bit SEQ {s:.4g} vs LSQ {lq:.4g}")
+        seen.add(b)
+    ev = unmeasured(ev, (1.58, 2, 3, 4), seen)
     out.append(
         ("SEQ beats LSQ at 1.58 and 2 bits; LSQ beats SEQ at 3 and 4", verdict(res), "; ".join(ev))
     )
 
-    res, ev = [], []
+    res, ev, seen = [], [], set()
     for b in (1, 1.58, 2, 3, 4):
         learned = [q[(b, m)] for m in LEARNED if (b, m) in q]
         stats = [q[(b, m)] for m in STATISTIC if (b, m) in q]
         if learned and stats:
             res.append(min(learned) < min(stats))
             ev.append(f"{b:g}-bit learned {min(learned):.4g} vs statistic {min(stats):.4g}")
+            seen.add(b)
+    ev = unmeasured(ev, (1, 1.58, 2, 3, 4), seen)
     out.append(
         ("Learned scales beat absmean/minmax at every bit-width", verdict(res), "; ".join(ev))
     )
 
-    res, ev = [], []
+    res, ev, seen = [], [], set()
     for b in (1, 1.58, 2):
         pairs = [(rtn[k] / q[k], k[1]) for k in q if k[0] == b and k in rtn and q[k] > 0]
         if pairs:
             ratio, m = max(pairs)
             res.append(ratio >= 10)
             ev.append(f"{b:g}-bit RTN/QAT = {ratio:.3g}x ({m})")
+            seen.add(b)
+    ev = unmeasured(ev, (1, 1.58, 2), seen)
     out.append(
         (
             "QAT beats round-to-nearest by orders of magnitude below 3 bits",
