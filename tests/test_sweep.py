@@ -84,6 +84,29 @@ set_when:
     assert not matches({}, {"model.bits": 2})
 
 
+def test_set_when_keeps_an_include_cells_own_keys(tmp_path):
+    """A cell listed in ``include`` says what it wants: set_when fills in the keys it does not
+    give (train.steps here) but does not overwrite the ones it does (train.lr)."""
+    spec = load_sweep(
+        _sweep(
+            tmp_path,
+            """
+grid: {model.bits: [2, 4]}
+include:
+  - {model.bits: 4, train.lr: 5.0e-4}
+set_when:
+  - when: {model.bits: 4}
+    set: {train.lr: 2.0e-5, train.steps: 3}
+""",
+        )
+    )
+    assert [c.overrides for c in expand(spec)] == [
+        {"model.bits": 2},
+        {"model.bits": 4, "train.lr": 2e-5, "train.steps": 3},
+        {"model.bits": 4, "train.lr": 5e-4, "train.steps": 3},
+    ]
+
+
 def test_cell_names_are_stable_and_safe():
     a = cell_name({"train.lr": 5e-4, "model.method": "seq", "model.bits": 2})
     b = cell_name({"model.bits": 2.0, "train.lr": 0.0005, "model.method": "seq"})

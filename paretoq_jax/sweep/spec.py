@@ -7,7 +7,7 @@ any dotted config keys. Expansion, in order:
 2. ``exclude``: drop every cell matching all keys of one rule (a list value matches any item);
 3. ``include``: append extra cells given verbatim (dotted key -> value);
 4. ``set_when``: ``{when: RULE, set: {key: value}}`` sets keys on the cells matching ``RULE``
-   (e.g. a lower learning rate at 3 and 4 bits);
+   (e.g. a lower learning rate at 3 and 4 bits), except keys an ``include`` cell gives itself;
 5. ``rtn``: for every cell a round-to-nearest twin: ``train.steps=0`` (evaluate the initialized
    quantized model, no training) without the other ``train.*`` keys (``train.seed`` is kept);
    ``float``: one cell evaluating the unquantized model (``model.bits=16``, ``train.steps=0``);
@@ -271,11 +271,12 @@ def expand(spec: SweepSpec) -> list[Cell]:
     if not keys:
         cells = [{}] if not spec.include else []
     cells = [c for c in cells if not any(matches(c, r) for r in spec.exclude)]
+    own = [set()] * len(cells) + [set(r) for r in spec.include]  # keys set_when must not touch
     cells += [dict(r) for r in spec.include]
     for rule in spec.set_when:
-        for c in cells:
+        for c, keep in zip(cells, own, strict=True):
             if matches({**spec.overrides, **c}, rule["when"]):
-                c.update(rule["set"])
+                c.update({k: v for k, v in rule["set"].items() if k not in keep})
     if spec.rtn:
         cells += [_rtn_twin(c) for c in cells if int(c.get("train.steps", 1)) != 0]
     if spec.float:
