@@ -76,6 +76,13 @@ def test_movement_finding_checks_the_learning_rate():
     verdict, ev = got["Weights"]
     assert verdict == "not shown (lr differs)", got
     assert "learning rates differ (0.0005 vs 2e-05)" in ev and "codes changed" in ev
+    # one 4-bit cell at the low-bit lr: the cells at the shared lr decide, the rest is context
+    rows.append(dict(_row(13, 4, "lsq", "train", 40.0, 0.39, 0.3), lr=5e-4, name="4-same-lr"))
+    verdict, ev = {c.split()[0]: (v, e) for c, v, e in findings(rows)}["Weights"]
+    assert verdict == "partly" and ev.startswith("at the same lr (0.0005):"), ev
+    rows[-1]["relative_l1"] = 0.05  # the 4-bit weights stay close at the same lr: holds
+    verdict, ev = {c.split()[0]: (v, e) for c, v, e in findings(rows)}["Weights"]
+    assert verdict == "holds" and "vs 0.05 at 3-4" in ev, ev
     for r in rows:  # same lr everywhere: the raw comparison decides
         r["lr"] = 1e-4
     got = {claim.split()[0]: verdict for claim, verdict, _ in findings(rows)}

@@ -124,8 +124,9 @@ def findings(rows: Sequence[dict]) -> list[tuple[str, str, str]]:
 def _movement_finding(rows: Sequence[dict]) -> tuple[str, str, str]:
     """ParetoQ Sec. 2.2: QAT at <= 2 bits "reconstructs" (weights move far from their float
     start), at 3-4 bits it "compensates" (they stay close). With AdamW the distance moved grows
-    about linearly with the learning rate, so when the two groups were trained at different
-    rates the finding is also checked per unit of learning rate, and is not shown if the
+    about linearly with the learning rate, so cells trained at a learning rate both groups share
+    decide the finding when there are any; otherwise, when the two groups were trained at
+    different rates, it is also checked per unit of learning rate, and is not shown if the
     difference goes away there."""
     claim = "Weights move much more at <= 2 bits than at 3 and 4"
     train = [r for r in rows if r["kind"] == "train" and _ok(r.get("relative_l1"))]
@@ -133,6 +134,21 @@ def _movement_finding(rows: Sequence[dict]) -> tuple[str, str, str]:
     high = [r for r in train if r["bits"] in (3, 4)]
     if not low or not high:
         return claim, "not measured", ""
+    shared = {r.get("lr") for r in low} & {r.get("lr") for r in high}
+    shared = {x for x in shared if _ok(x)}
+    if shared:
+        lo, hi = (_mean(r["relative_l1"] for r in g if r.get("lr") in shared) for g in (low, high))
+        verdict = "holds" if lo > 1.5 * hi else ("partly" if lo > hi else "does not hold")
+        lrs = "/".join(f"{x:g}" for x in sorted(shared))
+        ev = [f"at the same lr ({lrs}): mean relative L1 {lo:.3g} at <= 2 bits vs {hi:.3g} at 3-4"]
+        clo, chi = (
+            _mean(r.get("codes_changed") for r in g if r.get("lr") in shared) for g in (low, high)
+        )
+        if clo is not None and chi is not None:
+            ev.append(f"codes changed {clo:.3g} vs {chi:.3g}")
+        alo, ahi = (_mean(r["relative_l1"] for r in g) for g in (low, high))
+        ev.append(f"all cells: {alo:.3g} vs {ahi:.3g}")
+        return claim, verdict, "; ".join(ev)
     lo, hi = (_mean(r["relative_l1"] for r in g) for g in (low, high))
     verdict = "holds" if lo > 1.5 * hi else ("partly" if lo > hi else "does not hold")
     ev = [f"mean relative L1 {lo:.3g} at <= 2 bits vs {hi:.3g} at 3-4 bits"]
