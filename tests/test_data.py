@@ -98,6 +98,33 @@ def test_val_path_and_single_document_fraction(tmp_path, tok, doc_tokens):
     np.testing.assert_array_equal(np.asarray(train), full[:-k])
 
 
+def test_train_seq_len_changes_training_blocks_only(tmp_path, tok, doc_tokens):
+    """data.train_seq_len: training blocks of its length; validation blocks stay the same."""
+    stream = np.concatenate(doc_tokens)
+    full = _blocks_of(stream, 64)
+    ref_val = build_splits(cfg(tmp_path, val_blocks=5), tok)[1]
+    for t_len in (16, 40, 64, 100):
+        train, val = build_splits(cfg(tmp_path, val_blocks=5, train_seq_len=t_len), tok)
+        np.testing.assert_array_equal(np.asarray(val), np.asarray(ref_val))
+        np.testing.assert_array_equal(np.asarray(val), full[-5:])
+        # training: the tokens before the validation blocks, cut into blocks of t_len
+        before = stream[: (len(full) - 5) * 64]
+        np.testing.assert_array_equal(np.asarray(train), _blocks_of(before, t_len))
+        assert train.seq_len == t_len and val.seq_len == 64
+    # document hold-out and a separate validation corpus: the same rule
+    ref_t, ref_v = build_splits(cfg(tmp_path, val_fraction=0.4, seed=1), tok)
+    t, v = build_splits(cfg(tmp_path, val_fraction=0.4, seed=1, train_seq_len=32), tok)
+    np.testing.assert_array_equal(np.asarray(v), np.asarray(ref_v))
+    np.testing.assert_array_equal(np.asarray(t), _blocks_of(np.asarray(ref_t).ravel(), 32))
+    i = FILES.index(CORPUS / "macbeth_gut.txt")
+    vp = str(CORPUS / "sonnets_gut.txt")
+    t, v = build_splits(cfg(tmp_path, path=str(FILES[i]), val_path=vp, train_seq_len=48), tok)
+    np.testing.assert_array_equal(np.asarray(t), _blocks_of(doc_tokens[i], 48))
+    assert v.seq_len == 64
+    with pytest.raises(DataError, match="train_seq_len"):
+        cfg(tmp_path, train_seq_len=0)
+
+
 def test_bos_eos_and_separator(tmp_path, tok):
     f = CORPUS / "phoenix_and_the_turtle_gut.txt"
     train, _ = build_splits(

@@ -136,6 +136,23 @@ def test_clipping_and_adamw_match_optax_reference():
                  expected)  # fmt: skip
 
 
+def test_train_seq_len_trains_short_and_scores_the_usual_blocks(tmp_path):
+    """data.train_seq_len=32: steps see 8 x 32 tokens; validation is on the 64-token blocks."""
+    base = tiny_cfg(
+        tmp_path, "train.steps=2", "train.eval_every=2", "run_dir=" + str(tmp_path / "a")
+    )
+    short = tiny_cfg(tmp_path, "train.steps=2", "train.eval_every=2", "data.train_seq_len=32",
+                     "run_dir=" + str(tmp_path / "b"))  # fmt: skip
+    train(base, progress=False)
+    train(short, progress=False)
+    a = read_metrics(Path(base.run_dir) / "metrics.jsonl")
+    b = read_metrics(Path(short.run_dir) / "metrics.jsonl")
+    assert [r["tokens"] for r in a] == [8 * 64, 16 * 64]
+    assert [r["tokens"] for r in b] == [8 * 32, 16 * 32]
+    # both runs score the same 64-token validation blocks (tests/test_data.py checks the blocks)
+    assert np.isfinite(b[-1]["val_loss"]) and b[-1]["val_loss"] != a[-1]["val_loss"]
+
+
 def test_tiny_run_end_to_end(tmp_path):
     cfg = tiny_cfg(tmp_path, "train.steps=6", "checkpoint.every=2", "checkpoint.keep=2",
                    "train.quant_stats_every=3", "train.eval_every=3")  # fmt: skip

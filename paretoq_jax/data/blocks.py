@@ -11,6 +11,9 @@ precedence (see `DataConfig`):
 3. ``val_blocks > 0``: the last ``val_blocks`` blocks are validation, the blocks before them
    train (the anchors' split of the default corpus: the last 32 blocks of 256 tokens).
 4. otherwise no validation blocks.
+
+Training blocks are ``train_seq_len`` tokens long when that is set (validation blocks always
+``seq_len``), so a run can train on shorter sequences and still be scored on the same blocks.
 """
 
 from __future__ import annotations
@@ -96,7 +99,7 @@ def _split(stream: TokenStream, cfg: DataConfig, spec: str) -> tuple[TokenBlocks
         k = min(max(1, round(cfg.val_fraction * stream.num_docs)), stream.num_docs - 1)
         held = np.zeros(stream.num_docs, bool)
         held[permutation(stream.num_docs, cfg.seed, 0xDA7A)[:k]] = True
-        train = to_blocks(_gather_docs(stream, np.flatnonzero(~held)), L)
+        train = to_blocks(_gather_docs(stream, np.flatnonzero(~held)), cfg.train_len)
         val = to_blocks(_gather_docs(stream, np.flatnonzero(held)), L)
         if len(val) == 0:
             raise DataError(
@@ -118,11 +121,19 @@ def _split(stream: TokenStream, cfg: DataConfig, spec: str) -> tuple[TokenBlocks
                 f"{n_val} held out for validation plus 1 to train; use a longer corpus, a smaller "
                 "seq_len, fewer validation blocks or data.val_path",
             )
-        blocks = to_blocks(stream.tokens, L)
-        train = TokenBlocks(blocks.array[: n_blocks - n_val])
-        val = TokenBlocks(blocks.array[n_blocks - n_val :])
+        # validation: the last n_val blocks of L tokens; training: the tokens before them, in
+        # blocks of train_len (the same blocks as validation's when train_seq_len is unset)
+        cut = (n_blocks - n_val) * L if n_val else n_tok
+        train = to_blocks(stream.tokens[:cut], cfg.train_len)
+        val = to_blocks(stream.tokens[cut : n_blocks * L], L)
     if len(train) == 0:
-        raise _too_short(f"training part of {spec!r}", train.num_tokens, L, 1, "lower val_fraction")
+        raise _too_short(
+            f"training part of {spec!r}",
+            train.num_tokens,
+            cfg.train_len,
+            1,
+            "lower val_fraction or data.train_seq_len",
+        )
     return train, val
 
 
@@ -148,9 +159,9 @@ def build_splits(cfg: DataConfig, tokenizer: Any) -> tuple[TokenBlocks, TokenBlo
     spec = "default" if cfg.path is None else cfg.path
     stream = stream_of(spec)
     if cfg.val_path:
-        train = to_blocks(stream.tokens, cfg.seq_len)
+        train = to_blocks(stream.tokens, cfg.train_len)
         if len(train) == 0:
-            raise _too_short(f"corpus {spec!r}", stream.tokens.size, cfg.seq_len, 1, "")
+            raise _too_short(f"corpus {spec!r}", stream.tokens.size, cfg.train_len, 1, "")
         vstream = stream_of(cfg.val_path)
         val = to_blocks(vstream.tokens, cfg.seq_len)
         if len(val) == 0:

@@ -20,7 +20,10 @@ class DataConfig:
         ``"default"`` (the embedded Wikipedia sample) / ``"default:shakespeare"``. ``None`` means
         ``"default"``.
     text_field: the field holding the text in ``.jsonl``/``.json``/``.parquet``/hub rows.
-    seq_len: tokens per block (one training sequence).
+    seq_len: tokens per block (one training sequence, and one validation block).
+    train_seq_len: tokens per *training* block when it should differ from ``seq_len``;
+        validation blocks keep ``seq_len``, so runs that train on shorter (or longer) sequences
+        are scored on the same held-out blocks. ``None``: ``seq_len``.
     val_path: validation corpus (same forms as ``path``); when set nothing is held out of ``path``.
     val_fraction: if > 0 (and no ``val_path``), hold out this fraction of the documents (chosen
         with ``seed``); a corpus of a single document holds out this fraction of its tail blocks.
@@ -41,6 +44,7 @@ class DataConfig:
     path: str | None = "default"
     text_field: str = "text"
     seq_len: int = 256
+    train_seq_len: int | None = None
     val_path: str | None = None
     val_fraction: float = 0.0
     val_blocks: int | None = 32
@@ -52,9 +56,18 @@ class DataConfig:
     shuffle: bool = True
     max_val_blocks: int | None = None
 
+    @property
+    def train_len(self) -> int:
+        """Tokens per training block (``train_seq_len``, else ``seq_len``)."""
+        return self.seq_len if self.train_seq_len is None else self.train_seq_len
+
     def __post_init__(self) -> None:
         if self.seq_len < 1:
             raise DataError(f"data.seq_len must be >= 1, got {self.seq_len}")
+        if self.train_seq_len is not None and self.train_seq_len < 1:
+            raise DataError(
+                f"data.train_seq_len must be >= 1 or null (= seq_len), got {self.train_seq_len}"
+            )
         if not 0.0 <= self.val_fraction < 1.0:
             raise DataError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.val_blocks is not None and self.val_blocks < 0:

@@ -161,7 +161,7 @@ def run_cell(spec: SweepSpec, cell: Cell, index: int, cell_dir: Path, *, progres
         "steps": steps,
         "lr": cfg.train.lr if steps else None,
         "batch_size": cfg.train.batch_size,
-        "seq_len": cfg.data.seq_len,
+        "seq_len": cfg.data.train_len,
         "distill": cfg.train.distill if steps else None,
         "host": socket.gethostname(),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -320,8 +320,7 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         meta = {"step": step, "data": it.state.to_dict(), "config": to_dict(cfg)}
         ckpt.save(step, state, meta)
 
-    seq_len = cfg.data.seq_len
-    tokens_per_step = tcfg.batch_size * seq_len
+    tokens_per_step = tcfg.batch_size * cfg.data.train_len
     loss = float("nan")
     step = start
     heap_guard = HeapGuard()
