@@ -152,6 +152,24 @@ def test_bad_sweep_files_name_the_problem(tmp_path):
         load_sweep(tmp_path / "missing.yaml")
 
 
+def test_rtn_twin_drops_training_only_data_keys(tmp_path):
+    body = """
+grid: {model.bits: [2]}
+include:
+  - {model.bits: 2, train.lr: 0.01, data.train_seq_len: 32, data.seq_len: 64}
+rtn: true
+"""
+    names = [c.name for c in expand(load_sweep(_sweep(tmp_path, body)))]
+    # the twin of the train_seq_len cell keeps data.seq_len (it sets the validation blocks) and
+    # merges with nothing else; no twin evaluates with a training-only key
+    assert names == [
+        "bits=2",
+        "bits=2,lr=0.01,data.seq_len=64,data.train_seq_len=32",
+        "bits=2,steps=0",
+        "bits=2,steps=0,data.seq_len=64",
+    ]
+
+
 def test_cell_config_applies_overrides_and_handles_rtn(tmp_path):
     spec = load_sweep(_sweep(tmp_path, "overrides: {train.lr: 0.01, train.warmup_steps: 2}\n"))
     cfg, steps = cell_config(

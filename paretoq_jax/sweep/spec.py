@@ -9,7 +9,8 @@ any dotted config keys. Expansion, in order:
 4. ``set_when``: ``{when: RULE, set: {key: value}}`` sets keys on the cells matching ``RULE``
    (e.g. a lower learning rate at 3 and 4 bits), except keys an ``include`` cell gives itself;
 5. ``rtn``: for every cell a round-to-nearest twin: ``train.steps=0`` (evaluate the initialized
-   quantized model, no training) without the other ``train.*`` keys (``train.seed`` is kept);
+   quantized model, no training) without the other ``train.*`` keys (``train.seed`` is kept)
+   or ``data.train_seq_len`` (they shape training only);
    ``float``: one cell evaluating the unquantized model (``model.bits=16``, ``train.steps=0``);
 6. cells with the same name (the same overrides) are merged, keeping the first.
 
@@ -258,8 +259,15 @@ def cell_name(overrides: Mapping[str, Any]) -> str:
     return name
 
 
+_TRAIN_ONLY_KEYS = ("data.train_seq_len",)  # outside train.* but meaningless without training
+
+
 def _rtn_twin(o: Mapping[str, Any]) -> dict[str, Any]:
-    twin = {k: v for k, v in o.items() if not k.startswith("train.") or k == "train.seed"}
+    twin = {
+        k: v
+        for k, v in o.items()
+        if (not k.startswith("train.") or k == "train.seed") and k not in _TRAIN_ONLY_KEYS
+    }
     twin["train.steps"] = 0
     return twin
 
