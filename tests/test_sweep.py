@@ -150,6 +150,26 @@ def test_bad_sweep_files_name_the_problem(tmp_path):
         load_sweep(_sweep(tmp_path, "grid: {model.bits: 2}\n"))
     with pytest.raises(SweepError, match="does not exist"):
         load_sweep(tmp_path / "missing.yaml")
+    with pytest.raises(SweepError, match="keep_checkpoints must be one of"):
+        load_sweep(_sweep(tmp_path, "grid: {model.bits: [2]}\nkeep_checkpoints: final\n"))
+
+
+def test_prune_checkpoints_keeps_what_the_sweep_file_says(tmp_path):
+    from paretoq_jax.sweep.runner import prune_checkpoints
+
+    def fake(name):
+        d = tmp_path / name / "checkpoints"
+        for step in ("40", "80", "120", "160.orbax-checkpoint-tmp"):
+            (d / step).mkdir(parents=True)
+            (d / step / "state").write_text("x")
+        return d
+
+    for keep, left in (("all", ["120", "160.orbax-checkpoint-tmp", "40", "80"]),
+                       ("last", ["120"]), ("none", None)):  # fmt: skip
+        d = fake(keep)
+        prune_checkpoints(d, keep)
+        assert (sorted(p.name for p in d.iterdir()) if d.exists() else None) == left, keep
+    prune_checkpoints(tmp_path / "absent" / "checkpoints", "last")  # a cell without checkpoints
 
 
 def test_rtn_twin_drops_training_only_data_keys(tmp_path):
@@ -270,6 +290,8 @@ rtn: true
         assert r["size_bits"] == 92160 * 2 + 16 * (33088 + 1216)
     assert rtn["relative_l1"] == 0.0 and rtn["codes_changed"] == 0.0
     assert [t["step"] for t in qat["transition"]] == [1, 2, 3]
+    # keep_checkpoints (default "last"): the finished cell keeps its final step only
+    assert sorted(p.name for p in (out / "cells" / qat["name"] / "checkpoints").iterdir()) == ["3"]
     assert 0 < qat["transition"][0]["relative_l1"] < qat["relative_l1"]
     assert 0 < qat["codes_changed"] <= 1
     # QAT with a reasonable lr on the training distribution lowers the loss from the init

@@ -22,6 +22,7 @@ import io
 import json
 import math
 import os
+import shutil
 import socket
 import sys
 import time
@@ -321,10 +322,28 @@ def run_cells(
             (cell_dir / "error.txt").unlink(missing_ok=True)
             write_json_atomic(cell_dir / RESULT, row)
             write_results(sweep_dir)
+            prune_checkpoints(cell_dir / "checkpoints", spec.keep_checkpoints)
             ppl = row.get("val_ppl")
             print(f"[sweep] {cell.name}: val ppl {ppl:.4g}, {row['wall_s']:.1f} s", flush=True)
             report["done"].append(cell.name)
     return report
+
+
+def prune_checkpoints(ckpt_dir: Path, keep: str) -> None:
+    """After a cell's result is saved: keep ``"all"`` its checkpoints, the ``"last"`` step only,
+    or ``"none"``. A 135M-parameter cell holds ~1.4 GB per step (weights + Adam state), so a
+    sweep of twenty cells keeping three steps each fills ~85 GB; the result row does not need
+    them (its transition numbers are computed before this)."""
+    if keep == "all" or not ckpt_dir.is_dir():
+        return
+    if keep == "none":
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        return
+    steps = [int(p.name) for p in ckpt_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+    last = max(steps, default=None)
+    for p in list(ckpt_dir.iterdir()):  # older steps and any unfinished (*-tmp) save
+        if p.is_dir() and (not p.name.isdigit() or int(p.name) != last):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def collect_results(sweep_dir: Path) -> list[dict]:

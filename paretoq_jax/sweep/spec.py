@@ -95,11 +95,13 @@ class SweepSpec:
     rtn: bool = False
     float: bool = False
     drop_invalid: bool = False
+    keep_checkpoints: str = "last"
     eval: dict[str, Any] = dataclasses.field(default_factory=dict)
     anchors: dict[str, float] = dataclasses.field(default_factory=dict)
     source: Path | None = None
 
 
+KEEP_CHECKPOINTS = ("all", "last", "none")
 _TOP_KEYS = {f.name for f in dataclasses.fields(SweepSpec)} - {"source"}
 _EVAL_KEYS = {"tasks", "batch_size", "max_val_blocks", "transition_every_checkpoint"}
 
@@ -160,6 +162,12 @@ def load_sweep(path: str | Path) -> SweepSpec:
         raise SweepError(
             f"unknown eval key(s) {sorted(set(ev) - _EVAL_KEYS)}: {sorted(_EVAL_KEYS)}"
         )
+    keep = str(data.get("keep_checkpoints", "last"))
+    if keep not in KEEP_CHECKPOINTS:
+        raise SweepError(
+            f"keep_checkpoints must be one of {list(KEEP_CHECKPOINTS)}, got {keep!r} (what a "
+            "finished cell keeps: every checkpoint, its final one, or none)"
+        )
     out_dir = data.get("out_dir")
     return SweepSpec(
         train_config=base,
@@ -173,6 +181,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
         rtn=bool(data.get("rtn", False)),
         float=bool(data.get("float", False)),
         drop_invalid=bool(data.get("drop_invalid", False)),
+        keep_checkpoints=keep,
         eval=ev,
         anchors=_anchors(data.get("anchors")),
         source=path.resolve(),
