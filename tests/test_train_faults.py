@@ -115,3 +115,49 @@ def test_metrics_writer_elapsed_goes_on_after_resume(tmp_path):
     fresh = MetricsWriter(tmp_path / "new", total_steps=10, start_step=0, progress=False)
     fresh.close()
     assert fresh.resumed_elapsed_s == 0.0
+
+
+def test_full_disk_is_a_clear_error_and_the_run_resumes(tmp_path, monkeypatch):
+    """A checkpoint that does not fit: CheckpointSaveError before writing, earlier ones intact."""
+    import collections
+    import errno
+
+    import pytest
+
+    import paretoq_jax.train.checkpoint as ck
+
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    cfg = load_config(RunConfig, TINY, _overrides(run, cache)[:3] + [
+        "checkpoint.every=2", "train.quant_stats_every=0", "checkpoint.async_save=false"])  # fmt: skip
+    cfg.train.steps = 6
+    real = ck.shutil.disk_usage
+    usage = collections.namedtuple("usage", "total used free")
+    calls = []
+
+    def fake(path):  # room for the first checkpoint only
+        calls.append(path)
+        u = real(path)
+        return usage(u.total, u.used, u.free if len(calls) == 1 else 1000)
+
+    monkeypatch.setattr(ck.shutil, "disk_usage", fake)
+    with pytest.raises(ck.CheckpointSaveError, match=r"step 4 .*not enough disk space.*step 2\)"):
+        train(cfg, progress=False)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2"]
+    monkeypatch.setattr(ck.shutil, "disk_usage", real)
+    assert train(cfg, progress=False)["step"] == 6  # resumes from step 2
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")][-1] == 6
+
+    # a write that fails for want of space (the check passed, the disk filled meanwhile)
+    c = ck.Checkpointer(tmp_path / "c", keep=2, async_save=False)
+    state = {"w": np.ones((4, 4), np.float32)}
+    c.save(1, state, {"step": 1})
+
+    def enospc(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(c._manager, "save", enospc)
+    with pytest.raises(ck.CheckpointSaveError, match="last complete checkpoint \\(step 1\\)"):
+        c.save(2, state, {"step": 2})
+    monkeypatch.undo()
+    assert c.all_steps() == [1]
+    c.close()

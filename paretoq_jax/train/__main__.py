@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     init_distributed(args.distributed)
 
+    from paretoq_jax.train.checkpoint import CheckpointSaveError
     from paretoq_jax.train.loop import NonFiniteLossError, train
 
     try:
@@ -64,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except CheckpointSaveError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
     import jax
 
     if jax.process_index() == 0:

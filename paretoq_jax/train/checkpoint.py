@@ -10,18 +10,40 @@ Each checkpoint has two items:
 Saves are asynchronous (the device-to-host copy happens before ``save`` returns, so the state
 may be donated right after); Orbax writes into a temporary folder and renames it when complete,
 so a run killed mid-save leaves the previous checkpoints untouched and resumes from the last
-complete one. See ``docs/training.md``.
+complete one. Before each save the free space of the checkpoint folder is checked against the
+state's size, so a full disk is a clear `CheckpointSaveError` before anything is written (and
+a save that still fails for want of space is reported the same way). See ``docs/training.md``.
 """
 
 from __future__ import annotations
 
+import errno
+import shutil
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer"]
+__all__ = ["Checkpointer", "CheckpointSaveError"]
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (e.g. the disk is full); earlier ones are intact."""
+
+
+def state_bytes(tree: Any) -> int:
+    """Bytes this process writes for ``tree``: its arrays' global size over the process count."""
+    total = sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(tree))
+    return total // max(jax.process_count(), 1)
+
+
+def _out_of_space(e: BaseException) -> bool:
+    while e is not None:
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 class Checkpointer:
@@ -46,13 +68,50 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def save(self, step: int, state: dict, meta: dict[str, Any]) -> None:
-        """Start saving ``state`` and ``meta`` at ``step`` (returns once arrays are on host)."""
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-            ),
-            force=True,
+        """Start saving ``state`` and ``meta`` at ``step`` (returns once arrays are on host).
+
+        Raises `CheckpointSaveError` when the folder lacks the space for it (checked first) or
+        the write fails for want of space; the last complete checkpoint stays as it was.
+        """
+        self.wait_checked(step)  # a failed earlier async save surfaces here, named as such
+        need = state_bytes(state) + (1 << 20)
+        free = shutil.disk_usage(self.directory).free
+        if free < need:
+            raise self._no_space(step, need, free)
+        try:
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                ),
+                force=True,
+            )
+        except Exception as e:
+            if _out_of_space(e):
+                raise self._no_space(step, need, shutil.disk_usage(self.directory).free) from e
+            raise
+
+    def wait_checked(self, step: int | None = None) -> None:
+        """`wait`, turning an out-of-space failure of a pending save into `CheckpointSaveError`."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            if _out_of_space(e):
+                free = shutil.disk_usage(self.directory).free
+                raise self._no_space(step, None, free) from e
+            raise
+
+    def _no_space(self, step: int | None, need: int | None, free: int) -> CheckpointSaveError:
+        last = self._manager.latest_step()
+        gib = 1 << 30
+        what = f"{need / gib:.2f} GiB needed, " if need else ""
+        at = f"step {step}" if step is not None else "a pending checkpoint"
+        return CheckpointSaveError(
+            f"cannot save the checkpoint at {at} in {self.directory}: not enough disk space "
+            f"({what}{free / gib:.2f} GiB free). The last complete checkpoint (step {last}) is "
+            "intact. Free space (lower checkpoint.keep, delete old runs, or in a sweep use "
+            "keep_checkpoints: last) or point run_dir elsewhere, then rerun: training resumes "
+            "from that checkpoint."
         )
 
     def restore(self, step: int, abstract_state: Any) -> tuple[dict, dict]:
@@ -68,10 +127,10 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until pending asynchronous saves are complete."""
-        self._manager.wait_until_finished()
+        self.wait_checked()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        self.wait_checked()
         self._manager.close()
 
 
