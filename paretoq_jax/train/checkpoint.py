@@ -38,10 +38,12 @@ def state_bytes(tree: Any) -> int:
     return total // max(jax.process_count(), 1)
 
 
-def _out_of_space(e: BaseException) -> bool:
-    while e is not None:
+def _out_of_space(e: BaseException | None) -> bool:
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:  # the cause/context chain (cycles are possible)
         if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e):
             return True
+        seen.add(id(e))
         e = e.__cause__ or e.__context__
     return False
 
@@ -73,7 +75,7 @@ class Checkpointer:
         Raises `CheckpointSaveError` when the folder lacks the space for it (checked first) or
         the write fails for want of space; the last complete checkpoint stays as it was.
         """
-        self.wait_checked(step)  # a failed earlier async save surfaces here, named as such
+        self.wait_checked()  # a failed earlier (async) save surfaces here, named as such
         need = state_bytes(state) + (1 << 20)
         free = shutil.disk_usage(self.directory).free
         if free < need:
@@ -91,14 +93,14 @@ class Checkpointer:
                 raise self._no_space(step, need, shutil.disk_usage(self.directory).free) from e
             raise
 
-    def wait_checked(self, step: int | None = None) -> None:
+    def wait_checked(self) -> None:
         """`wait`, turning an out-of-space failure of a pending save into `CheckpointSaveError`."""
         try:
             self._manager.wait_until_finished()
         except Exception as e:
             if _out_of_space(e):
                 free = shutil.disk_usage(self.directory).free
-                raise self._no_space(step, None, free) from e
+                raise self._no_space(None, None, free) from e
             raise
 
     def _no_space(self, step: int | None, need: int | None, free: int) -> CheckpointSaveError:
