@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import errno
 import json
 import os
 import signal
@@ -13,7 +15,9 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
+import paretoq_jax.train.checkpoint as ck
 from paretoq_jax.config import load_config
 from paretoq_jax.train import RunConfig, train
 from paretoq_jax.train.metrics import read_metrics
@@ -119,13 +123,6 @@ def test_metrics_writer_elapsed_goes_on_after_resume(tmp_path):
 
 def test_full_disk_is_a_clear_error_and_the_run_resumes(tmp_path, monkeypatch):
     """A checkpoint that does not fit: CheckpointSaveError before writing, earlier ones intact."""
-    import collections
-    import errno
-
-    import pytest
-
-    import paretoq_jax.train.checkpoint as ck
-
     run, cache = tmp_path / "run", tmp_path / "cache"
     cfg = load_config(RunConfig, TINY, _overrides(run, cache)[:3] + [
         "checkpoint.every=2", "train.quant_stats_every=0", "checkpoint.async_save=false"])  # fmt: skip
@@ -144,7 +141,7 @@ def test_full_disk_is_a_clear_error_and_the_run_resumes(tmp_path, monkeypatch):
         train(cfg, progress=False)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2"]
     monkeypatch.setattr(ck.shutil, "disk_usage", real)
-    assert train(cfg, progress=False)["step"] == 6  # resumes from step 2
+    assert train(cfg, progress=False)["step"] == 6  # a rerun completes (resume: the SIGKILL test)
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")][-1] == 6
 
     # a write that fails for want of space (the check passed, the disk filled meanwhile)
