@@ -23,6 +23,8 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
+from paretoq_jax.errors import ParetoQError
+
 T = TypeVar("T")
 
 __all__ = [
@@ -38,7 +40,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(ParetoQError, ValueError):
     """A config value or key is invalid; the message names the key and the fix."""
 
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from paretoq_jax.cli import run_cli
 from paretoq_jax.models.decode import forward_cached, init_cache, materialize_quantized
 from paretoq_jax.models.llama import Llama
 
@@ -238,6 +239,10 @@ def generate(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m paretoq_jax.generate",
         description="Generate text with a KV cache (greedy by default).",

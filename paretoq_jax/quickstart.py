@@ -28,6 +28,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from paretoq_jax.cli import run_cli
+from paretoq_jax.config import ConfigError
+from paretoq_jax.outputs import atomic_write_text, check_run_dir
+
 __all__ = ["main", "run", "default_config_path"]
 
 
@@ -63,7 +67,7 @@ def run(cfg: Any, *, prompt: str, max_new_tokens: int, eval_batch: int, progress
     from paretoq_jax.data import build_splits
     from paretoq_jax.eval import load_run
     from paretoq_jax.eval.perplexity import perplexity
-    from paretoq_jax.export import export_model
+    from paretoq_jax.export import check_export_out, export_model
     from paretoq_jax.generate import generate
     from paretoq_jax.io import load_pretrained, load_tokenizer
     from paretoq_jax.io.packed import load_packed
@@ -73,14 +77,21 @@ def run(cfg: Any, *, prompt: str, max_new_tokens: int, eval_batch: int, progress
 
     spec = resolve(cfg.model.bits, cfg.model.method)
     if spec is None:
-        raise ValueError("the quickstart compares a quantized model: set model.bits to 1-4")
+        raise ConfigError("the quickstart compares a quantized model: set model.bits to 1-4")
     if cfg.model.init != "pretrained":
-        raise ValueError(
+        raise ConfigError(
             "the quickstart starts QAT from pretrained float weights and compares against them: "
             "set model.init=pretrained and model.path to an HF folder or .gguf file"
         )
     label = f"{spec.bits}-bit {spec.method}"
     run_dir = Path(cfg.run_dir)
+    out = run_dir / "export"
+    packed_dir, gguf_file = out / "model-packed", out / "model.gguf"
+    # Checked before any work: the run directory is new, empty or this quickstart's own run,
+    # and the exports inside it replace only the quickstart's earlier exports.
+    check_run_dir(run_dir)
+    check_export_out(packed_dir, "packed", force=True, owned_run=run_dir)
+    check_export_out(gguf_file, "gguf", force=True, owned_run=run_dir)
     t0 = time.perf_counter()
 
     _say("1/6 obtaining the model and the corpus (cached after the first run)")
@@ -114,10 +125,8 @@ def run(cfg: Any, *, prompt: str, max_new_tokens: int, eval_batch: int, progress
     _say("5/6 QAT model: perplexity, export (packed, GGUF), sample from the packed model")
     model, tokenizer = load_run(run_dir)
     results["ppl_qat"] = ppl(model)
-    out = run_dir / "export"
-    packed_dir, gguf_file = out / "model-packed", out / "model.gguf"
-    export_model(model, "packed", packed_dir, tokenizer=tokenizer, force=True)
-    export_model(model, "gguf", gguf_file, tokenizer=tokenizer, force=True)
+    for fmt, path in (("packed", packed_dir), ("gguf", gguf_file)):
+        export_model(model, fmt, path, tokenizer=tokenizer, force=True, owned_run=run_dir)
     n_params = sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     packed_model = load_packed(packed_dir, mode="packed")
     generate(packed_model, tokenizer, [prompt], max_new_tokens=max_new_tokens)  # compile
@@ -137,7 +146,7 @@ def run(cfg: Any, *, prompt: str, max_new_tokens: int, eval_batch: int, progress
         generate_tokens_per_sec=max_new_tokens / gen_s,
         wall_s=time.perf_counter() - t0,
     )
-    (run_dir / "quickstart.json").write_text(json.dumps(results, indent=2))
+    atomic_write_text(run_dir / "quickstart.json", json.dumps(results, indent=2))
 
     _say("6/6 summary")
     print(table(results), flush=True)
@@ -166,6 +175,10 @@ def table(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m paretoq_jax.quickstart", description=__doc__)
     ap.add_argument("--config", default=None, help="run config (default: configs/quickstart.yaml)")
     ap.add_argument("--prompt", default="The history of the city")
@@ -175,15 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50")
     args = ap.parse_args(argv)
 
-    from paretoq_jax.config import ConfigError, load_config
+    from paretoq_jax.config import load_config
     from paretoq_jax.train.config import RunConfig
 
     path = Path(args.config) if args.config else default_config_path()
-    try:
-        cfg = load_config(RunConfig, path, args.overrides)
-    except (ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(RunConfig, path, args.overrides)
     run(cfg, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
         eval_batch=args.eval_batch, progress=not args.no_progress)  # fmt: skip
     return 0

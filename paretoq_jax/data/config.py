@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
+from paretoq_jax.errors import ParetoQError
+
 __all__ = ["DataConfig", "DataError"]
 
 
-class DataError(ValueError):
+class DataError(ParetoQError, ValueError):
     """A corpus or data setting that cannot produce training data; raised before training."""
 
 

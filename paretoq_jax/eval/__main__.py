@@ -19,6 +19,9 @@ from typing import Any
 import jax
 import numpy as np
 
+from paretoq_jax.cli import run_cli
+from paretoq_jax.outputs import JSON_KIND_KEY, atomic_write_text, check_output
+
 __all__ = ["main", "eval_tokens"]
 
 
@@ -50,6 +53,10 @@ def eval_tokens(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m paretoq_jax.eval",
         description="Perplexity and zero-shot multiple choice of a model.",
@@ -71,9 +78,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--bits", default=None, help="quantize a float checkpoint at load (RTN)")
     p.add_argument("--method", default=None, help="quantizer method with --bits")
     p.add_argument("--out", default=None, help="write the results JSON here")
+    p.add_argument("--force", action="store_true", help="replace an earlier eval JSON at --out")
     args = p.parse_args(argv)
     if args.data is None and not args.mc:
         p.error("give --data (perplexity) and/or --mc (multiple choice)")
+    if args.out:  # checked before any work: a long evaluation never ends in a lost result
+        check_output(args.out, "eval", directory=False, force=args.force, reads=[args.model])
+    for path in args.mc:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no multiple-choice file at {path} (--mc)")
 
     from paretoq_jax.sharding import make_mesh
 
@@ -120,9 +133,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"acc_norm_token {mc['acc_norm_token']:.4f}  n {mc['n']}"
             )
     if args.out:
-        out = Path(args.out)
+        out = check_output(
+            args.out, "eval", directory=False, force=args.force, reads=[args.model]
+        )  # again: did anything appear there meanwhile?
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=1) + "\n")
+        atomic_write_text(out, json.dumps({JSON_KIND_KEY: "eval", **results}, indent=1) + "\n")
     else:
         sys.stdout.write(json.dumps(results, indent=1) + "\n")
     return 0

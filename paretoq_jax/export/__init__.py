@@ -10,28 +10,28 @@
   codes exactly up to fp16 block scales).
 
 Outputs are written to a temporary path beside ``PATH`` and renamed into place when complete,
-so a failed export never leaves a partial file at ``PATH``; an existing ``PATH`` is replaced
-only with ``force=True``.
+so a failed export never leaves a partial file at ``PATH``. ``PATH`` is checked before the run is
+loaded (:mod:`paretoq_jax.outputs`): never into, over or above a training run or the checkpoint
+being read; an existing ``PATH`` is replaced only when it is an earlier export of the same format
+(its marker says so) and ``force=True``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from paretoq_jax.errors import ParetoQError
 from paretoq_jax.models import Llama
+from paretoq_jax.outputs import OutputError, atomic_output, check_output
 
 __all__ = ["FORMATS", "ExportError", "export_model", "export_run", "load_run"]
 
 FORMATS = ("packed", "hf", "gguf")
 
 
-class ExportError(ValueError):
+class ExportError(ParetoQError, ValueError):
     """An export that cannot be done; the message names the problem and the fix."""
 
 
@@ -53,9 +53,24 @@ def _check_options(ternary: str = "2bit", gguf_qtype: str | None = None, float_t
         raise ExportError(f"float_type={float_type!r}: choose one of {sorted(FLOAT_TYPES)}")
 
 
-def _check_out(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise ExportError(f"{out} already exists: pass --force (force=True) to overwrite it")
+def output_kind_of(fmt: str) -> str:
+    """The output kind (marker) of an export format: ``export-packed``, ``export-hf``, ..."""
+    return f"export-{fmt}"
+
+
+def check_export_out(
+    out: str | Path, fmt: str, *, force: bool, reads: Sequence[str | Path] = (),
+    owned_run: str | Path | None = None,
+) -> Path:  # fmt: skip
+    """:func:`paretoq_jax.outputs.check_output` for an export of ``fmt`` (folder, or a .gguf
+    file); raises :class:`ExportError`."""
+    try:
+        return check_output(
+            out, output_kind_of(fmt), directory=fmt != "gguf", force=force, reads=reads,
+            owned_run=owned_run,
+        )  # fmt: skip
+    except OutputError as e:
+        raise ExportError(str(e)) from None
 
 
 def load_run(run_dir: str | Path, step: int | None = None) -> tuple[Llama, Any, Any, int]:
@@ -69,32 +84,6 @@ def load_run(run_dir: str | Path, step: int | None = None) -> tuple[Llama, Any, 
         raise ExportError(str(e)) from None
 
 
-@contextlib.contextmanager
-def atomic_output(out: Path, *, force: bool, directory: bool) -> Iterator[Path]:
-    """Yield a fresh temporary path beside ``out``; on success rename it to ``out`` (replacing
-    an existing ``out`` only with ``force``); on failure remove it and leave ``out`` alone."""
-    _check_out(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the export is a normal folder
-    target = tmp if directory else tmp / out.name
-    try:
-        yield target
-        _check_out(out, force)  # appeared meanwhile?
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(target, out)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            os.replace(target, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def export_model(
     model: Llama,
     fmt: str,
@@ -102,6 +91,8 @@ def export_model(
     *,
     tokenizer: Any = None,
     force: bool = False,
+    reads: Sequence[str | Path] = (),
+    owned_run: str | Path | None = None,
     ternary: str = "2bit",
     gguf_qtype: str | None = None,
     float_type: str = "f32",
@@ -110,19 +101,22 @@ def export_model(
 
     ``ternary`` (packed, 1.58 bits): ``"2bit"`` or ``"base3"``. ``gguf_qtype`` (gguf): block
     format of the quantized projections (default per bit-width). ``float_type`` (gguf): ``"f32"``
-    or ``"f16"`` for embeddings and a float ``lm_head``.
+    or ``"f16"`` for embeddings and a float ``lm_head``. ``reads`` / ``owned_run``: see
+    :func:`paretoq_jax.outputs.check_output` (an export never goes into, over or above a
+    training run or what it was read from; ``force`` replaces only an earlier export).
     """
     from paretoq_jax.io.packed import quantized_weights
 
     _check_format(fmt)
     _check_options(ternary, gguf_qtype, float_type)
     out = Path(out)
-    _check_out(out, force)
+    where = dict(force=force, reads=reads, owned_run=owned_run)
+    check_export_out(out, fmt, **where)
     try:
         quantized_weights(model)  # not quantized / missing scales: clear errors up front
     except ValueError as e:
         raise ExportError(str(e)) from None
-    with atomic_output(out, force=force, directory=fmt != "gguf") as tmp:
+    with atomic_output(out, output_kind_of(fmt), directory=fmt != "gguf", **where) as tmp:
         if fmt == "packed":
             from paretoq_jax.io.packed import save_packed
 
@@ -134,7 +128,10 @@ def export_model(
         else:
             from paretoq_jax.io.gguf_writer import write_gguf
 
-            write_gguf(model, tmp, tokenizer=tokenizer, qtype=gguf_qtype, float_type=float_type)
+            write_gguf(
+                model, tmp, tokenizer=tokenizer, qtype=gguf_qtype, float_type=float_type,
+                output_kind=output_kind_of(fmt),
+            )  # fmt: skip
     return out
 
 
@@ -150,6 +147,8 @@ def export_run(
     """:func:`load_run` then :func:`export_model` (format and output are checked first)."""
     _check_format(fmt)
     _check_options(**kwargs)
-    _check_out(Path(out), force)
+    check_export_out(out, fmt, force=force, reads=[run_dir])
     model, tokenizer, _, _ = load_run(run_dir, step)
-    return export_model(model, fmt, out, tokenizer=tokenizer, force=force, **kwargs)
+    return export_model(
+        model, fmt, out, tokenizer=tokenizer, force=force, reads=[run_dir], **kwargs
+    )

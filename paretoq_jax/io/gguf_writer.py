@@ -31,6 +31,7 @@ from paretoq_jax.io.mapping import GGUF_NORM, GGUF_PROJ, GGUF_TABLE, model_to_hf
 from paretoq_jax.models import Llama
 from paretoq_jax.models.layers import rope_inv_freq
 from paretoq_jax.models.packed import linear_codes
+from paretoq_jax.outputs import GGUF_KIND_KEY
 
 __all__ = ["GGUF_ARCH", "QTYPE_NAMES", "hf_to_gguf_name", "permute_qk", "write_gguf"]
 
@@ -202,6 +203,7 @@ def write_gguf(
     qtype: str | Q | None = None,
     float_type: str = "f32",
     name: str | None = None,
+    output_kind: str = "export-gguf",
 ) -> dict[str, str]:
     """Write ``model`` as a GGUF file at ``path`` that llama.cpp runs.
 
@@ -213,6 +215,8 @@ def write_gguf(
         ``in`` is not a multiple of its block get the exact fallback.
       float_type: ``"f32"`` or ``"f16"`` for the embeddings and a float ``lm_head``.
       name: ``general.name``.
+      output_kind: stored under ``paretoq_jax.output`` (llama.cpp ignores it), so that a later
+        export may recognise, and with ``--force`` replace, this file (:mod:`paretoq_jax.outputs`).
 
     Returns:
       ``{gguf tensor name: ggml type name}``.
@@ -236,6 +240,7 @@ def write_gguf(
 
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(name or f"paretoq-{arch}")
+    writer.add_string(GGUF_KIND_KEY, output_kind)
     _add_hparams(writer, model)
     add_tokenizer(writer, tokenizer, c.vocab_size)
     layers = c.num_hidden_layers

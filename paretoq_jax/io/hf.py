@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from paretoq_jax.errors import ParetoQError
 from paretoq_jax.io.mapping import HF_IGNORED, hf_tensors, hf_to_model, model_to_hf
 from paretoq_jax.models import Llama, LlamaConfig, QuantLinear, QuantRules
 from paretoq_jax.sharding import Rules, variable_sharding
@@ -34,7 +35,7 @@ SCALES_FILE = "quant_scales.safetensors"
 CONFIG_KEY = "paretoq"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ParetoQError, ValueError):
     """A checkpoint that cannot be loaded: the message names the tensor and the file."""
 
 

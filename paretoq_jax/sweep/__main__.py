@@ -14,11 +14,20 @@ import shutil
 import sys
 from pathlib import Path
 
+from paretoq_jax.cli import EXIT_SIGNAL_BASE, run_cli
+from paretoq_jax.outputs import MARKER, check_output, marker_text
+
 from .runner import cell_config, run_cells, write_json_atomic, write_results
 from .spec import SweepError, expand, load_sweep, parse_shard, select
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 all chosen cells done, 1 some failed, 128 + N a cell stopped by signal N
+    (saved; rerun to resume), 2 bad input."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m paretoq_jax.sweep",
         description="Run a grid of QAT runs + evaluation (resumable; see docs/sweeps.md).",
@@ -38,17 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--progress", action="store_true", help="show the trainer's progress bar")
     args = parser.parse_args(argv)
 
-    try:
-        spec = load_sweep(args.config)
-        shard = parse_shard(args.shard) if args.shard else None
-    except (SweepError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    spec = load_sweep(args.config)
+    shard = parse_shard(args.shard) if args.shard else None
     out = args.out or spec.out_dir
     if out is None:
-        print("error: pass --out DIR or set out_dir in the sweep file", file=sys.stderr)
-        return 2
+        raise SweepError("pass --out DIR or set out_dir in the sweep file")
     sweep_dir = Path(out)
+    # a new or empty folder, or this sweep's own folder (continued): never a run or other files
+    check_output(sweep_dir, "sweep", directory=True, resume=True)
 
     # Validate every cell's config before running anything (cheap: no model is loaded), so that
     # indices and shards are over the valid cells only.
@@ -64,11 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     if invalid and not spec.drop_invalid:
         print("fix the sweep file, add an exclude rule, or set drop_invalid: true", file=sys.stderr)
         return 2
-    try:
-        chosen = select(cells, cell=args.cell, shard=shard)
-    except SweepError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    chosen = select(cells, cell=args.cell, shard=shard)
     if args.kind:
         chosen = [c for c in chosen if c.kind in args.kind]
     index = {c.name: i for i, c in enumerate(cells)}
@@ -80,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    if not (sweep_dir / MARKER).exists():
+        (sweep_dir / MARKER).write_text(marker_text("sweep"))
     if spec.source is not None:
         shutil.copyfile(spec.source, sweep_dir / "sweep.yaml")
     write_json_atomic(
@@ -93,7 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         spec, [(index[c.name], c) for c in chosen], sweep_dir, progress=args.progress
     )
     write_results(sweep_dir)
+    stopped = report.pop("interrupted", None)
     print("[sweep] " + json.dumps({k: len(v) for k, v in report.items()}) + f" -> {sweep_dir}")
+    if stopped:
+        return EXIT_SIGNAL_BASE + int(stopped[1])
     return 1 if report["failed"] else 0
 
 

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from paretoq_jax.config import from_dict, load_yaml
+from paretoq_jax.errors import ParetoQError
 
 from .spec import Cell, SweepSpec
 
@@ -56,8 +58,14 @@ CSV_FIRST = [
 ]  # fmt: skip
 
 
-class CellInterrupted(RuntimeError):
-    """Training stopped before its last step (a signal); the cell resumes on the next run."""
+class CellInterrupted(ParetoQError, RuntimeError):
+    """Training stopped before its last step (signal ``signum``, after saving); the cell
+    resumes on the next run. ``exit_code`` is 128 + ``signum`` (SIGINT 130, SIGTERM 143)."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -177,7 +185,12 @@ def run_cell(spec: SweepSpec, cell: Cell, index: int, cell_dir: Path, *, progres
             summary = None
         train_wall = time.perf_counter() - t_train
         if summary is not None and summary["step"] < steps:
-            raise CellInterrupted(f"{cell.name}: stopped at step {summary['step']} of {steps}")
+            signum = summary.get("interrupted") or signal.SIGTERM
+            raise CellInterrupted(
+                f"{cell.name}: stopped by {signal.Signals(signum).name} at step "
+                f"{summary['step']} of {steps} (saved)",
+                signum,
+            )
         cell_dir.mkdir(parents=True, exist_ok=True)
     else:
         cell_dir.mkdir(parents=True, exist_ok=True)
@@ -290,7 +303,8 @@ def run_cells(
 
     Returns ``{"done": [...], "skipped": [...], "busy": [...], "failed": [...]}``. A failing
     cell is logged to ``cells/NAME/error.txt`` and the sweep goes on; an interrupted one
-    (SIGINT/SIGTERM during training) stops the sweep.
+    (SIGINT/SIGTERM during training) stops the sweep and adds ``"interrupted": [cell name,
+    signal number]``.
     """
     report: dict[str, list[str]] = {"done": [], "skipped": [], "busy": [], "failed": []}
     for index, cell in cells:
@@ -312,6 +326,7 @@ def run_cells(
             except CellInterrupted as e:
                 print(f"[sweep] {e}; rerun the same command to resume", file=sys.stderr)
                 report["failed"].append(cell.name)
+                report["interrupted"] = [cell.name, str(e.signum)]
                 break
             except Exception:
                 err = traceback.format_exc()

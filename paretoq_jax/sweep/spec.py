@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from paretoq_jax.errors import ParetoQError
 from paretoq_jax.quant import parse_bits
 
 __all__ = [
@@ -60,7 +61,7 @@ _SAFE = re.compile(r"^[A-Za-z0-9.+\-]+$")
 _MAX_NAME = 180
 
 
-class SweepError(ValueError):
+class SweepError(ParetoQError, ValueError):
     """A sweep file or cell selection is invalid; the message names the problem and the fix."""
 
 

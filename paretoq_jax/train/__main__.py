@@ -13,7 +13,8 @@ import argparse
 import os
 import sys
 
-from paretoq_jax.config import ConfigError, load_config
+from paretoq_jax.cli import EXIT_SIGNAL_BASE, run_cli
+from paretoq_jax.config import load_config
 
 
 def init_distributed(force: bool = False) -> bool:
@@ -38,9 +39,17 @@ def init_distributed(force: bool = False) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 when the run reached ``train.steps``; 128 + N when signal N (SIGINT: 130,
+    SIGTERM: 143) stopped it after saving (rerun to resume); 2 bad input; 3 non-finite loss;
+    4 a checkpoint could not be saved; 1 an unexpected error (see ``docs/cli.md``)."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m paretoq_jax.train",
         description="ParetoQ quantization-aware training (resumes from RUN_DIR/checkpoints).",
+        epilog="--debug (or PARETOQ_DEBUG=1) shows the traceback of an error.",
     )
     parser.add_argument("--config", required=True, help="YAML run config, e.g. configs/tiny.yaml")
     parser.add_argument("--distributed", action="store_true", help="jax.distributed.initialize()")
@@ -50,26 +59,23 @@ def main(argv: list[str] | None = None) -> int:
 
     from paretoq_jax.train.config import RunConfig
 
-    try:
-        cfg = load_config(RunConfig, args.config, args.overrides)
-    except (ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(RunConfig, args.config, args.overrides)
     init_distributed(args.distributed)
 
-    from paretoq_jax.train.checkpoint import CheckpointSaveError
-    from paretoq_jax.train.loop import NonFiniteLossError, train
+    from paretoq_jax.train.loop import train
 
-    try:
-        summary = train(cfg, progress=not args.no_progress)
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except CheckpointSaveError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 4
+    summary = train(cfg, progress=not args.no_progress)
     import jax
 
+    if summary.get("interrupted"):
+        code = EXIT_SIGNAL_BASE + summary["interrupted"]
+        if jax.process_index() == 0:
+            print(
+                f"[train] interrupted at step {summary['step']} (saved; exit status {code}): "
+                "rerun the same command to resume",
+                file=sys.stderr,
+            )
+        return code
     if jax.process_index() == 0:
         print(f"[train] done: step {summary['step']} loss {summary['loss']:.6f} in {cfg.run_dir}")
     return 0

@@ -25,11 +25,15 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from paretoq_jax.errors import ParetoQError
+
 __all__ = ["Checkpointer", "CheckpointSaveError"]
 
 
-class CheckpointSaveError(RuntimeError):
+class CheckpointSaveError(ParetoQError, RuntimeError):
     """A checkpoint could not be written (e.g. the disk is full); earlier ones are intact."""
+
+    exit_code = 4
 
 
 def state_bytes(tree: Any) -> int:

@@ -20,7 +20,9 @@ import numpy as np
 from flax import nnx
 
 from paretoq_jax.config import save_config, to_dict
+from paretoq_jax.errors import ParetoQError
 from paretoq_jax.models import resolve_rules
+from paretoq_jax.outputs import check_run_dir
 from paretoq_jax.runtime import HeapGuard, release_free_memory
 
 from .checkpoint import Checkpointer, abstract_like
@@ -37,8 +39,10 @@ __all__ = ["train", "NonFiniteLossError", "compute_dtype", "build_mesh", "build_
 _FAULT_SLEEP_S = float(os.environ.get("PARETOQ_FAULT_SLEEP_S", "0") or 0)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(ParetoQError, RuntimeError):
     """The loss or gradient norm became NaN/inf; the run stopped without saving."""
+
+    exit_code = 3
 
 
 def compute_dtype(name: str) -> Any:
@@ -221,7 +225,9 @@ def build_trainer(
 
 
 def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) training; returns ``{"step", "loss", "run_dir", "resumed_from"}``.
+    """Run (or resume) training; returns ``{"step", "loss", "run_dir", "resumed_from",
+    "interrupted", ...}``. ``interrupted`` is the signal number when SIGINT / SIGTERM stopped
+    the run early (after saving its step), else None.
 
     Raises ``NonFiniteLossError`` when the loss or gradient norm becomes non-finite (nothing is
     saved for that step; earlier checkpoints stay intact).
@@ -231,6 +237,7 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     is_main = jax.process_index() == 0
     if is_main:
+        check_run_dir(run_dir)  # never trains into a folder of other files or inside a run
         run_dir.mkdir(parents=True, exist_ok=True)
         old_cfg = run_dir / "config.yaml"
         if old_cfg.exists():
@@ -324,6 +331,7 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     loss = float("nan")
     step = start
     heap_guard = HeapGuard()
+    interrupted: int | None = None
     t_start = time.perf_counter()
     try:
         with _Stop() as stop:
@@ -375,7 +383,12 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
                 if stop.signum is not None:
                     if step % cfg.checkpoint.every and step != tcfg.steps:
                         save(step)
-                    writer.message(f"[train] signal {stop.signum}: saved step {step}, exiting")
+                    interrupted = stop.signum if step < tcfg.steps else None  # else: done
+                    name = signal.Signals(stop.signum).name
+                    writer.message(
+                        f"[train] {name}: stopped and saved step {step} of {tcfg.steps} in "
+                        f"{run_dir / 'checkpoints'}; rerun the same command to resume"
+                    )
                     break
     finally:
         ckpt.close()
@@ -386,5 +399,6 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         "loss": loss,
         "run_dir": str(run_dir),
         "resumed_from": start,
+        "interrupted": interrupted,
         **memory,
     }
