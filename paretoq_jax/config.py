@@ -245,12 +245,26 @@ def _merge(base: dict, over: Mapping) -> dict:
     return out
 
 
+def read_yaml(path: str | Path) -> Any:
+    """The YAML document in ``path`` (``{}`` when empty); a :class:`ConfigError` naming the file
+    and the line when it is not valid YAML or not text."""
+    try:
+        return yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML{at}: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not a text (UTF-8) file") from None
+
+
 def load_yaml(path: str | Path) -> dict:
     """Read a YAML config file, resolving an optional ``base:`` file it names."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml(path)
     if not isinstance(data, Mapping):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     base = data.pop("base", None)

@@ -249,7 +249,7 @@ def _check_parent_writable(p: Path, what: str) -> None:
         raise OutputError(f"{what}: no permission to write in {q}")
 
 
-def marker_text(kind: str, extra: dict | None) -> str:
+def marker_text(kind: str, extra: dict | None = None) -> str:
     from paretoq_jax import __version__
 
     data = {"kind": kind, "tool": f"paretoq_jax {__version__}", "created": time.time()}

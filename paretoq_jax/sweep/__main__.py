@@ -65,11 +65,13 @@ def _main(argv: list[str] | None = None) -> int:
             cells.append(c)
         except ValueError as e:
             invalid[c.name] = str(e)
-    for name, why in invalid.items():
-        print(f"[sweep] {'dropped' if spec.drop_invalid else 'error:'} cell {name}: {why}")
     if invalid and not spec.drop_invalid:
-        print("fix the sweep file, add an exclude rule, or set drop_invalid: true", file=sys.stderr)
-        return 2
+        bad = "; ".join(f"cell {name}: {why}" for name, why in invalid.items())
+        raise SweepError(
+            f"{bad}. Fix the sweep file, add an exclude rule, or set drop_invalid: true"
+        )
+    for name, why in invalid.items():
+        print(f"[sweep] dropped cell {name}: {why}")
     chosen = select(cells, cell=args.cell, shard=shard)
     if args.kind:
         chosen = [c for c in chosen if c.kind in args.kind]

@@ -29,8 +29,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from paretoq_jax.config import ConfigError, read_yaml
 from paretoq_jax.errors import ParetoQError
 from paretoq_jax.quant import parse_bits
 
@@ -136,7 +135,10 @@ def load_sweep(path: str | Path) -> SweepSpec:
     path = Path(path)
     if not path.is_file():
         raise SweepError(f"sweep file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = read_yaml(path)
+    except ConfigError as e:
+        raise SweepError(str(e).replace("config file", "sweep file", 1)) from None
     if not isinstance(data, Mapping):
         raise SweepError(f"sweep file {path} must hold a mapping at the top level")
     unknown = set(data) - _TOP_KEYS
