@@ -213,18 +213,27 @@ def test_errors(tmp_path, tokenizer):
     broken.layers.mlp.up_proj.scale = None
     with pytest.raises(ExportError, match="missing scales"):
         export_model(broken, "gguf", tmp_path / "a.gguf", tokenizer=tokenizer)
-    # an existing output is kept without force; a failed export leaves no file behind
+    # a file that is not an earlier export is kept, even with force
     out = tmp_path / "m.gguf"
     out.write_text("precious")
-    with pytest.raises(ExportError, match="already exists"):
-        export_model(model, "gguf", out, tokenizer=tokenizer)
-    with pytest.raises(ExportError, match="unknown GGUF qtype"):
-        export_model(model, "gguf", out, tokenizer=tokenizer, gguf_qtype="Q9_9", force=True)
-    with pytest.raises(ValueError, match="needs the tokenizer"):  # fails mid-export
-        export_model(model, "gguf", out, tokenizer=None, force=True)
+    for force in (False, True):
+        with pytest.raises(ExportError, match="not an output of paretoq_jax"):
+            export_model(model, "gguf", out, tokenizer=tokenizer, force=force)
     assert out.read_text() == "precious"
-    export_model(model, "gguf", out, tokenizer=tokenizer, force=True)
-    assert out.read_bytes()[:4] == b"GGUF"
+    # an earlier export is kept without force; a failed export leaves it as it was
+    mine = tmp_path / "mine.gguf"
+    export_model(model, "gguf", mine, tokenizer=tokenizer)
+    before = mine.read_bytes()
+    with pytest.raises(ExportError, match="already exists"):
+        export_model(model, "gguf", mine, tokenizer=tokenizer)
+    with pytest.raises(ExportError, match="unknown GGUF qtype"):
+        export_model(model, "gguf", mine, tokenizer=tokenizer, gguf_qtype="Q9_9", force=True)
+    with pytest.raises(ValueError, match="needs the tokenizer"):  # fails mid-export
+        export_model(model, "gguf", mine, tokenizer=None, force=True)
+    assert mine.read_bytes() == before
+    export_model(model, "gguf", mine, tokenizer=tokenizer, force=True, gguf_qtype="Q8_0")
+    assert mine.read_bytes()[:4] == b"GGUF" and mine.read_bytes() != before
+    mine.unlink()
 
     class Broken:  # fails after model.safetensors is written
         def save_pretrained(self, path):
