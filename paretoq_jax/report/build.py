@@ -316,10 +316,7 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
         name, anchors = sweep.get("name", name), sweep.get("anchors") or {}
         if (out / "sweep.yaml").resolve() != sweep_file.resolve():
             (out / "sweep.yaml").write_text(text)
-    if (out / "results.json").resolve() != (sweep_dir / "results.json").resolve() or not (
-        sweep_dir / "results.json"
-    ).is_file():
-        write_json_atomic(out / "results.json", rows)
+    write_json_atomic(out / "results.json", rows)  # in place too: the canonical form
     write_table(out, rows)
     with F.style():
         md = _page(rows, name, anchors, out)
