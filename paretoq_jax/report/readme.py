@@ -30,6 +30,12 @@ BLOCK = re.compile(
     re.S,
 )
 _MIB = 2**20
+NO_QUICKSTART = (
+    "*No measured run of the current command is committed yet.* To fill this table: "
+    "`python -m paretoq_jax.quickstart`, then `mkdir -p reports/quickstart && cp "
+    "runs/quickstart/quickstart.json reports/quickstart/` and `python -m paretoq_jax.report "
+    "--readme`."
+)
 
 
 def num(x: Any) -> str:
@@ -204,8 +210,9 @@ def blocks(reports: str | Path | None = None) -> dict[str, str]:
     root = Path(reports) if reports is not None else REPORTS_DIR
     out: dict[str, str] = {}
     qs = root / "quickstart" / "quickstart.json"
-    if qs.is_file():
-        out["quickstart"] = quickstart_block(json.loads(qs.read_text()))
+    out["quickstart"] = (
+        quickstart_block(json.loads(qs.read_text())) if qs.is_file() else NO_QUICKSTART
+    )
     bits_dir = root / "smollm2-bits"
     baseline, base_ref = None, None
     if (bits_dir / "results.json").is_file():
