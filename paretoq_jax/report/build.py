@@ -264,7 +264,8 @@ def _provenance_section(rows: Sequence[dict]) -> list[str]:
         "## Where the numbers come from",
         "",
         "Every number on this page is computed from this folder's `results.json`. The rows "
-        "marked `*` in the cell tables were not written by the sweep runner:",
+        "marked `*` in the table of all cells are not complete records (config, metrics curve, "
+        "final metrics) written by the sweep runner:",
         "",
     ]
     for key, rs in groups.items():
@@ -326,6 +327,7 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
 
 
 def _page(rows: list[dict], name: str, anchors: dict, out: Path) -> list[str]:
+    """Draw the figures into ``out``; return the lines of ``report.md``."""
     curves, interval = _curves(rows)
     trained = [r for r in rows if r["kind"] == "train"]
     with_loss = {k: c for k, c in curves.items() if c["loss"]}
