@@ -150,27 +150,13 @@ def run(cfg: Any, *, prompt: str, max_new_tokens: int, eval_batch: int, progress
 def record(cfg: Any, run_dir: Path) -> dict[str, Any]:
     """What makes the quickstart's numbers reproducible: ``config`` (the run's whole config),
     ``curve`` (its metrics curve) and ``software`` (versions, platform, CPU count)."""
-    import os
-    import platform
-
-    import jax
-    import jaxlib
-
     from paretoq_jax.config import to_dict
-    from paretoq_jax.report.records import curve_from_file
+    from paretoq_jax.report.records import curve_from_file, software
 
     return {
         "config": to_dict(cfg),
         "curve": curve_from_file(run_dir / "metrics.jsonl"),
-        "software": {
-            "python": platform.python_version(),
-            "jax": jax.__version__,
-            "jaxlib": jaxlib.__version__,
-            "backend": jax.default_backend(),
-            "devices": jax.device_count(),
-            "cpu_count": os.cpu_count(),
-            "machine": platform.machine(),
-        },
+        "software": software(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 

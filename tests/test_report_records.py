@@ -25,7 +25,9 @@ def test_quickstart_record_has_config_curve_and_software(tmp_path):
     assert r["config"]["model"]["path"] == "asset:smollm2-135m"
     assert [(m["step"], m["loss"]) for m in r["curve"]] == [(1, 9.0), (2, 8.5)]
     assert "tokens_per_sec" not in r["curve"][0]  # timing noise stays out of the curve
-    assert {"jax", "jaxlib", "python", "backend", "cpu_count"} <= set(r["software"])
+    assert {"jax", "jaxlib", "numpy", "gguf", "python", "backend", "cpu_count"} <= set(
+        r["software"]
+    )
     assert r["finished_at"].endswith("Z")
 
 

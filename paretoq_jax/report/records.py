@@ -4,7 +4,10 @@ A sweep cell's ``result.json`` row (and each row of ``results.json``), and the q
 ``quickstart.json``, carry besides their final metrics:
 
 - ``config``: the run's whole resolved training config (``paretoq_jax.config.to_dict``), as run;
-- ``curve``: the metrics curve, one record per logged training step (:func:`curve_of`).
+- ``curve``: the metrics curve, one record per logged training step (:func:`curve_of`);
+- ``software``: the versions the numbers depend on (:func:`software`): the same code and
+  config can differ in the last bits elsewhere (another dequantizer, XLA, CPU), and low-bit QAT
+  amplifies that.
 
 A report or a README table is then rebuilt from the committed file alone, with no run
 directory. Rows copied from an older committed report, whose run directories were never
@@ -18,7 +21,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CURVE_KEYS", "curve_of", "curve_from_file", "mean_codes_changed"]
+__all__ = ["CURVE_KEYS", "curve_of", "curve_from_file", "mean_codes_changed", "software"]
+
+_PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "gguf", "ml_dtypes")
 
 CURVE_KEYS = ("step", "tokens", "loss", "lr", "grad_norm", "elapsed_s", "val_loss", "val_ppl")
 """Keys of ``metrics.jsonl`` rows kept in a curve record (when the row has them)."""
@@ -51,3 +56,26 @@ def curve_from_file(metrics_jsonl: str | Path) -> list[dict[str, Any]]:
     from paretoq_jax.train.metrics import read_metrics
 
     return curve_of(read_metrics(metrics_jsonl))
+
+
+def software() -> dict[str, Any]:
+    """Python, the numerics packages' versions, the JAX backend and device count, CPU count."""
+    import os
+    import platform
+    from importlib import metadata
+
+    import jax
+
+    out: dict[str, Any] = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    out.update(
+        backend=jax.default_backend(),
+        devices=jax.device_count(),
+        cpu_count=os.cpu_count(),
+        machine=platform.machine(),
+    )
+    return out

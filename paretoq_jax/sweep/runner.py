@@ -148,7 +148,7 @@ def run_cell(spec: SweepSpec, cell: Cell, index: int, cell_dir: Path, *, progres
 
     from paretoq_jax.analysis import model_size
     from paretoq_jax.config import to_dict
-    from paretoq_jax.report.records import curve_from_file
+    from paretoq_jax.report.records import curve_from_file, software
     from paretoq_jax.train.loop import NonFiniteLossError, _load_tokenizer, build_mesh, train
 
     from . import evaluate as ev
@@ -194,6 +194,7 @@ def run_cell(spec: SweepSpec, cell: Cell, index: int, cell_dir: Path, *, progres
     # the committed-results record: the config as run and the metrics curve (report.records)
     row["config"] = to_dict(cfg) if steps else saved
     row["curve"] = curve_from_file(cell_dir / "metrics.jsonl") if steps else []
+    row["software"] = software()
 
     mesh = build_mesh(cfg)
     model = ev.build_start_model(cfg, mesh)
@@ -386,7 +387,7 @@ def write_results(sweep_dir: Path) -> list[dict]:
 
 def write_table(folder: Path, rows: list[dict]) -> None:
     """``folder/results.csv``: the rows' scalar columns (:data:`CSV_FIRST` first), atomically."""
-    skip = {"per_kernel", "transition", "config", "curve"}  # long: in results.json only
+    skip = {"per_kernel", "transition", "config", "curve", "software"}  # long: in results.json only
     override_cols = sorted({k for r in rows for k in r.get("overrides", {})})
     keys = {k for r in rows for k in r if k not in skip and k != "overrides"}
     cols = [c for c in CSV_FIRST if c in keys] + sorted(keys - set(CSV_FIRST))
