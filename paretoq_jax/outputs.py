@@ -118,8 +118,9 @@ def _legacy_folder_kind(p: Path) -> str | None:
     if (p / "cells.json").is_file():
         return "sweep"
     names = {e.name for e in p.iterdir()}
-    if "report.md" in names and all(n == "report.md" or n.endswith(".png") for n in names):
-        return "report"
+    if "report.md" in names and "cells" not in names:  # a report: its page beside its rows
+        if "results.json" in names or all(n == "report.md" or n.endswith(".png") for n in names):
+            return "report"
     if _read_json(p / "quant_config.json").get("format") == "paretoq-packed":
         return "export-packed"
     if "paretoq" in _read_json(p / "config.json") and (p / "model.safetensors").is_file():

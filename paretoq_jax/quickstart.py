@@ -11,7 +11,9 @@ On a fresh CPU machine, with the embedded default (``configs/quickstart.yaml``):
 5. measures perplexity again, exports packed and GGUF files, and generates a short sample from
    the packed model (computing from the packed integer codes);
 6. prints a table: perplexity (float / RTN / QAT), file sizes, tokens/s; and writes it to
-   ``RUN_DIR/quickstart.json``.
+   ``RUN_DIR/quickstart.json`` with the config as run, the metrics curve and the software it
+   ran on (``paretoq_jax.report.records``): the file the README's quickstart table is generated
+   from (``reports/quickstart/quickstart.json``).
 
 Overrides are the training config's dotted keys (``model.bits=3 train.steps=50
 data.path=default:shakespeare``). A second run reuses the downloads, the token cache and a
@@ -32,7 +34,7 @@ from paretoq_jax.cli import run_cli
 from paretoq_jax.config import ConfigError
 from paretoq_jax.outputs import atomic_write_text, check_run_dir
 
-__all__ = ["main", "run", "default_config_path"]
+__all__ = ["main", "run", "record", "table", "default_config_path"]
 
 
 def default_config_path() -> Path:
@@ -146,11 +148,26 @@ def run(cfg: Any, *, prompt: str, max_new_tokens: int, eval_batch: int, progress
         generate_tokens_per_sec=max_new_tokens / gen_s,
         wall_s=time.perf_counter() - t0,
     )
+    results.update(record(cfg, run_dir))
     atomic_write_text(run_dir / "quickstart.json", json.dumps(results, indent=2))
 
     _say("6/6 summary")
     print(table(results), flush=True)
     return results
+
+
+def record(cfg: Any, run_dir: Path) -> dict[str, Any]:
+    """What makes the quickstart's numbers reproducible: ``config`` (the run's whole config),
+    ``curve`` (its metrics curve) and ``software`` (versions, platform, CPU count)."""
+    from paretoq_jax.config import to_dict
+    from paretoq_jax.report.records import curve_from_file, software
+
+    return {
+        "config": to_dict(cfg),
+        "curve": curve_from_file(run_dir / "metrics.jsonl"),
+        "software": software(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
 def table(r: dict) -> str:

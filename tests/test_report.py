@@ -116,9 +116,9 @@ def test_report_files_from_a_sweep_dir(tmp_path):
     )
     assert main([str(tmp_path), "--out", str(tmp_path / "rep")]) == 0
     out = tmp_path / "rep"
-    for f in ("pareto.png", "ablation.png", "transition.png", "transition_over_training.png",
-              "loss_curves.png", "val_curves.png"):  # fmt: skip
-        assert (out / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f
+    for f in ("pareto.svg", "ablation.svg", "transition.svg", "transition_over_training.svg",
+              "loss_curves.svg", "val_curves.svg"):  # fmt: skip
+        assert (out / f).read_bytes().startswith(b"<?xml"), f
     md = (out / "report.md").read_text()
     # the frontier of PAPER_LIKE by (size, ppl): 1.58 seq, 2 seq, 3 lsq, 4 lsq
     frontier = md.split("Cells on the frontier:")[1].split("## ")[0]

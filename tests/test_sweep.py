@@ -290,6 +290,10 @@ rtn: true
         assert r["size_bits"] == 92160 * 2 + 16 * (33088 + 1216)
     assert rtn["relative_l1"] == 0.0 and rtn["codes_changed"] == 0.0
     assert [t["step"] for t in qat["transition"]] == [1, 2, 3]
+    # the committed-results record: the config as run and the metrics curve
+    assert qat["config"]["train"]["steps"] == 3 and rtn["config"]["train"]["steps"] == 0
+    assert [m["step"] for m in qat["curve"]] == [1, 2, 3] and rtn["curve"] == []
+    assert all(math.isfinite(m["loss"]) for m in qat["curve"])
     # keep_checkpoints (default "last"): the finished cell keeps its final step only
     assert sorted(p.name for p in (out / "cells" / qat["name"] / "checkpoints").iterdir()) == ["3"]
     assert 0 < qat["transition"][0]["relative_l1"] < qat["relative_l1"]
@@ -302,8 +306,8 @@ rtn: true
     assert os.stat(out / "cells" / qat["name"] / "result.json").st_mtime_ns == stamp
 
     page = build_report(out)
-    for f in ("pareto.png", "ablation.png", "transition.png", "transition_over_training.png",
-              "loss_curves.png"):  # fmt: skip
+    for f in ("pareto.svg", "ablation.svg", "transition.svg", "transition_over_training.svg",
+              "loss_curves.svg"):  # fmt: skip
         assert (page.parent / f).stat().st_size > 1000, f
     text = page.read_text()
     assert "bits=2,method=seq" in text and "Pareto" in text

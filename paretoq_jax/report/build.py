@@ -18,9 +18,14 @@ STATISTIC = ("absmean", "minmax")
 
 
 def load_rows(sweep_dir: Path) -> list[dict]:
-    """The finished cells' rows (``results.json``, else the cells' ``result.json`` files)."""
+    """The finished cells' rows: the cells' ``result.json`` files, else ``results.json`` (a
+    committed report folder). A row without its metrics ``curve`` (written before rows carried
+    one) gets it from the cell's ``metrics.jsonl`` when that is there."""
     from paretoq_jax.sweep.runner import collect_results
 
+    from .records import curve_from_file
+
+    sweep_dir = Path(sweep_dir)
     rows = collect_results(sweep_dir)
     if not rows and (sweep_dir / "results.json").is_file():
         rows = json.loads((sweep_dir / "results.json").read_text())
@@ -33,6 +38,9 @@ def load_rows(sweep_dir: Path) -> list[dict]:
         for k in ("val_ppl", "val_loss", "relative_l1", "codes_changed"):
             if isinstance(r.get(k), str):  # "nan"/"inf" written as strings
                 r[k] = float(r[k])
+        metrics = sweep_dir / "cells" / r["name"] / "metrics.jsonl"
+        if r["kind"] == "train" and "curve" not in r and metrics.is_file():
+            r["curve"] = curve_from_file(metrics)
     return rows
 
 
@@ -180,15 +188,9 @@ def _val_curve_section(curves: dict[str, dict]) -> list[str]:
             [[name] + [dict(c["val"]).get(t) for t in tokens] for name, c in curves.items()],
         ),
         "",
-        "![validation curves](val_curves.png)",
+        "![validation curves](val_curves.svg)",
         "",
     ]
-
-
-def _metrics(sweep_dir: Path, name: str) -> list[dict]:
-    from paretoq_jax.train.metrics import read_metrics
-
-    return read_metrics(sweep_dir / "cells" / name / "metrics.jsonl")
 
 
 def _fmt(x, digits: int = 4) -> str:
@@ -228,52 +230,125 @@ def _anchor_section(rows: Sequence[dict], anchors: dict) -> list[str]:
     ]
 
 
-def build_report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write ``report.md`` and its PNG figures into ``out`` (default ``SWEEP_DIR/report``)."""
-    sweep_dir = Path(sweep_dir)
-    out = Path(out) if out is not None else sweep_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    rows = load_rows(sweep_dir)
-    name, anchors = sweep_dir.name, {}
-    if (sweep_dir / "sweep.yaml").is_file():
-        import yaml
-
-        sweep = yaml.safe_load((sweep_dir / "sweep.yaml").read_text()) or {}
-        name, anchors = sweep.get("name", name), sweep.get("anchors") or {}
-
+def _curves(rows: Sequence[dict]) -> tuple[dict, dict]:
+    """From the rows' metrics ``curve``: per QAT cell the loss and validation points against
+    tokens seen, and the mean fraction of codes flipped at each quant-stat log (by step)."""
     curves, interval = {}, {}
     for r in rows:
         if r["kind"] != "train":
             continue
-        ms = _metrics(sweep_dir, r["name"])
-        label = r["name"].replace(f"bits={r['bits']:g},", "")
+        c = r.get("curve") or []
+        loss = [(m["tokens"], m["loss"]) for m in c if "tokens" in m and _ok(m.get("loss"))]
         curves[r["name"]] = {
-            "bits": r["bits"], "label": label,
-            "tokens": [m["tokens"] for m in ms], "loss": [m["loss"] for m in ms],
-            "val": [(m["tokens"], m["val_ppl"]) for m in ms if _ok(m.get("val_ppl"))],
+            "bits": r["bits"], "method": r.get("method"),
+            "label": r["name"].replace(f"bits={r['bits']:g},", ""),
+            "tokens": [t for t, _ in loss], "loss": [v for _, v in loss],
+            "val": [(m["tokens"], m["val_ppl"]) for m in c if _ok(m.get("val_ppl"))],
         }  # fmt: skip
-        pts = []
-        for m in ms:
-            vals = [v.get("codes_changed") for v in (m.get("quant") or {}).values()]
-            vals = [v for v in vals if _ok(v)]
-            if vals:
-                pts.append((m["step"], sum(vals) / len(vals)))
-        interval[r["name"]] = pts
+        interval[r["name"]] = [
+            (m["step"], m["codes_changed"]) for m in c if _ok(m.get("codes_changed"))
+        ]
+    return curves, interval
 
+
+def _provenance_section(rows: Sequence[dict]) -> list[str]:
+    """Markdown: which cells' numbers were copied from an earlier report rather than written by
+    the sweep runner (``provenance``), what of them is missing, and how to measure them again."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get("provenance"):
+            groups.setdefault(json.dumps(r["provenance"], sort_keys=True), []).append(r)
+    if not groups:
+        return []
+    md = [
+        "## Where the numbers come from",
+        "",
+        "Every number on this page is computed from this folder's `results.json`. The rows "
+        "marked `*` in the table of all cells are not complete records (config, metrics curve, "
+        "final metrics) written by the sweep runner:",
+        "",
+    ]
+    for key, rs in groups.items():
+        p = json.loads(key)
+        cells = ", ".join(f"`{r['name']}`" for r in rs)
+        md.append(f"- {cells}: {p.get('source', '')}. Not committed: {p.get('missing', '-')}.")
+    md += [
+        "",
+        "To measure them again, with the metrics curve and the config as run: "
+        "`python -m paretoq_jax.sweep --config SWEEP.yaml --cell NAME`, then "
+        "`python -m paretoq_jax.report SWEEP_DIR --out THIS_FOLDER`.",
+        "",
+    ]
+    return md
+
+
+def _star(r: dict) -> str:
+    return r["name"] + (" *" if r.get("provenance") else "")
+
+
+def is_report_dir(path: str | Path) -> bool:
+    """A committed report folder: ``results.json`` and no ``cells/`` (not a sweep directory)."""
+    path = Path(path)
+    return (path / "results.json").is_file() and not (path / "cells").is_dir()
+
+
+def build_report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write ``report.md``, its SVG figures and the rows it was built from (``results.json``,
+    ``results.csv``, and the sweep file as ``sweep.yaml``) into ``out``.
+
+    ``out`` defaults to ``SWEEP_DIR/report``, or to ``SWEEP_DIR`` itself when that is a report
+    folder (:func:`is_report_dir`): a committed report regenerates in place, byte for byte.
+    """
+    from paretoq_jax.sweep.runner import write_json_atomic, write_table
+
+    sweep_dir = Path(sweep_dir)
+    if out is None:
+        out = sweep_dir if is_report_dir(sweep_dir) else sweep_dir / "report"
+    out = Path(out)
+    rows = load_rows(sweep_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name, anchors = sweep_dir.name, {}
+    sweep_file = sweep_dir / "sweep.yaml"
+    if sweep_file.is_file():
+        import yaml
+
+        text = sweep_file.read_text()
+        sweep = yaml.safe_load(text) or {}
+        name, anchors = sweep.get("name", name), sweep.get("anchors") or {}
+        if (out / "sweep.yaml").resolve() != sweep_file.resolve():
+            (out / "sweep.yaml").write_text(text)
+    write_json_atomic(out / "results.json", rows)  # in place too: the canonical form
+    write_table(out, rows)
+    with F.style():
+        md = _page(rows, name, anchors, out)
+    page = out / "report.md"
+    page.write_text("\n".join(md))
+    return page
+
+
+def _page(rows: list[dict], name: str, anchors: dict, out: Path) -> list[str]:
+    """Draw the figures into ``out``; return the lines of ``report.md``."""
+    curves, interval = _curves(rows)
+    trained = [r for r in rows if r["kind"] == "train"]
+    with_loss = {k: c for k, c in curves.items() if c["loss"]}
     q, rtn = ablation_table(rows), ablation_table(rows, "rtn")
-    F.plot_pareto(rows, out / "pareto.png")
+    F.plot_pareto(rows, out / "pareto.svg")
     has_acc = any(F._metric(r, "accuracy") is not None for r in rows)
     if has_acc:
-        F.plot_pareto(rows, out / "pareto_accuracy.png", metric="accuracy")
-    F.plot_ablation(q, rtn, out / "ablation.png")
-    if curves:  # figures of training need QAT cells
-        F.plot_transition(rows, out / "transition.png")
-        F.plot_transition_over_training(rows, interval, out / "transition_over_training.png")
-        F.plot_loss_curves(curves, out / "loss_curves.png")
+        F.plot_pareto(rows, out / "pareto_accuracy.svg", metric="accuracy")
+    F.plot_ablation(q, rtn, out / "ablation.svg")
+    over_training = any(r.get("transition") for r in trained) or any(interval.values())
+    if trained:  # figures of training need QAT cells
+        F.plot_transition(rows, out / "transition.svg")
+    if over_training:
+        F.plot_transition_over_training(rows, interval, out / "transition_over_training.svg")
+    if with_loss:
+        F.plot_loss_curves(with_loss, out / "loss_curves.svg")
     val_curves = {k: c for k, c in curves.items() if c["val"]}
     if val_curves:
-        F.plot_val_curves(val_curves, out / "val_curves.png")
+        F.plot_val_curves(val_curves, out / "val_curves.svg")
     no_qat = ["No QAT cell has finished yet.", ""]
+    no_curve = ["No QAT cell of this folder has a committed metrics curve.", ""]
 
     md = [f"# Sweep report: {name}", ""]
     budgets = sorted({r.get("tokens_seen") for r in rows if r["kind"] == "train"} - {None})
@@ -293,11 +368,11 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
         "channel at 16 bits. Filled markers: QAT; hollow: round-to-nearest; dashed: the Pareto "
         "frontier.",
         "",
-        "![pareto](pareto.png)",
+        "![pareto](pareto.svg)",
         "",
     ]
     if has_acc:
-        md += ["![pareto accuracy](pareto_accuracy.png)", ""]
+        md += ["![pareto accuracy](pareto_accuracy.svg)", ""]
     pts = [r for r in rows if _ok(r.get("val_ppl")) and _ok(r.get("size_bits"))]
     front = [
         pts[i] for i in pareto_frontier([r["size_bits"] for r in pts], [r["val_ppl"] for r in pts])
@@ -340,7 +415,7 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
             [[m] + [cell(b, m) for b in bits] for m in methods],
         ),
         "",
-        "![ablation](ablation.png)",
+        "![ablation](ablation.svg)",
         "",
         "## Learning transition",
         "",
@@ -362,17 +437,20 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
                 if r["kind"] == "train"
             ],
         )
-        if curves
+        if trained
         else "",
         "",
         *(
             [
-                "![transition](transition.png)",
+                "![transition](transition.svg)",
                 "",
-                "![transition over training](transition_over_training.png)",
-                "",
+                *(
+                    ["![transition over training](transition_over_training.svg)", ""]
+                    if over_training
+                    else []
+                ),
             ]
-            if curves
+            if trained
             else no_qat
         ),  # fmt: skip
         *_anchor_section(rows, anchors),
@@ -382,7 +460,13 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
         "",
         "## Loss curves",
         "",
-        *(["![loss curves](loss_curves.png)", ""] if curves else no_qat),
+        *(
+            ["![loss curves](loss_curves.svg)", ""]
+            if with_loss
+            else no_curve
+            if trained
+            else no_qat
+        ),
         *(_val_curve_section(val_curves) if val_curves else []),
         "## All cells",
         "",
@@ -403,7 +487,7 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
             [
                 [
                     r.get("index"),
-                    r["name"],
+                    _star(r),
                     r["kind"],
                     r.get("status"),
                     r["size_bits"] / 1e6,
@@ -418,7 +502,6 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
             ],
         ),  # fmt: skip
         "",
+        *_provenance_section(rows),
     ]
-    page = out / "report.md"
-    page.write_text("\n".join(md))
-    return page
+    return md

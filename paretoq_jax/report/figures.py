@@ -1,10 +1,15 @@
 """The report's figures (matplotlib, Agg backend: no display needed). Each function takes the
-result rows of ``SWEEP_DIR/results.json`` and writes one PNG."""
+result rows of ``SWEEP_DIR/results.json`` and writes one figure, SVG or PNG by the path's suffix.
+
+Inside :func:`style` the output is a function of the rows and matplotlib's version alone:
+matplotlib's default style (no ``matplotlibrc``), a fixed SVG hash salt, text kept as SVG text,
+and no date in the metadata, so a committed report's figures regenerate byte for byte."""
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -16,6 +21,7 @@ from paretoq_jax.analysis import pareto_frontier  # noqa: E402
 
 __all__ = [
     "BITS_ORDER",
+    "style",
     "plot_pareto",
     "plot_ablation",
     "plot_transition",
@@ -42,9 +48,25 @@ def _color(b: float) -> str:
     return _BIT_COLORS.get(b, "black")
 
 
+# what makes the saved bytes depend on anything but the figure: ids hashed with a random salt,
+# glyphs drawn from the system's fonts, the save date
+_REPRODUCIBLE = {"svg.hashsalt": "paretoq_jax", "svg.fonttype": "none", "path.simplify": True}
+
+
+@contextlib.contextmanager
+def style() -> Iterator[None]:
+    """matplotlib's default style (whatever a ``matplotlibrc`` says) plus :data:`_REPRODUCIBLE`."""
+    with plt.style.context("default"), matplotlib.rc_context(_REPRODUCIBLE):
+        yield
+
+
 def _save(fig, path: Path) -> Path:
+    path = Path(path)
     fig.tight_layout()
-    fig.savefig(path, dpi=_DPI)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    metadata = {"Date": None} if fmt == "svg" else None
+    with matplotlib.rc_context(_REPRODUCIBLE):
+        fig.savefig(path, dpi=_DPI, format=fmt, metadata=metadata)
     plt.close(fig)
     return path
 

@@ -8,7 +8,9 @@ Layout of a sweep directory::
     SWEEP_DIR/cells/NAME/           the cell's run directory (config.yaml, metrics.jsonl,
                                     checkpoints/ from the trainer)
     SWEEP_DIR/cells/NAME/.lock      flock held while a process works on the cell
-    SWEEP_DIR/cells/NAME/result.json  the done marker and the cell's result row (atomic rename)
+    SWEEP_DIR/cells/NAME/result.json  the done marker and the cell's result row (atomic rename):
+                                    final metrics, the config as run and the metrics curve
+                                    (``paretoq_jax.report.records``)
     SWEEP_DIR/results.json / results.csv  all finished cells' rows
 """
 
@@ -46,6 +48,7 @@ __all__ = [
     "run_cell",
     "write_json_atomic",
     "write_results",
+    "write_table",
 ]
 
 RESULT = "result.json"
@@ -152,6 +155,8 @@ def run_cell(spec: SweepSpec, cell: Cell, index: int, cell_dir: Path, *, progres
     from flax import nnx
 
     from paretoq_jax.analysis import model_size
+    from paretoq_jax.config import to_dict
+    from paretoq_jax.report.records import curve_from_file, software
     from paretoq_jax.train.loop import NonFiniteLossError, _load_tokenizer, build_mesh, train
 
     from . import evaluate as ev
@@ -196,11 +201,13 @@ def run_cell(spec: SweepSpec, cell: Cell, index: int, cell_dir: Path, *, progres
         cell_dir.mkdir(parents=True, exist_ok=True)
         import yaml
 
-        from paretoq_jax.config import to_dict
-
         saved = to_dict(cfg)
         saved["train"]["steps"] = 0  # evaluated as initialized (validated with steps=1)
         (cell_dir / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    # the committed-results record: the config as run and the metrics curve (report.records)
+    row["config"] = to_dict(cfg) if steps else saved
+    row["curve"] = curve_from_file(cell_dir / "metrics.jsonl") if steps else []
+    row["software"] = software()
 
     mesh = build_mesh(cfg)
     model = ev.build_start_model(cfg, mesh)
@@ -389,7 +396,13 @@ def write_results(sweep_dir: Path) -> list[dict]:
     sweep_dir = Path(sweep_dir)
     rows = collect_results(sweep_dir)
     write_json_atomic(sweep_dir / "results.json", rows)
-    skip = {"per_kernel", "transition"}  # long: in results.json only
+    write_table(sweep_dir, rows)
+    return rows
+
+
+def write_table(folder: Path, rows: list[dict]) -> None:
+    """``folder/results.csv``: the rows' scalar columns (:data:`CSV_FIRST` first), atomically."""
+    skip = {"per_kernel", "transition", "config", "curve", "software"}  # long: in results.json only
     override_cols = sorted({k for r in rows for k in r.get("overrides", {})})
     keys = {k for r in rows for k in r if k not in skip and k != "overrides"}
     cols = [c for c in CSV_FIRST if c in keys] + sorted(keys - set(CSV_FIRST))
@@ -405,7 +418,6 @@ def write_results(sweep_dir: Path) -> list[dict]:
                 for c in cols
             ]
         )
-    tmp = sweep_dir / f".results.csv.{os.getpid()}.tmp"
+    tmp = Path(folder) / f".results.csv.{os.getpid()}.tmp"
     tmp.write_text(buf.getvalue())
-    os.replace(tmp, sweep_dir / "results.csv")
-    return rows
+    os.replace(tmp, Path(folder) / "results.csv")

@@ -1,0 +1,47 @@
+"""The quickstart's results record: config as run, metrics curve, software (report.records)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from paretoq_jax.config import load_config
+from paretoq_jax.quickstart import record
+from paretoq_jax.report.readme import quickstart_block
+from paretoq_jax.train.config import RunConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quickstart_record_has_config_curve_and_software(tmp_path):
+    cfg = load_config(RunConfig, ROOT / "configs" / "quickstart.yaml", [f"run_dir={tmp_path}"])
+    rows = [
+        {"step": 1, "loss": 9.0, "tokens": 512, "tokens_per_sec": 80.0, "elapsed_s": 6.0},
+        {"step": 2, "loss": 8.5, "tokens": 1024, "tokens_per_sec": 85.0, "elapsed_s": 12.0},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = json.loads(json.dumps(record(cfg, tmp_path)))  # what quickstart.json holds
+    assert r["config"]["train"]["steps"] == cfg.train.steps
+    assert r["config"]["model"]["path"] == "asset:smollm2-135m"
+    assert [(m["step"], m["loss"]) for m in r["curve"]] == [(1, 9.0), (2, 8.5)]
+    assert "tokens_per_sec" not in r["curve"][0]  # timing noise stays out of the curve
+    assert {"jax", "jaxlib", "numpy", "gguf", "python", "backend", "cpu_count"} <= set(
+        r["software"]
+    )
+    assert r["finished_at"].endswith("Z")
+
+
+def test_quickstart_block_is_the_record(tmp_path):
+    cfg = load_config(RunConfig, ROOT / "configs" / "quickstart.yaml", [f"run_dir={tmp_path}"])
+    r = record(cfg, tmp_path) | {
+        "bits": 2, "method": "seq", "model": "/x/SmolLM2.gguf", "ppl_float": 26.28,
+        "ppl_rtn": 1.674e7, "ppl_qat": 812.34, "train_steps": cfg.train.steps,
+        "train_wall_s": 1200.0, "wall_s": 1320.0, "train_tokens_per_sec": 85.2,
+        "params": 134_515_008, "bytes_bf16": 2 * 134_515_008, "bytes_packed": 144_000_000,
+        "bytes_gguf": 168_000_000, "generate_tokens_per_sec": 30.25,
+    }  # fmt: skip
+    text = quickstart_block(r)
+    assert "| SmolLM2.gguf, 2-bit SEQ | value |" in text
+    assert "ParetoQ QAT, 180 steps of 2x256 tokens (92,160 tokens), lr 5e-4 | **812.3** |" in text
+    assert "| 26.28 |" in text and "| 1.67e7 |" in text and "134.5 M" in text
+    assert "85 tokens/s (6.7 s a step; 20 min of training, 22 min in all)" in text
