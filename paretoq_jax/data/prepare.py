@@ -380,7 +380,7 @@ def _any_key(kv: Any) -> bool:
 
 
 def prepare(
-    data: str,
+    data: str | Any,
     tokenizer: Any,
     out: str | Path,
     *,
@@ -389,14 +389,15 @@ def prepare(
     corpus_cache: str | Path | None = None,
     progress: bool = True,
 ) -> dict:
-    """Prepare ``data`` into ``out`` (see the module docstring); returns the manifest."""
-    from .sources import resolve_source
+    """Prepare ``data`` (a ``data.path`` string or a `sources.Source`) into ``out`` (see the
+    module docstring); returns the manifest."""
+    from .sources import Source, resolve_source
     from .tokenize import _backend, tokenizer_fingerprint
 
     opts = options or PrepareOptions()
     dest = store_url(out)
     _check_destination(str(out))
-    source = resolve_source(data, corpus_cache)
+    source = data if isinstance(data, Source) else resolve_source(data, corpus_cache)
     vocab = _vocab_size(tokenizer)
     dtype = "uint16" if vocab <= 1 << 16 else "uint32"
     backend = _backend(tokenizer)
@@ -676,6 +677,11 @@ def main(argv: list[str] | None = None) -> int:
             val_fraction=args.val_fraction, seed=args.seed, chunk_tokens=args.chunk_tokens,
             shard_chunks=args.shard_chunks, shard_docs=args.shard_docs,
         )  # fmt: skip
+        from .sources import resolve_source
+
+        cache = None if args.cache_dir is None else f"{args.cache_dir}/corpora"
+        source = resolve_source(args.data, cache)  # bad SOURCE / DEST fail before the slow
+        _check_destination(args.out)  # tokenizer import
         from paretoq_jax.io import load_tokenizer
 
         try:
@@ -684,8 +690,7 @@ def main(argv: list[str] | None = None) -> int:
             raise PreparedDataError(f"cannot load --tokenizer {args.tokenizer}: {e}") from e
         t0 = time.perf_counter()
         m = prepare(
-            args.data, tokenizer, args.out, options=opts, workers=args.workers,
-            corpus_cache=None if args.cache_dir is None else f"{args.cache_dir}/corpora",
+            source, tokenizer, args.out, options=opts, workers=args.workers,
             progress=not args.quiet,
         )  # fmt: skip
     except DataError as e:
