@@ -202,6 +202,82 @@ def _vocab_size(tokenizer: Any) -> int:
     return max(sizes)
 
 
+# ---------------------------------------------------------------- the on-disk arrays
+
+
+def create_token_array(
+    dest: str, split: str, n: int, dtype: str, chunk_tokens: int, shard_chunks: int
+) -> None:
+    """Create (or open, when resuming) ``<dest><split>/tokens/``: a zarr3 array of ``n`` tokens
+    in shard files of ``shard_chunks`` inner chunks of ``chunk_tokens`` (its index crc32c'd)."""
+    import tensorstore as ts
+
+    bytes_codec = {"name": "bytes", "configuration": {"endian": "little"}}
+    sharding = {
+        "name": "sharding_indexed",
+        "configuration": {
+            "chunk_shape": [chunk_tokens],
+            "codecs": [bytes_codec],
+            "index_codecs": [bytes_codec, {"name": "crc32c"}],
+        },
+    }
+    grid = {"name": "regular", "configuration": {"chunk_shape": [chunk_tokens * shard_chunks]}}
+    ts.open(
+        {
+            "driver": "zarr3",
+            "kvstore": f"{dest}{split}/tokens/",
+            "metadata": {
+                "shape": [n],
+                "data_type": dtype,
+                "chunk_grid": grid,
+                "codecs": [sharding],
+            },  # fmt: skip
+            "create": True,
+            "open": True,
+        }
+    ).result()
+
+
+def write_shard(
+    dest: str, split: str, s: int, data: np.ndarray, chunk_tokens: int, shard_chunks: int
+) -> list[int]:
+    """Write shard file ``s`` (tokens ``[s*S, s*S + len(data))``, ``S = chunk_tokens *
+    shard_chunks``) in one write, so its bytes do not depend on who writes it; returns the
+    crc32 of its inner chunks."""
+    import tensorstore as ts
+
+    S = chunk_tokens * shard_chunks
+    arr = ts.open({"driver": "zarr3", "kvstore": f"{dest}{split}/tokens/"}, open=True,
+                  write=True).result()  # fmt: skip
+    arr[s * S : s * S + data.size].write(data).result()
+    return [chunk_crc(data[i : i + chunk_tokens]) for i in range(0, data.size, chunk_tokens)]
+
+
+def finish_split(kv: Any, dest: str, split: str, crcs: list[int], offsets: np.ndarray) -> dict:
+    """Write a split's ``checksums.u32`` and ``doc_offsets``; returns their manifest entries."""
+    import tensorstore as ts
+
+    raw = np.asarray(crcs, "<u4").tobytes()
+    kv.write(f"{split}/checksums.u32", raw).result()
+    grid = {"name": "regular", "configuration": {"chunk_shape": [min(offsets.size, 1 << 20)]}}
+    arr = ts.open(
+        {
+            "driver": "zarr3",
+            "kvstore": f"{dest}{split}/doc_offsets/",
+            "metadata": {"shape": [offsets.size], "data_type": "int64", "chunk_grid": grid,
+                         "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}]},
+            "create": True,
+            "open": True,
+        }
+    ).result()  # fmt: skip
+    arr.write(offsets).result()
+    return {
+        "num_docs": int(offsets.size - 1),
+        "num_chunks": len(crcs),
+        "checksums_sha256": hashlib.sha256(raw).hexdigest(),
+    }
+
+
 # ---------------------------------------------------------------- workers
 
 _WORKER: dict[str, Any] = {}
@@ -269,20 +345,14 @@ def _write_shard(
 ) -> list[int]:
     """Write shard file ``s`` of ``split`` from part ranges ``(part, lo, hi)`` of ``stream``;
     returns the crc32 of its inner chunks (also recorded, so a resumed run skips it)."""
-    import tensorstore as ts
-
     kv = _WORKER["kv"]
     done = read_json(kv, f"{_PARTS}/done-{split}-{s:09d}.json")
     if done is not None:
         return done["crcs"]
     data = np.concatenate([_load_part(kv, k, stream)[lo:hi] for k, lo, hi in pieces])
-    S = layout["chunk_tokens"] * layout["shard_chunks"]
-    arr = ts.open(
-        {"driver": "zarr3", "kvstore": f"{_WORKER['dest']}{split}/tokens/"}, open=True, write=True
-    ).result()
-    arr[s * S : s * S + data.size].write(data).result()
-    C = layout["chunk_tokens"]
-    crcs = [chunk_crc(data[i : i + C]) for i in range(0, data.size, C)]
+    crcs = write_shard(
+        _WORKER["dest"], split, s, data, layout["chunk_tokens"], layout["shard_chunks"]
+    )
     kv.write(f"{_PARTS}/done-{split}-{s:09d}.json", json.dumps({"crcs": crcs}).encode()).result()
     return crcs
 
@@ -553,8 +623,6 @@ def _doc_offsets(counts: list[dict], kv: Any, stream: str, lo: int, hi: int) -> 
 
 def _write_splits(counts, opts, dtype, kv, pool, dest, progress) -> dict:
     """Stage 3: the zarr3 arrays, checksums and document offsets of each split."""
-    import tensorstore as ts
-
     layout = {"chunk_tokens": opts.chunk_tokens, "shard_chunks": opts.shard_chunks}
     S = opts.chunk_tokens * opts.shard_chunks
     splits = {}
@@ -565,34 +633,7 @@ def _write_splits(counts, opts, dtype, kv, pool, dest, progress) -> dict:
         if n == 0:
             info.update(num_docs=0, num_chunks=0)
             continue
-        ts.open(
-            {
-                "driver": "zarr3",
-                "kvstore": f"{dest}{split}/tokens/",
-                "metadata": {
-                    "shape": [n],
-                    "data_type": dtype,
-                    "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [S]}},
-                    "codecs": [
-                        {
-                            "name": "sharding_indexed",
-                            "configuration": {
-                                "chunk_shape": [opts.chunk_tokens],
-                                "codecs": [
-                                    {"name": "bytes", "configuration": {"endian": "little"}}
-                                ],
-                                "index_codecs": [
-                                    {"name": "bytes", "configuration": {"endian": "little"}},
-                                    {"name": "crc32c"},
-                                ],
-                            },
-                        }
-                    ],
-                },
-                "create": True,
-                "open": True,
-            }
-        ).result()
+        create_token_array(dest, split, n, dtype, opts.chunk_tokens, opts.shard_chunks)
         # which part ranges make up each shard file of this split
         ends = np.cumsum([c[f"{stream}_tokens"] for c in counts])
         starts = ends - np.asarray([c[f"{stream}_tokens"] for c in counts])
@@ -605,35 +646,15 @@ def _write_splits(counts, opts, dtype, kv, pool, dest, progress) -> dict:
                 if st < b and en > a
             ]
             futures.append(pool.submit(_write_shard, split, s, pieces, stream, layout))
-        crcs = [crc for f in futures for crc in f.result()]
-        raw = np.asarray(crcs, "<u4").tobytes()
-        kv.write(f"{split}/checksums.u32", raw).result()
-        offsets = _doc_offsets(counts, kv, stream, lo, hi)
-        off_arr = ts.open(
-            {
-                "driver": "zarr3",
-                "kvstore": f"{dest}{split}/doc_offsets/",
-                "metadata": {
-                    "shape": [offsets.size],
-                    "data_type": "int64",
-                    "chunk_grid": {
-                        "name": "regular",
-                        "configuration": {"chunk_shape": [min(offsets.size, 1 << 20)]},
-                    },
-                    "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
-                },
-                "create": True,
-                "open": True,
-            }
-        ).result()
-        off_arr.write(offsets).result()
-        info.update(
-            num_docs=int(offsets.size - 1),
-            num_chunks=len(crcs),
-            checksums_sha256=hashlib.sha256(raw).hexdigest(),
-        )
+        crcs = []
+        for i, f in enumerate(futures):
+            crcs += f.result()
+            if progress:
+                print(f"\rprepare: writing {split}: shard {i + 1}/{len(futures)}", end="",
+                      file=sys.stderr, flush=True)  # fmt: skip
+        info.update(finish_split(kv, dest, split, crcs, _doc_offsets(counts, kv, stream, lo, hi)))
         if progress:
-            print(f"prepare: {split}: {n:,} tokens, {len(crcs)} chunks", file=sys.stderr)
+            print(f"\rprepare: {split}: {n:,} tokens, {len(crcs)} chunks", file=sys.stderr)
     return {"splits": splits}
 
 
