@@ -316,14 +316,20 @@ def test_large_vocabulary_is_stored_as_uint32(tmp_path):
     np.testing.assert_array_equal(got, [int(w[1:]) for w in words])
 
 
-@pytest.mark.slow  # ~30 s: builds the corpus, tokenizes 2.8 M characters twice
-def test_embedded_corpus_same_blocks_as_today(tok, tmp_path):
+@pytest.mark.slow  # ~30 s each: builds the corpus, tokenizes 2.8 M characters twice
+@pytest.mark.parametrize("tokenizer", ["fixture", "smollm2"])
+def test_embedded_corpus_same_blocks_as_today(tok, tmp_path, tokenizer):
     """`default` (the embedded Wikipedia sample) through prepare + prepared reads: the same
     training and validation blocks (hence the same perplexities) as build_splits."""
+    if tokenizer == "smollm2":
+        from paretoq_jax import assets
+        from paretoq_jax.io import load_tokenizer
+
+        tok = load_tokenizer(assets.smollm2_gguf())
     cfg = DataConfig(path="default", seq_len=256, cache_dir=str(tmp_path / "cache"))
     train, val = build_splits(cfg, tok)
     prepare("default", tok, tmp_path / "ds", corpus_cache=tmp_path / "cache" / "corpora",
-            progress=False)  # fmt: skip
+            workers=2, progress=False)  # fmt: skip
     ptrain, pval = load_splits(DataConfig(path=str(tmp_path / "ds"), seq_len=256), tok)
     assert len(pval) == len(val) == 32
     np.testing.assert_array_equal(pval[:], np.asarray(val))
