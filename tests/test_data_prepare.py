@@ -22,7 +22,6 @@ from paretoq_jax.data import (
     PreparedDataset,
     TokenizerMismatchError,
     build_splits,
-    load_splits,
 )
 from paretoq_jax.data import prepare as prep
 from paretoq_jax.data.prepare import PrepareOptions, iter_documents, prepare
@@ -64,7 +63,7 @@ def _cfg(path, tmp_path, **kw) -> DataConfig:
 @pytest.mark.parametrize("train_seq_len", [None, 48])
 def test_prepared_blocks_equal_build_splits(prepared, tok, tmp_path, train_seq_len):
     train, val = build_splits(_cfg(CORPUS, tmp_path, train_seq_len=train_seq_len), tok)
-    ptrain, pval = load_splits(_cfg(prepared, tmp_path, train_seq_len=train_seq_len), tok)
+    ptrain, pval = build_splits(_cfg(prepared, tmp_path, train_seq_len=train_seq_len), tok)
     assert (len(ptrain), len(pval)) == (len(train), len(val)) and len(val) == 16
     np.testing.assert_array_equal(ptrain[:], np.asarray(train))
     np.testing.assert_array_equal(pval[:], np.asarray(val))
@@ -155,7 +154,7 @@ def test_resume_after_kill(prepared, tok, tmp_path, monkeypatch, stage):
     monkeypatch.setattr(prep, fn, real)
     assert not (out / "manifest.json").exists() and (out / "prepare.json").exists()
     with pytest.raises(PreparedDataError, match="unfinished prepare"):
-        load_splits(_cfg(out, tmp_path), tok)
+        build_splits(_cfg(out, tmp_path), tok)
     first = out / ".parts" / "000000000.npz" if stage == "tokenize" else out / "train/tokens/c/0"
     stamp = first.stat().st_mtime_ns
     tokenized = []
@@ -187,7 +186,7 @@ def test_processes_read_only_their_chunks(prepared, tok, tmp_path, process_count
     expected = [ref.next() for _ in range(steps)]
     rows = [[] for _ in range(steps)]
     for p in range(process_count):
-        train, _ = load_splits(_cfg(prepared, tmp_path), tok)
+        train, _ = build_splits(_cfg(prepared, tmp_path), tok)
         it = BatchIterator(train, B, seed=7, process_index=p, process_count=process_count)
         peek = BatchIterator(train, B, seed=7, process_index=p, process_count=process_count)
         needed = set()
@@ -202,7 +201,7 @@ def test_processes_read_only_their_chunks(prepared, tok, tmp_path, process_count
 
 
 def test_prefetcher_same_batches_and_exact_resume(prepared, tok, tmp_path):
-    train, _ = load_splits(_cfg(prepared, tmp_path), tok)
+    train, _ = build_splits(_cfg(prepared, tmp_path), tok)
     plain = BatchIterator(train, 8, seed=1)
     want = [plain.next() for _ in range(10)]
     pre = Prefetcher(BatchIterator(train, 8, seed=1), depth=3)
@@ -230,8 +229,8 @@ def test_damage_is_an_error_naming_the_chunk(prepared, tok, tmp_path):
     raw = bytearray(shard.read_bytes())
     raw[5000] ^= 0xFF  # inside chunk 10 (the shard's data precedes its index)
     shard.write_bytes(bytes(raw))
-    train, _ = load_splits(_cfg(ds, tmp_path), tok)
-    np.testing.assert_array_equal(train[0], load_splits(_cfg(prepared, tmp_path), tok)[0][0])
+    train, _ = build_splits(_cfg(ds, tmp_path), tok)
+    np.testing.assert_array_equal(train[0], build_splits(_cfg(prepared, tmp_path), tok)[0][0])
     with pytest.raises(ChunkError, match=r"chunk 10 of split 'train'.*fails its checksum"):
         train[(10 * 1024) // 64]
     # through the prefetch thread: the same error reaches the training loop
@@ -239,12 +238,12 @@ def test_damage_is_an_error_naming_the_chunk(prepared, tok, tmp_path):
     with pytest.raises(ChunkError, match="chunk 10 of split 'train'"):
         it.next()
     shard.unlink()
-    train, _ = load_splits(_cfg(ds, tmp_path), tok)
+    train, _ = build_splits(_cfg(ds, tmp_path), tok)
     with pytest.raises(ChunkError, match=r"chunk 9 of split 'train'.*is missing"):
         train[(9 * 1024) // 64]
     (ds / "val" / "checksums.u32").unlink()
     with pytest.raises(ChunkError, match="checksums.u32 is missing"):
-        load_splits(_cfg(ds, tmp_path), tok)
+        build_splits(_cfg(ds, tmp_path), tok)
 
 
 def test_tokenizer_differing_from_the_model_is_refused(prepared, tmp_path):
@@ -255,7 +254,7 @@ def test_tokenizer_differing_from_the_model_is_refused(prepared, tmp_path):
     backend.add_tokens(["<extra>"])
     other = PreTrainedTokenizerFast(tokenizer_object=backend)
     with pytest.raises(TokenizerMismatchError, match="prepare the corpus again"):
-        load_splits(_cfg(prepared, tmp_path), other)
+        build_splits(_cfg(prepared, tmp_path), other)
 
 
 def test_document_holdout_and_sources(tok, tmp_path):
@@ -282,7 +281,7 @@ def test_document_holdout_and_sources(tok, tmp_path):
     ).read_bytes()
     val_docs = m1["splits"]["val"]["num_docs"]
     assert 0.1 * len(docs) < val_docs < 0.3 * len(docs)
-    train, val = load_splits(DataConfig(path=url, seq_len=32), tok)
+    train, val = build_splits(DataConfig(path=url, seq_len=32), tok)
     # every document is in exactly one split, and the split's tokens are its documents'
     held = prep._holdout(5, 0, len(docs), 0.2)
     enc = [np.asarray(tok(d + "\n\n", add_special_tokens=False)["input_ids"]) for d in docs]
@@ -311,7 +310,7 @@ def test_large_vocabulary_is_stored_as_uint32(tmp_path):
     opts = PrepareOptions(separator="", seq_len=8, val_blocks=2, chunk_tokens=64)
     m = prepare(str(tmp_path / "c.txt"), big, tmp_path / "ds", options=opts, progress=False)
     assert m["inputs"]["dtype"] == "uint32"
-    train, val = load_splits(DataConfig(path=str(tmp_path / "ds"), seq_len=8), big)
+    train, val = build_splits(DataConfig(path=str(tmp_path / "ds"), seq_len=8), big)
     got = np.concatenate([train[:].ravel(), val[:].ravel()])
     np.testing.assert_array_equal(got, [int(w[1:]) for w in words])
 
@@ -330,7 +329,7 @@ def test_embedded_corpus_same_blocks_as_today(tok, tmp_path, tokenizer):
     train, val = build_splits(cfg, tok)
     prepare("default", tok, tmp_path / "ds", corpus_cache=tmp_path / "cache" / "corpora",
             workers=2, progress=False)  # fmt: skip
-    ptrain, pval = load_splits(DataConfig(path=str(tmp_path / "ds"), seq_len=256), tok)
+    ptrain, pval = build_splits(DataConfig(path=str(tmp_path / "ds"), seq_len=256), tok)
     assert len(pval) == len(val) == 32
     np.testing.assert_array_equal(pval[:], np.asarray(val))
     np.testing.assert_array_equal(ptrain[:], np.asarray(train))

@@ -6,7 +6,7 @@
     saved = it.state.to_dict()   # {"epoch": 0, "position": 4}: store it in the checkpoint
 
 A corpus prepared once (``python -m paretoq_jax.data.prepare``) is read lazily, chunk by chunk:
-``load_splits(cfg, tokenizer)`` returns its blocks when ``cfg.path`` names one.
+``build_splits(cfg, tokenizer)`` returns its blocks when ``cfg.path`` names one.
 
 See docs/data.md for sources, the cache, the split and the batch order.
 """
@@ -23,7 +23,7 @@ from .prepared import (
     PreparedDataset,
     TokenizerMismatchError,
     is_prepared,
-    load_splits,
+    prepared_splits,
 )
 from .sources import SUPPORTED_EXTENSIONS, read_documents, resolve_source
 from .tokenize import cached_token_stream, encode_documents, tokenizer_fingerprint
@@ -45,7 +45,7 @@ __all__ = [
     "Prefetcher",
     "TokenizerMismatchError",
     "is_prepared",
-    "load_splits",
+    "prepared_splits",
     "DEFAULT_CORPORA",
     "default_corpus",
     "SUPPORTED_EXTENSIONS",

@@ -36,7 +36,7 @@ __all__ = [
     "PreparedBlocks",
     "Prefetcher",
     "is_prepared",
-    "load_splits",
+    "prepared_splits",
     "store_url",
 ]
 
@@ -304,13 +304,9 @@ class _EmptyBlocks(PreparedBlocks):
         return np.zeros((0, self.block_len), np.int32)
 
 
-def load_splits(cfg: DataConfig, tokenizer: Any) -> tuple[Any, Any]:
-    """``(train, val)`` blocks for ``cfg``: from a prepared dataset when ``cfg.path`` names one
-    (its recorded split; the tokenizer must be the dataset's), else `build_splits`."""
-    from .blocks import build_splits
-
-    if not is_prepared(cfg.path):
-        return build_splits(cfg, tokenizer)
+def prepared_splits(cfg: DataConfig, tokenizer: Any) -> tuple[PreparedBlocks, PreparedBlocks]:
+    """``(train, val)`` blocks of the prepared dataset ``cfg.path`` (its recorded split; the
+    tokenizer must be the dataset's). `build_splits` calls this when ``is_prepared(cfg.path)``."""
     if cfg.val_path:
         raise PreparedDataError(
             f"data.val_path is not used with a prepared dataset ({cfg.path}); its validation "

@@ -226,7 +226,7 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     Raises ``NonFiniteLossError`` when the loss or gradient norm becomes non-finite (nothing is
     saved for that step; earlier checkpoints stay intact).
     """
-    from paretoq_jax.data import BatchIterator, Prefetcher, PreparedBlocks, load_splits
+    from paretoq_jax.data import BatchIterator, Prefetcher, PreparedBlocks, build_splits
 
     run_dir = Path(cfg.run_dir)
     is_main = jax.process_index() == 0
@@ -243,7 +243,7 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
 
     mesh = build_mesh(cfg)
     tokenizer = _load_tokenizer(cfg)
-    train_blocks, val_blocks = load_splits(cfg.data, tokenizer)  # a prepared dataset or a corpus
+    train_blocks, val_blocks = build_splits(cfg.data, tokenizer)
     tcfg = cfg.train
     n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if tcfg.batch_size % (n_batch_shards * tcfg.grad_accum):
