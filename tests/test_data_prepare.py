@@ -155,7 +155,7 @@ def test_resume_after_kill(prepared, tok, tmp_path, monkeypatch, stage):
     assert not (out / "manifest.json").exists() and (out / "prepare.json").exists()
     with pytest.raises(PreparedDataError, match="unfinished prepare"):
         build_splits(_cfg(out, tmp_path), tok)
-    first = out / ".parts" / "000000000.npz" if stage == "tokenize" else out / "train/tokens/c/0"
+    first = out / ".parts" / "000000000.main.tokens" if stage == "tokenize" else out / "train/tokens/c/0"
     stamp = first.stat().st_mtime_ns
     tokenized = []
 

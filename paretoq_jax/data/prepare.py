@@ -11,7 +11,8 @@ Stages (each resumable; a killed run continues where it stopped when rerun with 
 arguments):
 
 1. tokenize: documents are grouped into shards of ``--shard-docs`` documents (in source order);
-   worker processes tokenize shards and write ``.parts/<k>.npz`` + ``.parts/<k>.json``.
+   worker processes tokenize shards and write ``.parts/<k>.{main,held}.{tokens,lengths}``
+   (raw little-endian arrays) and then ``.parts/<k>.json`` (its counts: marks it done).
    Shard boundaries do not depend on ``--workers``, so neither does the output.
 2. split: validation = held-out documents (``--val-fraction``, by a hash of (seed, document
    index)) or the last ``--val-blocks`` blocks of ``--seq-len`` tokens (default 32 x 256, the
@@ -31,7 +32,6 @@ import collections
 import concurrent.futures as cf
 import dataclasses
 import hashlib
-import io
 import json
 import multiprocessing
 import os
@@ -317,27 +317,30 @@ def _tokenize_shard(k: int, first_doc: int, texts: list[str], opts: PrepareOptio
         raise PreparedDataError(f"token id {int(stream.tokens.max())} does not fit {dtype}")
     lengths = np.diff(stream.doc_offsets)
     is_held = held[keep] if keep else np.zeros(0, bool)
-    parts, counts = {}, {"shard": k, "chars": sum(len(t) for t in texts)}
+    counts = {"shard": k, "chars": sum(len(t) for t in texts)}
     for name, mask in (("main", ~is_held), ("held", is_held)):
         docs = np.flatnonzero(mask)
         toks = [stream.tokens[stream.doc_offsets[d] : stream.doc_offsets[d + 1]] for d in docs]
-        parts[f"{name}_tokens"] = np.concatenate(toks).astype(dtype) if toks else np.zeros(0, dtype)
-        parts[f"{name}_lengths"] = lengths[docs].astype(np.int64)
-        counts[f"{name}_tokens"] = int(parts[f"{name}_tokens"].size)
+        tokens = np.concatenate(toks) if toks else np.zeros(0, np.int32)
+        le = np.dtype(dtype).newbyteorder("<")
+        kv.write(_part_key(k, name, "tokens"), tokens.astype(le).tobytes()).result()
+        kv.write(_part_key(k, name, "lengths"), lengths[docs].astype("<i8").tobytes()).result()
+        counts[f"{name}_tokens"] = int(tokens.size)
         counts[f"{name}_docs"] = int(docs.size)
-    buf = io.BytesIO()
-    np.savez(buf, **parts)
-    kv.write(f"{_PARTS}/{k:09d}.npz", buf.getvalue()).result()
     kv.write(f"{_PARTS}/{k:09d}.json", json.dumps(counts).encode()).result()  # marks it done
     return counts
 
 
-def _load_part(kv: Any, k: int, stream: str) -> np.ndarray:
-    r = kv.read(f"{_PARTS}/{k:09d}.npz").result()
+def _part_key(k: int, stream: str, kind: str) -> str:
+    """A part file: raw little-endian ``tokens`` (the dataset dtype) or ``lengths`` (int64)."""
+    return f"{_PARTS}/{k:09d}.{stream}.{kind}"
+
+
+def _load_part(kv: Any, k: int, stream: str, kind: str, dtype: str) -> np.ndarray:
+    r = kv.read(_part_key(k, stream, kind)).result()
     if r.state != "value":
-        raise PreparedDataError(f"part {k} vanished during prepare; rerun to redo it")
-    with np.load(io.BytesIO(bytes(r.value))) as z:
-        return z[f"{stream}_tokens"]
+        raise PreparedDataError(f"part {_part_key(k, stream, kind)} vanished; rerun to redo it")
+    return np.frombuffer(bytes(r.value), np.dtype(dtype).newbyteorder("<"))
 
 
 def _write_shard(
@@ -349,7 +352,10 @@ def _write_shard(
     done = read_json(kv, f"{_PARTS}/done-{split}-{s:09d}.json")
     if done is not None:
         return done["crcs"]
-    data = np.concatenate([_load_part(kv, k, stream)[lo:hi] for k, lo, hi in pieces])
+    dtype = layout["dtype"]
+    data = np.concatenate(
+        [_load_part(kv, k, stream, "tokens", dtype)[lo:hi] for k, lo, hi in pieces]
+    )
     crcs = write_shard(
         _WORKER["dest"], split, s, data, layout["chunk_tokens"], layout["shard_chunks"]
     )
@@ -613,9 +619,7 @@ def _doc_offsets(counts: list[dict], kv: Any, stream: str, lo: int, hi: int) -> 
     lengths = [np.zeros(0, np.int64)]
     for c in counts:
         if c[f"{stream}_docs"]:
-            r = kv.read(f"{_PARTS}/{c['shard']:09d}.npz").result()
-            with np.load(io.BytesIO(bytes(r.value))) as z:
-                lengths.append(z[f"{stream}_lengths"])
+            lengths.append(_load_part(kv, c["shard"], stream, "lengths", "int64"))
     starts = np.concatenate([[0], np.cumsum(np.concatenate(lengths))])
     inner = starts[(starts > lo) & (starts < hi)]
     return np.concatenate([[lo], inner, [hi]]).astype(np.int64) - lo
@@ -645,7 +649,9 @@ def _write_splits(counts, opts, dtype, kv, pool, dest, progress) -> dict:
                 for c, st, en in zip(counts, starts, ends, strict=True)
                 if st < b and en > a
             ]
-            futures.append(pool.submit(_write_shard, split, s, pieces, stream, layout))
+            futures.append(
+                pool.submit(_write_shard, split, s, pieces, stream, {**layout, "dtype": dtype})
+            )
         crcs = []
         for i, f in enumerate(futures):
             crcs += f.result()
