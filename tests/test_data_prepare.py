@@ -155,7 +155,11 @@ def test_resume_after_kill(prepared, tok, tmp_path, monkeypatch, stage):
     assert not (out / "manifest.json").exists() and (out / "prepare.json").exists()
     with pytest.raises(PreparedDataError, match="unfinished prepare"):
         build_splits(_cfg(out, tmp_path), tok)
-    first = out / ".parts" / "000000000.main.tokens" if stage == "tokenize" else out / "train/tokens/c/0"
+    first = (
+        out / ".parts" / "000000000.main.tokens"
+        if stage == "tokenize"
+        else out / "train/tokens/c/0"
+    )
     stamp = first.stat().st_mtime_ns
     tokenized = []
 
@@ -333,3 +337,45 @@ def test_embedded_corpus_same_blocks_as_today(tok, tmp_path, tokenizer):
     assert len(pval) == len(val) == 32
     np.testing.assert_array_equal(pval[:], np.asarray(val))
     np.testing.assert_array_equal(ptrain[:], np.asarray(train))
+
+
+@pytest.fixture
+def s3_bucket(monkeypatch):
+    """A local S3 server (moto) with bucket ``prep``; ``AWS_ENDPOINT_URL`` points at it."""
+    pytest.importorskip("moto", reason="moto (a local S3 server) is not installed")
+    import socket
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1"}  # fmt: skip
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1")
+    client.create_bucket(Bucket="prep")
+    yield client
+    server.stop()
+
+
+def test_s3_destination_same_bytes_and_reads(prepared, tok, tmp_path, s3_bucket):
+    """prepare to ``s3://`` (a local S3-compatible server) writes the same objects as the local
+    prepare, and training reads it as ``data.path=s3://...``."""
+    prepare(str(CORPUS), tok, "s3://prep/ds", options=PrepareOptions(**SMALL), progress=False)
+    listed = s3_bucket.list_objects_v2(Bucket="prep", Prefix="ds/")["Contents"]
+    objects = {
+        o["Key"][len("ds/") :]: s3_bucket.get_object(Bucket="prep", Key=o["Key"])["Body"].read()
+        for o in listed
+    }
+    assert objects == _files(prepared)
+    train, val = build_splits(_cfg("s3://prep/ds", tmp_path), tok)
+    ltrain, lval = build_splits(_cfg(prepared, tmp_path), tok)
+    np.testing.assert_array_equal(val[:], lval[:])
+    np.testing.assert_array_equal(train[[5, 900, 17]], ltrain[[5, 900, 17]])
+    with pytest.raises(PreparedDataError, match="never rewritten"):
+        prepare(str(CORPUS), tok, "s3://prep/ds", options=PrepareOptions(seq_len=32))

@@ -52,6 +52,7 @@ from .prepared import (
     PreparedDataError,
     chunk_crc,
     is_remote,
+    kvstore_spec,
     open_kvstore,
     read_json,
     store_url,
@@ -225,7 +226,7 @@ def create_token_array(
     ts.open(
         {
             "driver": "zarr3",
-            "kvstore": f"{dest}{split}/tokens/",
+            "kvstore": kvstore_spec(f"{dest}{split}/tokens/"),
             "metadata": {
                 "shape": [n],
                 "data_type": dtype,
@@ -247,7 +248,7 @@ def write_shard(
     import tensorstore as ts
 
     S = chunk_tokens * shard_chunks
-    arr = ts.open({"driver": "zarr3", "kvstore": f"{dest}{split}/tokens/"}, open=True,
+    arr = ts.open({"driver": "zarr3", "kvstore": kvstore_spec(f"{dest}{split}/tokens/")}, open=True,
                   write=True).result()  # fmt: skip
     arr[s * S : s * S + data.size].write(data).result()
     return [chunk_crc(data[i : i + chunk_tokens]) for i in range(0, data.size, chunk_tokens)]
@@ -263,7 +264,7 @@ def finish_split(kv: Any, dest: str, split: str, crcs: list[int], offsets: np.nd
     arr = ts.open(
         {
             "driver": "zarr3",
-            "kvstore": f"{dest}{split}/doc_offsets/",
+            "kvstore": kvstore_spec(f"{dest}{split}/doc_offsets/"),
             "metadata": {"shape": [offsets.size], "data_type": "int64", "chunk_grid": grid,
                          "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}]},
             "create": True,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import queue
 import threading
 import zlib
@@ -38,6 +39,7 @@ __all__ = [
     "is_prepared",
     "prepared_splits",
     "store_url",
+    "kvstore_spec",
 ]
 
 FORMAT = "paretoq_jax.prepared_tokens"
@@ -72,11 +74,24 @@ def is_remote(path: str | Path) -> bool:
     return str(path).startswith(REMOTE_SCHEMES)
 
 
+def kvstore_spec(url: str) -> Any:
+    """tensorstore's kvstore spec for a `store_url` URL. For ``s3://``, an S3-compatible
+    endpoint (MinIO, R2, a local test server) is taken from ``AWS_ENDPOINT_URL_S3`` or
+    ``AWS_ENDPOINT_URL`` (the AWS SDKs' variables, which tensorstore does not read itself)."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not (url.startswith("s3://") and endpoint):
+        return url
+    bucket, _, key = url[len("s3://") :].partition("/")
+    spec = {"driver": "s3", "bucket": bucket, "path": key, "endpoint": endpoint}
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    return {**spec, "aws_region": region} if region else spec
+
+
 def open_kvstore(path: str | Path):
     """The tensorstore `KvStore` rooted at ``path`` (local folder or bucket prefix)."""
     import tensorstore as ts
 
-    return ts.KvStore.open(store_url(path)).result()
+    return ts.KvStore.open(kvstore_spec(store_url(path))).result()
 
 
 def read_json(kv: Any, key: str) -> dict | None:
@@ -128,7 +143,9 @@ class SplitTokens:
             )
         self._kv = kv
         self._array = ts.open(
-            {"driver": "zarr3", "kvstore": f"{root}{name}/tokens/"}, open=True, read=True
+            {"driver": "zarr3", "kvstore": kvstore_spec(f"{root}{name}/tokens/")},
+            open=True,
+            read=True,
         ).result()
         self._cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
         self._cache_chunks = max(1, cache_chunks)
