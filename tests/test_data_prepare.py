@@ -17,6 +17,7 @@ from paretoq_jax.data import (
     BatchIterator,
     ChunkError,
     DataConfig,
+    DataError,
     Prefetcher,
     PreparedDataError,
     PreparedDataset,
@@ -379,3 +380,21 @@ def test_s3_destination_same_bytes_and_reads(prepared, tok, tmp_path, s3_bucket)
     np.testing.assert_array_equal(train[[5, 900, 17]], ltrain[[5, 900, 17]])
     with pytest.raises(PreparedDataError, match="never rewritten"):
         prepare(str(CORPUS), tok, "s3://prep/ds", options=PrepareOptions(seq_len=32))
+
+
+def test_unusable_inputs_are_clear_errors(tok, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("Shall I compare thee to a summer's day? " * 40)
+    with pytest.raises(DataError, match=r"--val-blocks 32 needs at least one more"):
+        prepare(str(short), tok, tmp_path / "a", options=PrepareOptions(seq_len=64),
+                progress=False)  # fmt: skip
+    (tmp_path / "empty.jsonl").write_text('{"text": "  "}\n{"text": ""}\n')
+    with pytest.raises(DataError, match="is empty"):
+        prepare(str(tmp_path / "empty.jsonl"), tok, tmp_path / "b", progress=False)
+    with pytest.raises(DataError, match="no text field 'body'"):
+        prepare(str(tmp_path / "empty.jsonl"), tok, tmp_path / "c",
+                options=PrepareOptions(text_field="body"), progress=False)  # fmt: skip
+    with pytest.raises(PreparedDataError, match="val-fraction"):
+        PrepareOptions(val_fraction=1.5)
+    with pytest.raises(PreparedDataError, match="not a prepared dataset"):
+        PreparedDataset(tmp_path)
