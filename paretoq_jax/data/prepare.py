@@ -677,11 +677,14 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--data", required=True, help="SOURCE: file, folder, default[:name], HF name")
     ap.add_argument("--tokenizer", required=True, help="model folder, GGUF or tokenizer folder")
     ap.add_argument("--out", required=True, help="DEST: empty/new folder, or gs://, s3:// URL")
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                    help="tokenizer processes (default: all cores); the output does not depend "
+                    "on it")  # fmt: skip
     ap.add_argument("--text-field", default=d.text_field)
     ap.add_argument("--add-bos", action="store_true")
     ap.add_argument("--add-eos", action="store_true")
-    ap.add_argument("--separator", default=d.separator, help='text after each document ("\\n\\n")')
+    ap.add_argument("--separator", default=d.separator,
+                    help=r'text after each document; \n and \t are decoded (default "\n\n")')  # fmt: skip
     ap.add_argument("--seq-len", type=int, default=d.seq_len, help="block length of --val-blocks")
     ap.add_argument("--val-blocks", type=int, default=d.val_blocks, help="tail validation blocks")
     ap.add_argument(
@@ -699,9 +702,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        separator = args.separator.replace("\\n", "\n").replace("\\t", "\t")
         opts = PrepareOptions(
             text_field=args.text_field, add_bos=args.add_bos, add_eos=args.add_eos,
-            separator=args.separator, seq_len=args.seq_len, val_blocks=args.val_blocks,
+            separator=separator, seq_len=args.seq_len, val_blocks=args.val_blocks,
             val_fraction=args.val_fraction, seed=args.seed, chunk_tokens=args.chunk_tokens,
             shard_chunks=args.shard_chunks, shard_docs=args.shard_docs,
         )  # fmt: skip
@@ -721,9 +725,12 @@ def main(argv: list[str] | None = None) -> int:
             source, tokenizer, args.out, options=opts, workers=args.workers,
             progress=not args.quiet,
         )  # fmt: skip
-    except DataError as e:
+    except (DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: rerun the same command to resume into {args.out}", file=sys.stderr)
+        return 130
     if not args.quiet:
         sp = m["splits"]
         print(
