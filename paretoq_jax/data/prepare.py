@@ -36,6 +36,7 @@ import json
 import multiprocessing
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -387,8 +388,21 @@ def _executor(workers: int, tok_spec: _TokenizerSpec, dest: str):
         return _Inline()
     ctx = multiprocessing.get_context("spawn")  # no fork of a process holding threads
     return cf.ProcessPoolExecutor(
-        workers, mp_context=ctx, initializer=_init_writer, initargs=(tok_spec, dest)
-    )
+        workers, mp_context=ctx, initializer=_init_pool_worker,
+        initargs=(tok_spec, dest, os.getpid()),
+    )  # fmt: skip
+
+
+def _init_pool_worker(tok_spec: _TokenizerSpec, dest: str, parent: int) -> None:
+    """A worker process: exits when its prepare process is gone (killed), not orphaned."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+    _init_writer(tok_spec, dest)
 
 
 # ---------------------------------------------------------------- progress
