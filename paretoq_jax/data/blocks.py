@@ -137,12 +137,18 @@ def _split(stream: TokenStream, cfg: DataConfig, spec: str) -> tuple[TokenBlocks
     return train, val
 
 
-def build_splits(cfg: DataConfig, tokenizer: Any) -> tuple[TokenBlocks, TokenBlocks]:
+def build_splits(cfg: DataConfig, tokenizer: Any) -> tuple[Any, Any]:
     """Train and validation blocks for ``cfg`` (tokenized once, then served from the cache).
 
     Raises `DataError` before any training for a missing file, unsupported extension, wrong
     text field, empty corpus or a corpus shorter than the blocks it must provide.
+    A prepared dataset (``python -m paretoq_jax.data.prepare``) gives its lazily read
+    `PreparedBlocks` instead (see `prepared.prepared_splits`).
     """
+    from .prepared import is_prepared, prepared_splits
+
+    if is_prepared(cfg.path):
+        return prepared_splits(cfg, tokenizer)
     corpus_cache = None if cfg.cache_dir is None else f"{cfg.cache_dir}/corpora"
 
     def stream_of(spec: str | None) -> TokenStream:

@@ -20,7 +20,10 @@ class DataConfig:
     path: a local file or folder (``.txt``, ``.jsonl``, ``.json``, ``.parquet``), a Hugging Face
         dataset name (``name``, ``name:config``, ``name@split``) where a hub is reachable, or
         ``"default"`` (the embedded Wikipedia sample) / ``"default:shakespeare"``. ``None`` means
-        ``"default"``.
+        ``"default"``. Or a prepared dataset (``python -m paretoq_jax.data.prepare``: a folder
+        with a ``manifest.json``, or a ``gs://`` / ``s3://`` URL): its recorded split is used,
+        and what shapes its tokens and split (text_field, add_bos/eos, separator, val_fraction,
+        val_blocks, seed, cache_dir) was fixed when preparing; val_path must be unset.
     text_field: the field holding the text in ``.jsonl``/``.json``/``.parquet``/hub rows.
     seq_len: tokens per block (one training sequence, and one validation block).
     train_seq_len: tokens per *training* block when it should differ from ``seq_len``;

@@ -232,7 +232,7 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     Raises ``NonFiniteLossError`` when the loss or gradient norm becomes non-finite (nothing is
     saved for that step; earlier checkpoints stay intact).
     """
-    from paretoq_jax.data import BatchIterator, build_splits
+    from paretoq_jax.data import BatchIterator, Prefetcher, PreparedBlocks, build_splits
 
     run_dir = Path(cfg.run_dir)
     is_main = jax.process_index() == 0
@@ -287,6 +287,8 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         process_count=jax.process_count(),
         state=data_state,
     )
+    if isinstance(train_blocks, PreparedBlocks):  # chunk reads run ahead on a thread
+        it = Prefetcher(it)
     quant_stats = QuantStats(model) if tcfg.quant_stats_every > 0 else None
     writer = MetricsWriter(
         run_dir, total_steps=tcfg.steps, start_step=start, enabled=is_main,
@@ -391,6 +393,8 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
                     )
                     break
     finally:
+        if isinstance(it, Prefetcher):
+            it.close()
         ckpt.close()
         writer.close()
         release_free_memory()  # the caller (a sweep's evaluation) need not inherit our heap
