@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from paretoq_jax.cli import run_cli
+from paretoq_jax.data.prepare import main as prepare_main
 from paretoq_jax.config import load_config
 from paretoq_jax.errors import ParetoQError
 from paretoq_jax.eval.__main__ import main as eval_main
@@ -35,6 +36,7 @@ MAINS = {
     "sweep": sweep_main,
     "report": report_main,
     "quickstart": quickstart_main,
+    "prepare": prepare_main,
 }
 
 
@@ -149,6 +151,10 @@ CASES: list[tuple[str, object, str]] = [
     ("report", lambda w: [str(w["d"] / "nosweep")], "nosweep"),
     ("report", lambda w: [str(w["d"] / "emptysweep")], "no finished cells"),
     ("report", lambda w: [str(w["d"] / "emptysweep"), "--out", str(w["run"])], "training run"),
+    # data.prepare
+    ("prepare", lambda w: ["--data", str(w["d"] / "missing.txt"), "--tokenizer", str(TINY_MODEL), "--out", str(w["d"] / "p1")], "missing.txt"),
+    ("prepare", lambda w: ["--data", str(CORPUS), "--tokenizer", str(TINY_MODEL), "--out", str(w["run"] / "data")], "run"),
+    ("prepare", lambda w: ["--data", str(CORPUS), "--tokenizer", str(TINY_MODEL), "--out", str(w["d"] / "foreign")], "foreign"),
     # quickstart (all refused before any asset is fetched or model loaded)
     ("quickstart", lambda w: ["model.bits=16"], "quantized model"),
     ("quickstart", lambda w: ["model.nope=1"], "unknown config key"),

@@ -714,6 +714,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The CLI under the common error boundary (``docs/cli.md``)."""
+    from paretoq_jax.cli import run_cli
+
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         separator = args.separator.replace("\\n", "\n").replace("\\t", "\t")
@@ -755,6 +762,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # the imported module's functions, so worker processes find them
-    from paretoq_jax.data.prepare import main as _main
+    from paretoq_jax.data.prepare import main as prepare_main
 
-    sys.exit(_main())
+    sys.exit(prepare_main())
