@@ -1,0 +1,51 @@
+"""``python -m paretoq_jax.plan --config CONFIG --topology v5p:4x4x4 [--slices N] [key=value ...]``"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m paretoq_jax.plan",
+        description="Compile the train step of CONFIG for a TPU topology (no TPU needed) and "
+        "print per-chip memory, FLOPs, collectives and the roofline step time.",
+    )
+    parser.add_argument("--config", required=True, help="a training config (YAML)")
+    parser.add_argument("--topology", required=True, help="TPU topology, e.g. v5p:4x4x4")
+    parser.add_argument("--slices", type=int, default=1, help="TPU slices (data across DCN)")
+    parser.add_argument("--out", help="also write the plan as JSON here")
+    parser.add_argument(
+        "--no-flops", action="store_true", help="memory and collectives only (one compile)"
+    )
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. mesh.tensor=4")
+    args = parser.parse_args(argv)
+    # compile-only: never touch a local accelerator; libtpu must not query a metadata server
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+
+    from paretoq_jax.config import load_config
+    from paretoq_jax.plan import PlanError, format_plan, plan
+    from paretoq_jax.train.config import RunConfig
+
+    try:
+        cfg = load_config(RunConfig, args.config, args.overrides)
+        result = plan(
+            cfg, args.topology, args.slices, count_flops=not args.no_flops, name=args.config
+        )
+    except (PlanError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_plan(result))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
