@@ -53,6 +53,7 @@ def tpu_devices(topology: str, slices: int = 1) -> list:
     """Compile-only devices of a TPU ``topology`` (e.g. ``v5p:4x4x4``) times ``slices``."""
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no lock: nothing runs on a TPU
     try:
         import libtpu  # noqa: F401
     except ImportError:
@@ -137,7 +138,9 @@ def _device_bytes(tree: Any) -> float:
     return total
 
 
-_USED = re.compile(r"Used ([0-9.]+[KMGT]?i?B?) of ([0-9.]+[KMGT]?i?B?) hbm", re.I)
+_USED = re.compile(
+    r"required for (.*?) \(([0-9.]+[KMGT]?)\) exceeds available HBM \(([0-9.]+[KMGT]?)\)"
+)
 
 
 def _compile(fn, args, *, what: str, cfg: RunConfig, mesh, topology: str, chip: Chip):
@@ -148,7 +151,11 @@ def _compile(fn, args, *, what: str, cfg: RunConfig, mesh, topology: str, chip: 
         if "RESOURCE_EXHAUSTED" not in text and "exceeds available" not in text.lower():
             raise
         m = _USED.search(text)
-        used = f"XLA needs {m[1]} of {m[2]} HBM per chip" if m else "XLA ran out of HBM"
+        used = (
+            f"XLA needs {m[2]}B per chip for {m[1]}, {m[3]}B are available"
+            if m
+            else "XLA ran out of HBM"
+        )
         raise HBMError(hbm_advice(cfg, mesh, topology, chip, used, what)) from None
 
 
@@ -207,9 +214,12 @@ def _optimizer_cost(tx, state, mesh, compile_kw) -> tuple[float, float]:
     return _cost(_compile(fn, [state, state["params"]], **compile_kw))
 
 
-def step_cost(cfg, mesh, arch, teacher_arch, compile_kw) -> tuple[float, float]:
-    """Per-device FLOPs and HBM bytes of one whole step (see the module docstring)."""
+def step_cost(cfg, mesh, arch, teacher_arch, compile_kw, compiled=None) -> tuple[float, float]:
+    """Per-device FLOPs and HBM bytes of one whole step (see the module docstring);
+    ``compiled``: the step itself, whose own count is exact when nothing is scanned."""
     k, L = cfg.train.grad_accum, arch.num_hidden_layers
+    if compiled is not None and k == 1 and not cfg.model.scan_layers:
+        return _cost(compiled)
     micro = _variant(
         cfg, train__batch_size=cfg.train.batch_size // k, train__grad_accum=1,
         model__scan_layers=False,
@@ -270,7 +280,7 @@ def plan(
         raise HBMError(hbm_advice(cfg, mesh, topology, chip, used, name))
     n = len(devices)
     slice_of = [getattr(d, "slice_index", 0) or 0 for d in mesh.devices.flat]
-    found = hlo.collectives(compiled.as_text(), n)
+    found = hlo.collectives(compiled.as_text(), n, num_slices(devices))
     coll = hlo.summarize(found, slice_of if num_slices(devices) > 1 else None)
     t_ici = sum(v["bytes"] for k, v in coll.items() if "DCN" not in k) / (chip.ici_GBps * 1e9)
     t_dcn = sum(v["bytes"] for k, v in coll.items() if "DCN" in k) / (chip.dcn_GBps * 1e9)
@@ -308,7 +318,7 @@ def plan(
         "time": {"collectives_ici_s": t_ici, "collectives_dcn_s": t_dcn},
     }
     if count_flops:
-        flops, nbytes = step_cost(cfg, mesh, arch, teacher_arch, compile_kw)
+        flops, nbytes = step_cost(cfg, mesh, arch, teacher_arch, compile_kw, compiled)
         t_flops = flops / chip.peak_flops
         t_hbm = nbytes / (chip.hbm_GBps * 1e9)
         t_coll = t_ici + t_dcn

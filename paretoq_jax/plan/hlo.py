@@ -11,6 +11,11 @@ replica group of ``n`` devices (``S`` = the full, unsharded buffer):
   fusions are an all-reduce of the input followed by a slice: counted as a reduce-scatter)
 - all-reduce: ``2 S (n - 1) / n``
 - all-to-all: ``S (n - 1) / n``;  collective-permute: ``S``
+
+Across TPU slices XLA lowers the DCN part of a collective to host ``send`` / ``recv`` pairs of
+the megascale runtime (``_xla_megascale_*`` attributes; the rendezvous names the collective):
+those are reported as ``"<kind> (DCN)"`` with ``S`` = the payload a device sends, over
+``n`` = the number of slices (all-reduce ``2 S (n - 1) / n``, all-gather ``S (n - 1)``).
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
 _IOTA_GROUPS = re.compile(r"replica_groups=\[([0-9,]+)\]<=")
 _LIST_GROUPS = re.compile(r"replica_groups=\{\{([0-9,]*)\}")
-_PAIRS = re.compile(r"source_target_pairs=\{")
+_RENDEZVOUS = re.compile(r'_xla_host_transfer_rendezvous="([a-z\-]+)')
 
 
 def shape_bytes(text: str) -> float:
@@ -108,9 +113,9 @@ class Collective:
         n = self.group
         if n <= 1:
             return 0.0
-        if self.kind == "all-reduce":
+        if self.kind.startswith("all-reduce"):
             return 2 * self.buffer_bytes * (n - 1) / n
-        if self.kind == "collective-permute":
+        if self.kind.startswith("collective-permute"):
             return self.buffer_bytes
         return self.buffer_bytes * (n - 1) / n
 
@@ -171,8 +176,9 @@ def _multiplicities(comps: dict[str, list[str]], entry: str) -> dict[str, int]:
     return mult
 
 
-def collectives(hlo: str, n_devices: int) -> list[Collective]:
-    """Every collective of the optimized HLO module with its per-step execution count."""
+def collectives(hlo: str, n_devices: int, n_slices: int = 1) -> list[Collective]:
+    """Every collective of the optimized HLO module with its per-step execution count
+    (cross-slice DCN transfers as ``"<kind> (DCN)"``, ``members`` = the slices)."""
     comps, entry = _split_computations(hlo)
     mult = _multiplicities(comps, entry)
     found = []
@@ -185,6 +191,18 @@ def collectives(hlo: str, n_devices: int) -> list[Collective]:
             if not m:
                 continue
             name, out_type, op, rest = m.groups()
+            if op == "send" and "xla_megascale_runtime" in rest:
+                r = _RENDEZVOUS.search(rest)
+                base = next((k for k in KINDS if r and r[1].startswith(k)), "all-reduce")
+                payload = shape_bytes(
+                    " ".join(f"{d}[{x}]" for d, x in _ARRAY.findall(out_type)[:1])
+                )
+                if base == "all-gather":
+                    payload *= n_slices  # S: the gathered buffer (the device sends S (n-1)/n)
+                found.append(
+                    Collective(name, f"{base} (DCN)", tuple(range(n_slices)), payload, count)
+                )
+                continue
             kind = next((k for k in KINDS if op == k or op == f"{k}-start"), None)
             if kind is None:
                 continue
@@ -215,7 +233,7 @@ def summarize(
     for c in found:
         key = c.kind
         if slice_of is not None and len({slice_of[i] for i in c.members}) > 1:
-            key = f"{c.kind} (DCN)"
+            key = c.kind if "DCN" in c.kind else f"{c.kind} (DCN)"
         row = out.setdefault(key, {"count": 0, "bytes": 0.0})
         row["count"] += c.count
         row["bytes"] += c.wire_bytes * c.count
