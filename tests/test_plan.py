@@ -170,3 +170,40 @@ def test_one_billion_class_plan(slices):
     got = p["bytes"]["params"] + p["bytes"]["optimizer"]
     assert abs(got - want) / want < 0.05
     assert p["bytes"]["peak"] < p["bytes"]["hbm"]
+
+
+CONSTRAINT_SCRIPT = """
+import jax, jax.numpy as jnp
+from flax import nnx
+from paretoq_jax.config import load_config
+from paretoq_jax.train.config import RunConfig
+from paretoq_jax.train.loop import build_mesh, make_step_for, model_factory
+cfg = load_config(RunConfig, {tiny!r}, ["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=4"])
+mesh = build_mesh(cfg)
+model = nnx.eval_shape(model_factory(cfg))
+step, tx = make_step_for(cfg, mesh, model)
+params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+shapes = dict(params=params, opt_state=jax.eval_shape(tx.init, params),
+              step=jax.ShapeDtypeStruct((), jnp.int32),
+              rng=jax.eval_shape(lambda: jax.random.PRNGKey(0)))
+state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                     shapes, step.state_shardings)
+tokens = jax.ShapeDtypeStruct((8, 64), jnp.int32, sharding=step.batch_sharding)
+print(step.fn.lower(state, {{"tokens": tokens}}).as_text())
+"""
+
+
+def test_activation_constraints_are_megatron_style():
+    """With mesh.tensor > 1 the step pins the residual stream to the batch axes (replicated
+    over tensor) and splits the logits' vocabulary over tensor (lowered on 8 CPU devices)."""
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+        PYTHONPATH=str(ROOT),
+    )  # fmt: skip
+    code = CONSTRAINT_SCRIPT.format(tiny=TINY)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [x for x in r.stdout.splitlines() if "sdy.sharding_constraint" in x]
+    hidden = [x for x in lines if '[{"fsdp"}, {}, {}]' in x and "x64x" in x]
+    logits = [x for x in lines if '[{"fsdp"}, {}, {"tensor"}]' in x and "x512x" in x]
+    assert hidden and logits, "\n".join(lines) or "no sharding constraints in the step"
