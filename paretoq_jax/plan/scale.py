@@ -141,6 +141,24 @@ v5p-8 (4 chips) up, whose compile fits HBM.
 
 {notes}
 
+## Planning a run yourself
+
+```bash
+pip install -e ".[tpu]"      # jax[tpu]: libtpu compiles for TPU topologies on any Linux host
+python -m paretoq_jax.plan --config configs/paper/llama-3-8b.yaml --topology v5p:4x4x4
+python -m paretoq_jax.plan --config configs/paper/llama-3.2-1b.yaml --topology v5p:2x2x1 \\
+    --slices 2 mesh.data=2 mesh.fsdp=-1 --out plan.json      # data across 2 slices (DCN)
+```
+
+It prints one table: devices and mesh; parameters, optimizer state, temporaries and peak per
+chip against HBM; FLOPs per step (scan bodies counted by their trip counts); model FLOPs per
+token; compute, HBM and collective times; the bytes of every collective kind per step; the
+roofline step time, MFU and tokens/s. `--no-flops` skips the 3 extra compiles of the FLOP count
+(memory and collectives only). A step that does not fit is one line `error: ...` naming XLA's
+figure and what to change (`mesh.fsdp`, `mesh.tensor`, `model.remat`, `train.grad_accum`),
+exit status 2. The architecture comes from `configs/models/<hub id>/config.json` (committed for
+the paper's models) or a local `model.path` folder: no weights, tokenizer or corpus are read.
+
 How to read it:
 - peak / chip: XLA's own memory analysis of the compiled step (arguments + outputs - donated +
   temporaries + code). XLA fails the compile when a chip would overflow (the planner turns that
