@@ -207,3 +207,27 @@ def test_activation_constraints_are_megatron_style():
     hidden = [x for x in lines if '[{"fsdp"}, {}, {}]' in x and "x64x" in x]
     logits = [x for x in lines if '[{"fsdp"}, {}, {"tensor"}]' in x and "x512x" in x]
     assert hidden and logits, "\n".join(lines) or "no sharding constraints in the step"
+
+
+def test_hlo_trip_count_from_the_loop_condition():
+    """XLA:TPU's optimized HLO drops known_trip_count: the scan's ``i < N`` bound is used."""
+    text = """HloModule m
+
+%cond (p: (s32[], f32[8])) -> pred[] {
+  %c = s32[] constant(32)
+  %i = s32[] get-tuple-element(%p), index=0
+  ROOT %lt = pred[] compare(%i, %c), direction=LT
+}
+
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %ag = bf16[64]{0} all-gather(%x), channel_id=1, replica_groups={{0,1,2,3}}, dimensions={0}
+  ROOT %t = (s32[], f32[8]) tuple(%i, %v)
+}
+
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %w = (s32[], f32[8]) while(%init), condition=%cond, body=%body
+  ROOT %r = f32[8] get-tuple-element(%w), index=1
+}
+"""
+    (c,) = hlo.collectives(text, 4)
+    assert c.count == 32

@@ -141,6 +141,21 @@ def _split_computations(hlo: str) -> tuple[dict[str, list[str]], str]:
     return comps, entry
 
 
+_COND = re.compile(r"condition=%?([\w.\-]+)")
+_CONST = re.compile(r"\bconstant\((\d+)\)")
+
+
+def _condition_bound(comps: dict[str, list[str]], line: str) -> int:
+    """Trip count of a ``while`` without ``known_trip_count`` (XLA:TPU drops it): the loop
+    ``i < N`` from 0 by 1 that ``lax.scan`` emits, ``N`` the condition's integer constant."""
+    m = _COND.search(line)
+    body = comps.get(m[1], []) if m else []
+    if not any("direction=LT" in x for x in body):
+        return 1
+    bounds = [int(c) for x in body for c in _CONST.findall(x)]
+    return max(bounds) if bounds else 1
+
+
 def _multiplicities(comps: dict[str, list[str]], entry: str) -> dict[str, int]:
     """How many times one step runs each computation (while bodies x their trip counts)."""
     edges: dict[str, list[tuple[str, int]]] = defaultdict(list)
@@ -149,7 +164,7 @@ def _multiplicities(comps: dict[str, list[str]], entry: str) -> dict[str, int]:
             trip = 1
             if " while(" in line:
                 m = _TRIP.search(line)
-                trip = int(m[1]) if m else 1
+                trip = int(m[1]) if m else _condition_bound(comps, line)
             for key, callee in _CALLS.findall(line):
                 edges[name].append((callee, trip if key in ("body", "condition") else 1))
             for group in _BRANCHES.findall(line):
