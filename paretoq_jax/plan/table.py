@@ -1,0 +1,55 @@
+"""The planner's printed table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["format_plan", "gib"]
+
+
+def gib(x: float) -> str:
+    return f"{x / 2**30:.2f} GiB"
+
+
+def format_plan(p: dict[str, Any]) -> str:
+    """One human-readable table of a plan dict (``paretoq_jax.plan.plan``)."""
+    b = p["bytes"]
+    mesh = " x ".join(f"{k}={v}" for k, v in p["mesh"].items())
+    rows = [
+        ("topology", f"{p['topology']} x {p['slices']} slice(s): {p['devices']} {p['chip']} chips"),
+        ("mesh", mesh),
+        ("step", f"batch {p['batch']} x seq {p['seq_len']}, grad_accum {p['grad_accum']}, "
+                 f"remat {p['remat']}, scan {p['scan_layers']}, bits {p['bits']} "
+                 f"({p['method'] or 'default'}), distill {p['distill']}"),
+        ("parameters / chip", gib(b["params"])),
+        ("optimizer state / chip", gib(b["optimizer"])),
+        ("temporaries / chip", gib(b["temporaries"])),
+        ("peak / chip", f"{gib(b['peak'])} of {gib(b['hbm'])} HBM "
+                        f"({100 * b['peak'] / b['hbm']:.1f}%)"),
+        ("model FLOPs / token", f"{p['model_flops_per_token']:.3e} (6N + 12 L H Dh S)"),
+    ]  # fmt: skip
+    if "flops_per_device" in p:
+        t = p["time"]
+        rows += [
+            ("step FLOPs / chip", f"{p['flops_per_device']:.3e} (scan bodies x trip counts)"),
+            ("step HBM bytes / chip", f"{p['hbm_bytes_per_device']:.3e}"),
+            ("compute time", f"{1e3 * t['compute_s']:.1f} ms at peak bf16"),
+            ("HBM time", f"{1e3 * t['hbm_s']:.1f} ms at peak bandwidth"),
+        ]
+    for kind, v in sorted(p["collectives"].items()):
+        rows.append((f"{kind}", f"{v['count']} per step, {v['bytes'] / 2**20:.1f} MiB sent / chip"))
+    t = p["time"]
+    rows.append(("collective time", f"{1e3 * t['collectives_ici_s']:.1f} ms ICI"
+                 + (f" + {1e3 * t['collectives_dcn_s']:.1f} ms DCN" if t["collectives_dcn_s"] else "")))  # fmt: skip
+    if "mfu" in p:
+        rows += [
+            ("step time (roofline)", f"{1e3 * t['step_overlapped_s']:.1f} ms overlapped, "
+                                     f"{1e3 * t['step_serial_s']:.1f} ms if collectives do not "
+                                     "overlap"),
+            ("collective share", f"{100 * t['collective_share']:.1f}% of the serial step"),
+            ("MFU (projected)", f"{100 * p['mfu']:.1f}% overlapped, "
+                                f"{100 * p['mfu_serial']:.1f}% serial"),
+            ("tokens / s", f"{p['tokens_per_s']:.3g}"),
+        ]  # fmt: skip
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,233 @@
+"""The compile-only TPU planner (``python -m paretoq_jax.plan``).
+
+Compiles need libtpu (``pip install -e '.[tpu]'``); those tests skip without it. The HLO
+collective counting is tested on hand-written HLO and runs everywhere.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from paretoq_jax.config import load_config
+from paretoq_jax.models.config import LlamaConfig
+from paretoq_jax.plan import hlo
+from paretoq_jax.train.config import RunConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="libtpu is not installed: pip install -e '.[tpu]' for the compile-only TPU tests",
+)
+
+
+def analytic_state_bytes(arch: LlamaConfig, fsdp: int, learned_scales: bool = True) -> float:
+    """float32 parameters + AdamW mu and nu per device: every weight matrix has a model
+    dimension ('embed', split over fsdp); norms and the scales of q/k/v/gate/up (whose output
+    axis is heads / mlp) are replicated, the scales of o/down (output 'embed') split."""
+    d, f, L = arch.hidden_size, arch.intermediate_size, arch.num_hidden_layers
+    q, kv = arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
+    matrices = L * (2 * d * q + 2 * d * kv + 3 * d * f) + arch.vocab_size * d
+    if not arch.tie_word_embeddings:
+        matrices += arch.vocab_size * d
+    split_scales = L * 2 * d if learned_scales else 0
+    replicated = L * 2 * d + d + (L * (q + 2 * kv + 2 * f) if learned_scales else 0)
+    params = (matrices + split_scales) / fsdp + replicated
+    return 3 * 4 * params
+
+
+def test_hlo_counts_loop_bodies_and_groups():
+    text = """HloModule jit_step
+
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %ag = bf16[64,128]{1,0} all-gather(bf16[16,128]{1,0} %x), channel_id=1, replica_groups=[2,4]<=[8], dimensions={0}
+  %rs = f32[16]{0} reduce-scatter(f32[64]{0} %g), channel_id=2, replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={0}, to_apply=%add
+  ROOT %t = (s32[], f32[8]) tuple(%i, %v)
+}
+
+%cond (p: (s32[], f32[8])) -> pred[] {
+  ROOT %lt = pred[] compare(%a, %b), direction=LT
+}
+
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %w = (s32[], f32[8]) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"16"}}
+  %ar = f32[1024]{0} all-reduce(f32[1024]{0} %z), channel_id=3, replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_0'}, to_apply=%add
+  ROOT %r = f32[8] get-tuple-element(%w), index=1
+}
+"""
+    found = {c.kind: c for c in hlo.collectives(text, 8)}
+    ag, rs, ar = found["all-gather"], found["reduce-scatter"], found["all-reduce"]
+    assert (ag.count, rs.count, ar.count) == (16, 16, 1)
+    assert ag.members == (0, 1, 2, 3) and ag.buffer_bytes == 64 * 128 * 2
+    assert rs.group == 4 and rs.buffer_bytes == 16 * 4 * 4  # S: the input, 4x the output
+    assert ar.members == (0, 4)  # the 'axis_0' column of the 2x4 device mesh
+    summary = hlo.summarize(list(found.values()))
+    assert summary["all-gather"]["bytes"] == 16 * 64 * 128 * 2 * 3 / 4
+    assert summary["all-reduce"]["bytes"] == 2 * 1024 * 4 * 1 / 2
+    # grouped by TPU slice: the all-reduce over partitions 0 and 4 crosses slices
+    by_slice = hlo.summarize(list(found.values()), [0, 0, 0, 0, 1, 1, 1, 1])
+    assert "all-reduce (DCN)" in by_slice and "all-gather" in by_slice
+
+
+def test_hlo_megascale_send_is_dcn():
+    text = """HloModule m
+
+ENTRY %main () -> f32[4] {
+  %send = (f32[8,128]{1,0}, u32[], token[]) send(%x, %tok), channel_id=3, is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",_xla_host_transfer_rendezvous="all-reduce.1_0"}
+  ROOT %r = f32[4] constant({1,2,3,4})
+}
+"""
+    (c,) = hlo.collectives(text, 8, n_slices=2)
+    assert c.kind == "all-reduce (DCN)" and c.wire_bytes == 8 * 128 * 4
+
+
+def _cfg(*overrides: str) -> RunConfig:
+    return load_config(RunConfig, TINY, list(overrides))
+
+
+@needs_libtpu
+def test_tiny_plan_matches_analytic_state_and_fits():
+    from paretoq_jax.plan import architecture, plan
+
+    cfg = _cfg("mesh.data=1", "mesh.fsdp=-1")
+    p = plan(cfg, "v5p:2x2x1", count_flops=False)
+    assert p["devices"] == 4 and p["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    b = p["bytes"]
+    want = analytic_state_bytes(architecture(cfg.model.path), fsdp=4)
+    assert abs(b["params"] + b["optimizer"] - want) / want < 0.05
+    # the donated state is what the compiled step takes as arguments (plus batch and scalars)
+    assert b["arguments"] >= b["params"] + b["optimizer"]
+    assert 0 < b["peak"] < b["hbm"]
+    assert "all-gather" in p["collectives"]  # FSDP gathers its weights
+
+
+@needs_libtpu
+def test_tiny_plan_two_slices_puts_data_across_dcn():
+    from paretoq_jax.plan import plan
+
+    p = plan(_cfg("mesh.data=2", "mesh.fsdp=-1"), "v5p:2x2x1", slices=2, count_flops=False)
+    assert p["devices"] == 8 and p["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+    dcn = {k: v for k, v in p["collectives"].items() if "DCN" in k}
+    assert dcn.get("all-reduce (DCN)", {}).get("bytes", 0) > 0  # data-parallel gradients
+    assert p["time"]["collectives_dcn_s"] > 0
+
+
+@needs_libtpu
+def test_hbm_overflow_is_a_clean_cli_error():
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    cmd = [
+        sys.executable, "-m", "paretoq_jax.plan", "--config", TINY, "--topology", "v5e:2x2",
+        "--no-flops", "mesh.data=1", "mesh.fsdp=-1", "train.batch_size=4096",
+        "data.seq_len=2048",
+    ]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr
+    err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1, r.stderr
+    assert "does not fit v5e:2x2" in err[0] and "train.grad_accum" in err[0]
+    assert "mesh.fsdp" in err[0] and "mesh.tensor" in err[0]
+    assert "for HLO temporaries" in err[0]  # XLA's own figure is quoted
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_scan_and_accumulation_flops_match_the_plain_step():
+    """cost_analysis counts a loop body once: the planner's correction must give the FLOPs of
+    the same step unrolled and unaccumulated (4 + 1 compiles)."""
+    from paretoq_jax.plan import plan
+
+    plain = plan(_cfg("mesh.data=1", "mesh.fsdp=-1"), "v5p:2x2x1")
+    scanned = plan(
+        _cfg("mesh.data=1", "mesh.fsdp=-1", "model.scan_layers=true", "train.grad_accum=2"),
+        "v5p:2x2x1",
+    )
+    assert abs(scanned["flops_per_device"] / plain["flops_per_device"] - 1) < 0.03
+    assert plain["flops_per_device"] >= plain["model_flops_per_step"] / plain["devices"] * 0.9
+
+
+@needs_libtpu
+@pytest.mark.slow
+@pytest.mark.parametrize("slices", [1, 2])
+def test_one_billion_class_plan(slices):
+    """Llama-3.2-1B (the paper's config: bf16, remat, scan) on 8 v5p chips, one slice or two."""
+    from paretoq_jax.plan import architecture, plan
+
+    cfg = load_config(
+        RunConfig, str(ROOT / "configs/paper/llama-3.2-1b.yaml"),
+        [f"mesh.data={slices}", "mesh.fsdp=-1", "mesh.tensor=1", "train.batch_size=16",
+         "train.grad_accum=1"],
+    )  # fmt: skip
+    p = plan(cfg, "v5p:2x2x2" if slices == 1 else "v5p:2x2x1", slices, count_flops=False)
+    fsdp = 8 // slices
+    want = analytic_state_bytes(architecture(cfg.model.path), fsdp=fsdp)
+    got = p["bytes"]["params"] + p["bytes"]["optimizer"]
+    assert abs(got - want) / want < 0.05
+    assert p["bytes"]["peak"] < p["bytes"]["hbm"]
+
+
+CONSTRAINT_SCRIPT = """
+import jax, jax.numpy as jnp
+from flax import nnx
+from paretoq_jax.config import load_config
+from paretoq_jax.train.config import RunConfig
+from paretoq_jax.train.loop import build_mesh, make_step_for, model_factory
+cfg = load_config(RunConfig, {tiny!r}, ["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=4"])
+mesh = build_mesh(cfg)
+model = nnx.eval_shape(model_factory(cfg))
+step, tx = make_step_for(cfg, mesh, model)
+params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+shapes = dict(params=params, opt_state=jax.eval_shape(tx.init, params),
+              step=jax.ShapeDtypeStruct((), jnp.int32),
+              rng=jax.eval_shape(lambda: jax.random.PRNGKey(0)))
+state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                     shapes, step.state_shardings)
+tokens = jax.ShapeDtypeStruct((8, 64), jnp.int32, sharding=step.batch_sharding)
+print(step.fn.lower(state, {{"tokens": tokens}}).as_text())
+"""
+
+
+def test_activation_constraints_are_megatron_style():
+    """With mesh.tensor > 1 the step pins the residual stream to the batch axes (replicated
+    over tensor) and splits the logits' vocabulary over tensor (lowered on 8 CPU devices)."""
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+        PYTHONPATH=str(ROOT),
+    )  # fmt: skip
+    code = CONSTRAINT_SCRIPT.format(tiny=TINY)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [x for x in r.stdout.splitlines() if "sdy.sharding_constraint" in x]
+    hidden = [x for x in lines if '[{"fsdp"}, {}, {}]' in x and "x64x" in x]
+    logits = [x for x in lines if '[{"fsdp"}, {}, {"tensor"}]' in x and "x512x" in x]
+    assert hidden and logits, "\n".join(lines) or "no sharding constraints in the step"
+
+
+def test_hlo_trip_count_from_the_loop_condition():
+    """XLA:TPU's optimized HLO drops known_trip_count: the scan's ``i < N`` bound is used."""
+    text = """HloModule m
+
+%cond (p: (s32[], f32[8])) -> pred[] {
+  %c = s32[] constant(32)
+  %i = s32[] get-tuple-element(%p), index=0
+  ROOT %lt = pred[] compare(%i, %c), direction=LT
+}
+
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %ag = bf16[64]{0} all-gather(%x), channel_id=1, replica_groups={{0,1,2,3}}, dimensions={0}
+  ROOT %t = (s32[], f32[8]) tuple(%i, %v)
+}
+
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %w = (s32[], f32[8]) while(%init), condition=%cond, body=%body
+  ROOT %r = f32[8] get-tuple-element(%w), index=1
+}
+"""
+    (c,) = hlo.collectives(text, 4)
+    assert c.count == 32
