@@ -96,6 +96,46 @@ def _tiny_state(accum: int):
     return make_train_step(graphdef, rest, tx, mesh, shardings, grad_accum=accum), state
 
 
+def _tiny_distill_state(accum: int):
+    """A 2-bit student and its float teacher, with layer-wise distillation on."""
+    config = LlamaConfig.from_json(ROOT / "configs/models/tiny-llama")
+    mesh = make_mesh(1, 1, 1)
+    teacher = Llama(config, rngs=nnx.Rngs(3), scan_layers=False)
+    student = Llama(config, quant=resolve_rules(2), rngs=nnx.Rngs(0), scan_layers=False)
+    shard_model(teacher, mesh)
+    shard_model(student, mesh)
+    graphdef, params, rest = nnx.split(student, nnx.Param, ...)
+    t_graphdef, t_params, t_rest = nnx.split(teacher, nnx.Param, ...)
+    params, t_params = nnx.to_pure_dict(params), nnx.to_pure_dict(t_params)
+    tx = make_optimizer(TrainConfig(steps=4, lr=1e-3, batch_size=4, grad_accum=accum))
+    shardings = state_shardings(mesh, jax.tree.map(lambda x: x.sharding, params), tx, params)
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+             "rng": jax.random.PRNGKey(0)}  # fmt: skip
+    step = make_train_step(
+        graphdef, rest, tx, mesh, shardings, grad_accum=accum, teacher_graphdef=t_graphdef,
+        teacher_rest=t_rest, teacher_shardings=jax.tree.map(lambda x: x.sharding, t_params),
+        distill=True, layer_weight=1.0,
+    )  # fmt: skip
+    return step, state, t_params
+
+
+def test_grad_accumulation_equals_full_batch_with_layer_distillation():
+    """The layer term is a ratio of batch sums: accumulating it must still give the full-batch
+    loss and gradients (averaging per-micro-batch ratios would not)."""
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (4, 16), 0, 512)
+    mask = jnp.ones((4, 16)).at[1, 5:].set(0)
+    results = []
+    for accum in (1, 2):
+        step, state, t_params = _tiny_distill_state(accum)
+        state, m = step(state, {"tokens": tokens, "mask": mask}, t_params)
+        results.append((float(m["loss"]), float(m["grad_norm"]), state["params"]))
+    for loss, gn, params in results[1:]:
+        np.testing.assert_allclose(loss, results[0][0], rtol=1e-5)
+        np.testing.assert_allclose(gn, results[0][1], rtol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), params,
+                     results[0][2])  # fmt: skip
+
+
 def test_grad_accumulation_equals_full_batch():
     tokens = jax.random.randint(jax.random.PRNGKey(1), (4, 16), 0, 512)
     mask = jnp.ones((4, 16)).at[1, 5:].set(0)  # unequal token counts per micro-batch

@@ -97,8 +97,11 @@ def load_run(
     elif step not in steps:
         raise FileNotFoundError(f"no checkpoint at step {step} in {run / 'checkpoints'}: {steps}")
     mesh = build_mesh(cfg) if mesh is None else mesh
-    # The shapes come from the model's config alone: no need to read the start weights.
-    shell = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init="random"))
+    # The shapes come from the model's config alone: no need to read the start weights. Every
+    # parameter, learned scales included, is then overwritten by the checkpoint, so the shell's
+    # scale init is irrelevant (and ``mse`` needs pretrained weights to fit).
+    shell_model = dataclasses.replace(cfg.model, init="random", scale_init="paretoq")
+    shell = dataclasses.replace(cfg, model=shell_model)
     model = build_model(shell, mesh)
     model = set_params(model, restore_params(cfg, model, mesh, step))
     return model, _load_tokenizer(cfg), cfg, step
