@@ -266,3 +266,29 @@ def test_distillation_from_saved_float_teacher(tmp_path):
     train(cfg, progress=False)
     losses = [r["loss"] for r in read_metrics(Path(cfg.run_dir) / "metrics.jsonl")]
     assert len(losses) == 4 and losses[0] > 0 and losses[-1] < losses[0]
+
+
+def test_weight_decay_mask_covers_kernels_and_embedding_only():
+    """Decay: projection kernels and the token embedding; never norms or learned scales."""
+    from paretoq_jax.train.optim import decay_mask
+
+    config = LlamaConfig.from_json(ROOT / "configs/models/tiny-llama")
+    model = Llama(config, quant=resolve_rules(2), rngs=nnx.Rngs(0))
+    params = nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[1])  # layers stacked: 2-D norms
+    mask = {
+        jax.tree_util.keystr(p, simple=True, separator="."): m
+        for p, m in jax.tree_util.tree_flatten_with_path(decay_mask(params))[0]
+    }
+    assert mask.pop("embed_tokens") is True
+    for name, decayed in mask.items():
+        assert decayed == name.endswith(".kernel"), name
+    assert sum(mask.values()) == 7  # q, k, v, o, gate, up, down
+    # Behaviour: with zero gradients AdamW's update is the decay alone, -lr * wd * p.
+    tx = make_optimizer(TrainConfig(steps=1, lr=0.1, batch_size=1, weight_decay=0.5))
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    new = optax.apply_updates(params, tx.update(zeros, tx.init(params), params)[0])
+    np.testing.assert_allclose(new["embed_tokens"], params["embed_tokens"] * 0.95, rtol=1e-6)
+    np.testing.assert_array_equal(new["norm"]["weight"], params["norm"]["weight"])
+    q, q0 = new["layers"]["self_attn"]["q_proj"], params["layers"]["self_attn"]["q_proj"]
+    np.testing.assert_allclose(q["kernel"], q0["kernel"] * 0.95, rtol=1e-6)
+    np.testing.assert_array_equal(q["scale"], q0["scale"])
