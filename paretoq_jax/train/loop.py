@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from paretoq_jax.config import save_config, to_dict
+from paretoq_jax.eval.perplexity import validation_perplexity
 from paretoq_jax.models import resolve_rules
 from paretoq_jax.runtime import HeapGuard, release_free_memory
 
@@ -27,7 +28,7 @@ from .checkpoint import Checkpointer, abstract_like
 from .config import RunConfig
 from .metrics import MetricsWriter, QuantStats
 from .optim import make_optimizer, make_schedule
-from .step import TrainStep, make_eval_step, make_train_step, state_shardings
+from .step import TrainStep, make_train_step, state_shardings
 
 __all__ = ["train", "NonFiniteLossError", "compute_dtype", "build_mesh", "build_model"]
 
@@ -289,32 +290,17 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         writer.message(f"[train] resumed from step {start} in {run_dir / 'checkpoints'}")
 
     def evaluate(params) -> dict[str, float]:
-        """Mean next-token loss and perplexity over all validation blocks."""
-        if eval_fn is None:
+        """Validation loss and perplexity over all validation blocks (the one measure shared
+        with sweeps and ``eval``: ``eval.perplexity.validation_perplexity``)."""
+        if not eval_on:
             return {}
-        total = count = 0.0
-        b, p, n = tcfg.batch_size, jax.process_index(), jax.process_count()
-        for i in range(0, len(val_blocks), b):
-            rows = np.asarray(val_blocks[i : i + b], np.int32)
-            mask = np.ones_like(rows)
-            if len(rows) < b:  # pad the last batch with masked rows
-                pad = b - len(rows)
-                rows = np.concatenate([rows, np.zeros((pad, rows.shape[1]), np.int32)])
-                mask = np.concatenate([mask, np.zeros((pad, rows.shape[1]), np.int32)])
-            lo, hi = p * b // n, (p + 1) * b // n
-            batch = {
-                "tokens": _global_batch(rows[lo:hi], step_fn.batch_sharding),
-                "mask": _global_batch(mask[lo:hi], step_fn.batch_sharding),
-            }
-            s, c = eval_fn(params, batch)
-            total, count = total + float(s), count + float(c)
-        loss = total / max(count, 1.0)
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))}
+        row = validation_perplexity(
+            nnx.merge(graphdef, params, rest), val_blocks, batch_size=tcfg.batch_size, mesh=mesh
+        )
+        return {"val_loss": row["val_loss"], "val_ppl": row["val_ppl"]}
 
-    eval_fn = None
-    if tcfg.eval_every and len(val_blocks):
-        graphdef, _, rest = nnx.split(model, nnx.Param, ...)
-        eval_fn = make_eval_step(graphdef, rest, mesh, shardings["params"])
+    eval_on = bool(tcfg.eval_every and len(val_blocks))
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
 
     def save(step: int) -> None:
         meta = {"step": step, "data": it.state.to_dict(), "config": to_dict(cfg)}

@@ -35,7 +35,6 @@ __all__ = [
     "split_batch",
     "TrainStep",
     "make_train_step",
-    "make_eval_step",
     "state_shardings",
 ]
 
@@ -270,22 +269,3 @@ def make_train_step(
         donate_argnums=0,
     )
     return TrainStep(jitted, shardings, batch_sharding)
-
-
-def make_eval_step(
-    graphdef: nnx.GraphDef, rest: nnx.State, mesh: Mesh, param_shardings: Any
-) -> Callable[[Any, dict], tuple[jax.Array, jax.Array]]:
-    """Jitted ``eval(params, batch) -> (sum of token NLL, token count)`` (same loss as training)."""
-
-    def evaluate(params, batch):
-        data = split_batch(batch["tokens"], batch.get("mask"))
-        logits = nnx.merge(graphdef, params, rest)(data["inputs"])
-        return token_nll_sum(logits, data["labels"], data["mask"])
-
-    replicated = NamedSharding(mesh, P())
-    batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
-    return jax.jit(
-        evaluate,
-        in_shardings=(param_shardings, batch_sharding),
-        out_shardings=(replicated, replicated),
-    )
