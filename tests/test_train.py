@@ -82,14 +82,16 @@ def test_bad_train_config_is_rejected(tmp_path):
         tiny_cfg(tmp_path, "model.bits=5")
 
 
-def _tiny_state(accum: int):
+def _tiny_state(accum: int, grad_clip: float = 1.0, bits: float = 2):
     config = LlamaConfig.from_json(ROOT / "configs/models/tiny-llama")
-    model = Llama(config, quant=resolve_rules(2), rngs=nnx.Rngs(0), scan_layers=False)
+    model = Llama(config, quant=resolve_rules(bits), rngs=nnx.Rngs(0), scan_layers=False)
     mesh = make_mesh(1, 1, 1)
     shard_model(model, mesh)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params = nnx.to_pure_dict(params)
-    tx = make_optimizer(TrainConfig(steps=4, lr=1e-3, batch_size=4, grad_accum=accum))
+    tcfg = TrainConfig(steps=4, lr=1e-3, batch_size=4, grad_accum=accum, grad_clip=grad_clip,
+                       schedule="constant")  # fmt: skip
+    tx = make_optimizer(tcfg)
     shardings = state_shardings(mesh, jax.tree.map(lambda x: x.sharding, params), tx, params)
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
              "rng": jax.random.PRNGKey(0)}  # fmt: skip
@@ -152,28 +154,54 @@ def test_grad_accumulation_equals_full_batch():
 
 
 def test_clipping_and_adamw_match_optax_reference():
-    """One step of our step function equals a hand-written optax update on the same grads."""
-    step, state = _tiny_state(1)
-    tokens = jax.random.randint(jax.random.PRNGKey(2), (4, 16), 0, 512)
-    params0 = jax.tree.map(jnp.copy, state["params"])
+    """Two steps of our step function equal hand-written clip + AdamW updates on the same
+    grads. Adam's first update, lr * g / |g|, is blind to a global rescaling of g, so the clip
+    only shows from the second step on (when the two steps' clip factors differ); the test
+    checks that dropping the clip would miss the tolerance by far."""
+    clip = 0.05  # below every step's gradient norm: each step is clipped, by its own factor
+    # float weights: with 2-bit fake quantization, float noise in step 1 flips codes and
+    # changes step 2's gradients (the optimizer is the same for both)
+    step, state = _tiny_state(1, grad_clip=clip, bits=16)
+    # the second batch is one repeated token, so its gradient norm, and clip factor, differ from the first
+    batches = [jax.random.randint(jax.random.PRNGKey(2), (4, 16), 0, 512),
+               jnp.full((4, 16), 7, jnp.int32)]  # fmt: skip
     config = LlamaConfig.from_json(ROOT / "configs/models/tiny-llama")
-    model = Llama(config, quant=resolve_rules(2), rngs=nnx.Rngs(0), scan_layers=False)
+    model = Llama(config, quant=resolve_rules(16), rngs=nnx.Rngs(0), scan_layers=False)
     g, _, rest = nnx.split(model, nnx.Param, ...)
 
-    def loss_fn(p):
+    def loss_fn(p, tokens):
         logits = nnx.merge(g, p, rest)(tokens)
         logp = jax.nn.log_softmax(logits[:, :-1], -1)
         return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
 
-    grads = jax.grad(loss_fn)(params0)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, 0.9, 0.999, 1e-8, 0.0))
-    updates, _ = tx.update(grads, tx.init(params0), params0)
-    expected = optax.apply_updates(params0, updates)
-    new_state, m = step(state, {"tokens": tokens})
-    np.testing.assert_allclose(float(m["grad_norm"]), float(optax.tree.norm(grads)), rtol=1e-4)
-    # Adam's first step is lr * g / |g|: atol 2% of lr absorbs float-order noise on tiny grads.
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), new_state["params"],
-                 expected)  # fmt: skip
+    def reference(tx):
+        p = jax.tree.map(jnp.copy, state["params"])
+        opt, norms = tx.init(p), []
+        for tokens in batches:
+            grads = jax.grad(loss_fn)(p, tokens)
+            norms.append(float(optax.tree.norm(grads)))
+            updates, opt = tx.update(grads, opt, p)
+            p = optax.apply_updates(p, updates)
+        return p, norms
+
+    adamw = optax.adamw(1e-3, 0.9, 0.999, 1e-8, 0.0)
+    expected, norms = reference(optax.chain(optax.clip_by_global_norm(clip), adamw))
+    unclipped, _ = reference(adamw)
+    got_norms = []
+    for tokens in batches:
+        state, m = step(state, {"tokens": tokens})
+        got_norms.append(float(m["grad_norm"]))
+    np.testing.assert_allclose(got_norms, norms, rtol=1e-4)  # reported before clipping
+    assert min(norms) > 2 * clip and max(norms) / min(norms) > 1.05, norms
+
+    def dist(a, b):  # global L2 distance between two parameter trees
+        return float(optax.tree.norm(jax.tree.map(jnp.subtract, a, b)))
+
+    p0 = _tiny_state(1, bits=16)[1]["params"]
+    moved = dist(expected, p0)  # the two updates' size
+    err, skip_clip = dist(state["params"], expected) / moved, dist(unclipped, expected) / moved
+    assert err < 1e-4, err  # float-order noise (measured 1.1e-5)
+    assert skip_clip > 100 * 1e-4, skip_clip  # unclipped: 0.27, far outside the bound above
 
 
 def test_train_seq_len_trains_short_and_scores_the_usual_blocks(tmp_path):
