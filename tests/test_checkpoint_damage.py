@@ -183,3 +183,17 @@ def test_resume_with_state_changing_config_is_refused(tmp_path, reference):
     (fresh).mkdir()
     shutil.copy(run / "config.yaml", fresh / "config.yaml")
     assert check_resume_config(changed, fresh) == []
+
+
+def test_load_run_reads_the_newest_intact_checkpoint(tmp_path, reference, capsys):
+    """eval / export / generate (load_run) skip a damaged newest checkpoint, leaving it."""
+    from paretoq_jax.train.restore import load_run
+
+    run_ref, _ = reference
+    run = tmp_path / "run"
+    shutil.copytree(run_ref, run)
+    _garbage(run / "checkpoints" / str(STEPS))
+    _, _, _, step = load_run(run)
+    assert step == STEPS - EVERY
+    assert f"step {STEPS}" in capsys.readouterr().err
+    assert (run / "checkpoints" / str(STEPS)).is_dir()
