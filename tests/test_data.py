@@ -200,6 +200,35 @@ def test_second_build_hits_the_cache(tmp_path, tok, monkeypatch):
     assert meta["num_docs"] == len(FILES)
 
 
+def _garble(p: Path) -> None:
+    b = bytearray(p.read_bytes())
+    b[-7] ^= 0x5A  # a token id near the end: the array still loads, with a wrong value
+    p.write_bytes(bytes(b))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda e: _garble(e / "tokens.npy"),
+        lambda e: (e / "tokens.npy").write_bytes((e / "tokens.npy").read_bytes()[:-40]),
+        lambda e: _garble(e / "doc_offsets.npy"),
+        lambda e: (e / "doc_offsets.npy").unlink(),
+        lambda e: (e / "meta.json").write_text("{"),
+    ],
+    ids=["garbled-tokens", "truncated-tokens", "garbled-offsets", "missing-offsets", "bad-meta"],
+)
+def test_damaged_cache_entry_is_detected_and_rebuilt(tmp_path, tok, capsys, damage):
+    first = build_splits(cfg(tmp_path, val_blocks=2), tok)
+    (entry,) = [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]
+    damage(entry)
+    second = build_splits(cfg(tmp_path, val_blocks=2), tok)
+    assert "is damaged" in capsys.readouterr().out
+    for a, b in zip(first, second, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    meta = json.loads((entry / "meta.json").read_text())
+    assert set(meta["sha256"]) == {"tokens.npy", "doc_offsets.npy"}
+
+
 def test_changed_file_invalidates_the_cache(tmp_path, tok):
     f = tmp_path / "a.txt"
     f.write_text("one two three four five six seven eight nine ten " * 20)

@@ -77,10 +77,28 @@ def test_loglikelihood_rolling_short_and_long(lm, model, tok):
     (got,) = lm.loglikelihood_rolling([req("loglikelihood_rolling", short)])
     np.testing.assert_allclose(got, ref_loglik(model, [tok.bos_token_id] + ids, 1), rtol=1e-5)
     text = (FIXTURES / "corpus" / "sonnets_gut.txt").read_text()[:1500]
-    n = len(tok(text, add_special_tokens=False)["input_ids"])
-    assert n > 3 * lm.max_length  # several windows
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > 3 * lm.max_length  # several windows
     (long,) = lm.loglikelihood_rolling([req("loglikelihood_rolling", text)])
-    assert np.isfinite(long) and long < 0
+    np.testing.assert_allclose(long, ref_rolling(model, ids, tok.bos_token_id, lm.max_length),
+                               rtol=1e-5)  # fmt: skip
+
+
+def ref_rolling(model: Llama, ids: list[int], prefix: int, max_length: int) -> float:
+    """float64 rolling log-likelihood, written from lm-eval's definition: the text after a
+    prefix token, every token scored once, each window at most ``max_length`` tokens; the first
+    scores its ``max_length - 1`` tokens from the prefix on, each later one is the full
+    ``max_length`` tokens ending at its last scored token and scores the next ``max_length - 1``
+    (or fewer, at the end)."""
+    seq = [prefix, *ids]  # seq[j + 1] is ids[j]
+    first = min(max_length - 1, len(ids))
+    total, done = ref_loglik(model, seq[: first + 1], 1), first
+    while done < len(ids):
+        end = min(done + max_length - 1, len(ids))  # score ids[done:end]
+        window = seq[max(end + 1 - max_length, 0) : end + 1]
+        total += ref_loglik(model, window, len(window) - (end - done))
+        done = end
+    return total
 
 
 def test_generate_until_is_greedy_generation_cut_at_until(lm, model, tok):

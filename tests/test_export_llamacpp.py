@@ -1,9 +1,11 @@
 """llama.cpp runs our GGUF exports: logits of every position agree with the fake-quant model.
 
-Slow and optional: needs llama.cpp's C API from ``llama-cpp-cffi`` (0.4.20's CPU wheel works on
-glibc 2.36; install it outside the venv, e.g. ``pip install --no-deps --target DIR
-llama-cpp-cffi==0.4.20 cffi`` and set ``PARETOQ_LLAMA_CPP_PATH=DIR``). llama.cpp quantizes
-activations to 8 bits for its quantized matmuls, so agreement is ~1e-3, not fp16-scale exact.
+Needs llama.cpp's C API from ``llama-cpp-cffi`` (0.4.20's CPU wheel, glibc >= 2.36):
+``pip install --no-deps llama-cpp-cffi==0.4.20 cffi`` (its declared dependencies, numba, vulkan
+and more, are not needed for the C API; CI installs it so, see .ci/run). Skipped when it is not
+importable; ``PARETOQ_LLAMA_CPP_PATH=DIR`` adds a ``pip install --target DIR`` copy. llama.cpp
+quantizes activations to 8 bits for its quantized matmuls, so agreement is ~1e-3 (the bound
+below is docs/export.md's measured 1.1e-3 to 2.3e-3 with a little margin), not fp16-exact.
 """
 
 from __future__ import annotations
@@ -60,12 +62,18 @@ def _llama_cpp_available() -> bool:
     return subprocess.run(cmd, env=env, capture_output=True).returncode == 0
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("bits,qtype", [(1, None), (1.58, None), (1.58, "TQ1_0"), (2, None),
-                                        (2, "Q4_0"), (3, None), (4, None)])  # fmt: skip
+SLOW = pytest.mark.slow  # the default run covers TQ1_0, Q2_K and Q4_0 once each
+
+
+@pytest.mark.parametrize("bits,qtype", [
+    pytest.param(1, None, marks=SLOW), pytest.param(1.58, None, marks=SLOW), (1.58, "TQ1_0"),
+    (2, None), pytest.param(2, "Q4_0", marks=SLOW), pytest.param(3, None, marks=SLOW), (4, None),
+])  # fmt: skip
 def test_llama_cpp_runs_gguf_export(bits, qtype, tmp_path):
     if not _llama_cpp_available():
-        pytest.skip("llama.cpp (llama-cpp-cffi) not importable: set PARETOQ_LLAMA_CPP_PATH")
+        pytest.skip(
+            "llama.cpp's C API is not importable: pip install --no-deps llama-cpp-cffi==0.4.20 cffi"
+        )
     cfg = dataclasses.replace(
         LlamaConfig.from_json(TINY), hidden_size=256, intermediate_size=512, head_dim=64,
         tie_word_embeddings=False,
@@ -86,5 +94,6 @@ def test_llama_cpp_runs_gguf_export(bits, qtype, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     got = np.load(tmp_path / "out.npy")
     ref = np.asarray(model(ids[None]))[0]
-    assert np.max(np.abs(got - ref)) / np.max(np.abs(ref)) < 1e-2
-    assert np.mean(got.argmax(-1) == ref.argmax(-1)) > 0.95
+    rel = np.max(np.abs(got - ref)) / np.max(np.abs(ref))
+    assert rel < 3e-3, rel  # docs/export.md: 1.1e-3 to 2.3e-3
+    np.testing.assert_array_equal(got.argmax(-1), ref.argmax(-1))  # every position

@@ -207,9 +207,18 @@ def test_check_output_refuses_symlinked_ways_into_a_run(run, tmp_path):
         check_output(run.parent, "export-packed", directory=True, force=True, reads=[link])
 
 
+_SLOW_LAUNCH = """
+import sys, time
+import paretoq_jax.train.loop as loop
+loop._after_step_hook = lambda step: time.sleep(0.5)  # so the signal lands mid-run
+from paretoq_jax.train.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def _start_train(run_dir: Path, cache: Path) -> subprocess.Popen:
-    env = {**os.environ, "PARETOQ_FAULT_SLEEP_S": "0.5", "JAX_PLATFORMS": "cpu"}
-    cmd = [sys.executable, "-m", "paretoq_jax.train", "--config", str(TINY), "--no-progress",
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-c", _SLOW_LAUNCH, "--config", str(TINY), "--no-progress",
            f"run_dir={run_dir}", f"data.cache_dir={cache}", "train.steps=40",
            "checkpoint.every=50", "train.eval_every=0", "train.quant_stats_every=0"]  # fmt: skip
     return subprocess.Popen(

@@ -82,18 +82,60 @@ def test_bad_train_config_is_rejected(tmp_path):
         tiny_cfg(tmp_path, "model.bits=5")
 
 
-def _tiny_state(accum: int):
+def _tiny_state(accum: int, grad_clip: float = 1.0, bits: float = 2):
     config = LlamaConfig.from_json(ROOT / "configs/models/tiny-llama")
-    model = Llama(config, quant=resolve_rules(2), rngs=nnx.Rngs(0), scan_layers=False)
+    model = Llama(config, quant=resolve_rules(bits), rngs=nnx.Rngs(0), scan_layers=False)
     mesh = make_mesh(1, 1, 1)
     shard_model(model, mesh)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params = nnx.to_pure_dict(params)
-    tx = make_optimizer(TrainConfig(steps=4, lr=1e-3, batch_size=4, grad_accum=accum))
+    tcfg = TrainConfig(steps=4, lr=1e-3, batch_size=4, grad_accum=accum, grad_clip=grad_clip,
+                       schedule="constant")  # fmt: skip
+    tx = make_optimizer(tcfg)
     shardings = state_shardings(mesh, jax.tree.map(lambda x: x.sharding, params), tx, params)
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
              "rng": jax.random.PRNGKey(0)}  # fmt: skip
     return make_train_step(graphdef, rest, tx, mesh, shardings, grad_accum=accum), state
+
+
+def _tiny_distill_state(accum: int):
+    """A 2-bit student and its float teacher, with layer-wise distillation on."""
+    config = LlamaConfig.from_json(ROOT / "configs/models/tiny-llama")
+    mesh = make_mesh(1, 1, 1)
+    teacher = Llama(config, rngs=nnx.Rngs(3), scan_layers=False)
+    student = Llama(config, quant=resolve_rules(2), rngs=nnx.Rngs(0), scan_layers=False)
+    shard_model(teacher, mesh)
+    shard_model(student, mesh)
+    graphdef, params, rest = nnx.split(student, nnx.Param, ...)
+    t_graphdef, t_params, t_rest = nnx.split(teacher, nnx.Param, ...)
+    params, t_params = nnx.to_pure_dict(params), nnx.to_pure_dict(t_params)
+    tx = make_optimizer(TrainConfig(steps=4, lr=1e-3, batch_size=4, grad_accum=accum))
+    shardings = state_shardings(mesh, jax.tree.map(lambda x: x.sharding, params), tx, params)
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+             "rng": jax.random.PRNGKey(0)}  # fmt: skip
+    step = make_train_step(
+        graphdef, rest, tx, mesh, shardings, grad_accum=accum, teacher_graphdef=t_graphdef,
+        teacher_rest=t_rest, teacher_shardings=jax.tree.map(lambda x: x.sharding, t_params),
+        distill=True, layer_weight=1.0,
+    )  # fmt: skip
+    return step, state, t_params
+
+
+def test_grad_accumulation_equals_full_batch_with_layer_distillation():
+    """The layer term is a ratio of batch sums: accumulating it must still give the full-batch
+    loss and gradients (averaging per-micro-batch ratios would not)."""
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (4, 16), 0, 512)
+    mask = jnp.ones((4, 16)).at[1, 5:].set(0)
+    results = []
+    for accum in (1, 2):
+        step, state, t_params = _tiny_distill_state(accum)
+        state, m = step(state, {"tokens": tokens, "mask": mask}, t_params)
+        results.append((float(m["loss"]), float(m["grad_norm"]), state["params"]))
+    for loss, gn, params in results[1:]:
+        np.testing.assert_allclose(loss, results[0][0], rtol=1e-5)
+        np.testing.assert_allclose(gn, results[0][1], rtol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), params,
+                     results[0][2])  # fmt: skip
 
 
 def test_grad_accumulation_equals_full_batch():
@@ -112,28 +154,54 @@ def test_grad_accumulation_equals_full_batch():
 
 
 def test_clipping_and_adamw_match_optax_reference():
-    """One step of our step function equals a hand-written optax update on the same grads."""
-    step, state = _tiny_state(1)
-    tokens = jax.random.randint(jax.random.PRNGKey(2), (4, 16), 0, 512)
-    params0 = jax.tree.map(jnp.copy, state["params"])
+    """Two steps of our step function equal hand-written clip + AdamW updates on the same
+    grads. Adam's first update, lr * g / |g|, is blind to a global rescaling of g, so the clip
+    only shows from the second step on (when the two steps' clip factors differ); the test
+    checks that dropping the clip would miss the tolerance by far."""
+    clip = 0.05  # below every step's gradient norm: each step is clipped, by its own factor
+    # float weights: with 2-bit fake quantization, float noise in step 1 flips codes and
+    # changes step 2's gradients (the optimizer is the same for both)
+    step, state = _tiny_state(1, grad_clip=clip, bits=16)
+    # the second batch is one repeated token, so its gradient norm, and clip factor, differ from the first
+    batches = [jax.random.randint(jax.random.PRNGKey(2), (4, 16), 0, 512),
+               jnp.full((4, 16), 7, jnp.int32)]  # fmt: skip
     config = LlamaConfig.from_json(ROOT / "configs/models/tiny-llama")
-    model = Llama(config, quant=resolve_rules(2), rngs=nnx.Rngs(0), scan_layers=False)
+    model = Llama(config, quant=resolve_rules(16), rngs=nnx.Rngs(0), scan_layers=False)
     g, _, rest = nnx.split(model, nnx.Param, ...)
 
-    def loss_fn(p):
+    def loss_fn(p, tokens):
         logits = nnx.merge(g, p, rest)(tokens)
         logp = jax.nn.log_softmax(logits[:, :-1], -1)
         return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
 
-    grads = jax.grad(loss_fn)(params0)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, 0.9, 0.999, 1e-8, 0.0))
-    updates, _ = tx.update(grads, tx.init(params0), params0)
-    expected = optax.apply_updates(params0, updates)
-    new_state, m = step(state, {"tokens": tokens})
-    np.testing.assert_allclose(float(m["grad_norm"]), float(optax.tree.norm(grads)), rtol=1e-4)
-    # Adam's first step is lr * g / |g|: atol 2% of lr absorbs float-order noise on tiny grads.
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), new_state["params"],
-                 expected)  # fmt: skip
+    def reference(tx):
+        p = jax.tree.map(jnp.copy, state["params"])
+        opt, norms = tx.init(p), []
+        for tokens in batches:
+            grads = jax.grad(loss_fn)(p, tokens)
+            norms.append(float(optax.tree.norm(grads)))
+            updates, opt = tx.update(grads, opt, p)
+            p = optax.apply_updates(p, updates)
+        return p, norms
+
+    adamw = optax.adamw(1e-3, 0.9, 0.999, 1e-8, 0.0)
+    expected, norms = reference(optax.chain(optax.clip_by_global_norm(clip), adamw))
+    unclipped, _ = reference(adamw)
+    got_norms = []
+    for tokens in batches:
+        state, m = step(state, {"tokens": tokens})
+        got_norms.append(float(m["grad_norm"]))
+    np.testing.assert_allclose(got_norms, norms, rtol=1e-4)  # reported before clipping
+    assert min(norms) > 2 * clip and max(norms) / min(norms) > 1.05, norms
+
+    def dist(a, b):  # global L2 distance between two parameter trees
+        return float(optax.tree.norm(jax.tree.map(jnp.subtract, a, b)))
+
+    p0 = _tiny_state(1, bits=16)[1]["params"]
+    moved = dist(expected, p0)  # the two updates' size
+    err, skip_clip = dist(state["params"], expected) / moved, dist(unclipped, expected) / moved
+    assert err < 1e-4, err  # float-order noise (measured 1.1e-5)
+    assert skip_clip > 100 * 1e-4, skip_clip  # unclipped: 0.27, far outside the bound above
 
 
 def test_train_seq_len_trains_short_and_scores_the_usual_blocks(tmp_path):
@@ -226,3 +294,29 @@ def test_distillation_from_saved_float_teacher(tmp_path):
     train(cfg, progress=False)
     losses = [r["loss"] for r in read_metrics(Path(cfg.run_dir) / "metrics.jsonl")]
     assert len(losses) == 4 and losses[0] > 0 and losses[-1] < losses[0]
+
+
+def test_weight_decay_mask_covers_kernels_and_embedding_only():
+    """Decay: projection kernels and the token embedding; never norms or learned scales."""
+    from paretoq_jax.train.optim import decay_mask
+
+    config = LlamaConfig.from_json(ROOT / "configs/models/tiny-llama")
+    model = Llama(config, quant=resolve_rules(2), rngs=nnx.Rngs(0))
+    params = nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[1])  # layers stacked: 2-D norms
+    mask = {
+        jax.tree_util.keystr(p, simple=True, separator="."): m
+        for p, m in jax.tree_util.tree_flatten_with_path(decay_mask(params))[0]
+    }
+    assert mask.pop("embed_tokens") is True
+    for name, decayed in mask.items():
+        assert decayed == name.endswith(".kernel"), name
+    assert sum(mask.values()) == 7  # q, k, v, o, gate, up, down
+    # Behaviour: with zero gradients AdamW's update is the decay alone, -lr * wd * p.
+    tx = make_optimizer(TrainConfig(steps=1, lr=0.1, batch_size=1, weight_decay=0.5))
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    new = optax.apply_updates(params, tx.update(zeros, tx.init(params), params)[0])
+    np.testing.assert_allclose(new["embed_tokens"], params["embed_tokens"] * 0.95, rtol=1e-6)
+    np.testing.assert_array_equal(new["norm"]["weight"], params["norm"]["weight"])
+    q, q0 = new["layers"]["self_attn"]["q_proj"], params["layers"]["self_attn"]["q_proj"]
+    np.testing.assert_allclose(q["kernel"], q0["kernel"] * 0.95, rtol=1e-6)
+    np.testing.assert_array_equal(q["scale"], q0["scale"])

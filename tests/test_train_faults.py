@@ -37,10 +37,36 @@ def _overrides(run: Path, cache: Path) -> list[str]:
     ]
 
 
-def _start(run: Path, cache: Path) -> subprocess.Popen:
-    """The CLI in a subprocess, slowed to 0.5 s/step so a signal lands between checkpoints."""
-    env = {**os.environ, "PARETOQ_FAULT_SLEEP_S": "0.5", "JAX_PLATFORMS": "cpu"}
-    cmd = [sys.executable, "-m", "paretoq_jax.train", "--config", str(TINY), "--no-progress"]
+# The CLI in a subprocess with fault hooks injected (paretoq_jax.train.loop._after_step_hook,
+# a wrapped Checkpointer.save), then ``main(argv)``.
+_LAUNCH = """
+import os, signal, sys, time
+import paretoq_jax.train.checkpoint as ck
+import paretoq_jax.train.loop as loop
+sleep_s, kill_at, kill_delay = float(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+if sleep_s:
+    loop._after_step_hook = lambda step: time.sleep(sleep_s)
+if kill_at:
+    save = ck.Checkpointer.save
+    def killing_save(self, step, state, meta):
+        save(self, step, state, meta)  # returns with the async write in flight
+        if step == kill_at:
+            time.sleep(kill_delay)
+            os.kill(os.getpid(), signal.SIGKILL)
+    ck.Checkpointer.save = killing_save
+from paretoq_jax.train.__main__ import main
+sys.exit(main(sys.argv[4:]))
+"""
+
+
+def _start(
+    run: Path, cache: Path, *, sleep_s: float = 0.5, kill_at: int = 0, kill_delay: float = 0.0
+) -> subprocess.Popen:
+    """The CLI in a subprocess; ``sleep_s`` after every step so a signal lands between
+    checkpoints; ``kill_at``: SIGKILL itself ``kill_delay`` s after starting that async save."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    hooks = [str(sleep_s), str(kill_at), str(kill_delay)]
+    cmd = [sys.executable, "-c", _LAUNCH, *hooks, "--config", str(TINY), "--no-progress"]
     return subprocess.Popen(
         cmd + _overrides(run, cache), cwd=ROOT, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -67,11 +93,46 @@ def _losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl")}
 
 
-def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
-    cache = tmp_path / "cache"
-    ref = tmp_path / "ref"
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[Path, Path]:
+    """The uninterrupted run (and its token cache)."""
+    tmp = tmp_path_factory.mktemp("faults")
+    ref, cache = tmp / "ref", tmp / "cache"
     train(load_config(RunConfig, TINY, _overrides(ref, cache)), progress=False)
+    return ref, cache
 
+
+def _assert_matches_reference(run: Path, ref: Path) -> None:
+    ref_losses, losses = _losses(ref), _losses(run)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert losses == ref_losses  # bit-identical on CPU
+    jax.tree.map(np.testing.assert_array_equal, _final_params(run), _final_params(ref))
+
+
+# 0 s: right after the async save started; later delays land further into the write.
+@pytest.mark.parametrize(
+    "delay",
+    [0.0, pytest.param(0.005, marks=pytest.mark.slow), pytest.param(0.05, marks=pytest.mark.slow)],
+)
+def test_sigkill_during_async_save_resumes_from_previous_checkpoint(tmp_path, reference, delay):
+    ref, cache = reference
+    run = tmp_path / "killed"
+    kill_at = 2 * EVERY
+    proc = _start(run, cache, sleep_s=0.0, kill_at=kill_at, kill_delay=delay)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == -signal.SIGKILL, out
+    steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    if kill_at in steps:  # the write won the race: the kill landed after it, still a resume
+        assert delay > 0, "the kill did not land during the save"
+    else:
+        assert steps == [EVERY]
+    resumed = train(load_config(RunConfig, TINY, _overrides(run, cache)), progress=False)
+    assert resumed["resumed_from"] in (EVERY, kill_at) and resumed["step"] == STEPS
+    _assert_matches_reference(run, ref)
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, reference):
+    ref, cache = reference
     run = tmp_path / "killed"
     proc = _start(run, cache)
     _wait_for_checkpoint(proc, run, EVERY)
@@ -82,14 +143,11 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
 
     out = train(load_config(RunConfig, TINY, _overrides(run, cache)), progress=False)
     assert out["resumed_from"] >= EVERY and out["step"] == STEPS
-    ref_losses, losses = _losses(ref), _losses(run)
-    assert sorted(losses) == list(range(1, STEPS + 1))
-    assert losses == ref_losses  # bit-identical on CPU
+    _assert_matches_reference(run, ref)
     # elapsed_s counts on across the resume (the killed segment slept 0.5 s a step)
     elapsed = [r["elapsed_s"] for r in read_metrics(run / "metrics.jsonl")]
     assert all(b >= a for a, b in zip(elapsed, elapsed[1:], strict=False)), elapsed
     assert elapsed[-1] >= 0.5 * (out["resumed_from"] - 1)
-    jax.tree.map(np.testing.assert_array_equal, _final_params(run), _final_params(ref))
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):

@@ -6,7 +6,9 @@ starts. A cache entry is a folder ``<cache>/<key>/`` with ``tokens.npy``, ``doc_
 ``meta.json``; the key hashes the source's files (path, size, mtime), the text field, the
 tokenizer's full definition and the options, so any change makes a new entry. Entries are
 written to a temporary folder and renamed into place, so a killed run never leaves a partial one.
-See docs/data.md.
+Every load checks the arrays' sizes against ``meta.json`` and the files' sha256 digests stored
+there, so an entry damaged later (bit rot, a copy cut short) is reported and rebuilt rather than
+silently training on wrong tokens. See docs/data.md.
 """
 
 from __future__ import annotations
@@ -27,7 +29,42 @@ from .config import DataError
 
 __all__ = ["TokenStream", "tokenizer_fingerprint", "encode_documents", "cached_token_stream"]
 
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: meta.json holds the files' sha256 digests
+_FILES = ("tokens.npy", "doc_offsets.npy")
+
+
+class _DamagedEntry(Exception):
+    """A cache entry whose files disagree with its meta.json."""
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 23):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _load_entry(entry: Path) -> TokenStream:
+    """The entry's stream, after checking sizes and digests; raises `_DamagedEntry`."""
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+        for name in _FILES:
+            if _digest(entry / name) != meta["sha256"][name]:
+                raise _DamagedEntry(f"{name} does not match its sha256 in meta.json")
+        tokens = np.load(entry / "tokens.npy", mmap_mode="r")
+        offsets = np.load(entry / "doc_offsets.npy")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise _DamagedEntry(f"{type(e).__name__}: {e}") from e
+    n, docs = meta.get("num_tokens"), meta.get("num_docs")
+    if tokens.dtype != np.int32 or tokens.shape != (n,) or offsets.shape != (docs + 1,):
+        raise _DamagedEntry(
+            f"arrays {tokens.dtype}{tokens.shape} / {offsets.shape} disagree with meta.json "
+            f"({n} tokens, {docs} documents)"
+        )
+    if docs and (offsets[0] != 0 or offsets[-1] != n):
+        raise _DamagedEntry("doc_offsets do not span the tokens")
+    return TokenStream(tokens, offsets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,10 +194,11 @@ def cached_token_stream(
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     entry = root / f"{label}-{key}"
     if (entry / "meta.json").exists():
-        return TokenStream(
-            np.load(entry / "tokens.npy", mmap_mode="r"),
-            np.load(entry / "doc_offsets.npy"),
-        )
+        try:
+            return _load_entry(entry)
+        except _DamagedEntry as e:
+            print(f"[data] token cache entry {entry} is damaged ({e}); rebuilding it")
+            shutil.rmtree(entry, ignore_errors=True)  # derived data: tokenized again below
     t0 = time.perf_counter()
     docs = read_documents(source, text_field)
     stream = encode_documents(
@@ -174,6 +212,7 @@ def cached_token_stream(
     np.save(tmp / "tokens.npy", stream.tokens)
     np.save(tmp / "doc_offsets.npy", stream.doc_offsets)
     meta = {
+        "sha256": {name: _digest(tmp / name) for name in _FILES},
         **key_data,
         "spec": source.spec,
         "tokenizer_name": str(getattr(tokenizer, "name_or_path", type(tokenizer).__name__)),
@@ -189,6 +228,4 @@ def cached_token_stream(
         os.rename(tmp, entry)
     except OSError:  # another process finished the same entry first: theirs is identical
         shutil.rmtree(tmp, ignore_errors=True)
-    return TokenStream(
-        np.load(entry / "tokens.npy", mmap_mode="r"), np.load(entry / "doc_offsets.npy")
-    )
+    return _load_entry(entry)

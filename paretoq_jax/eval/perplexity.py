@@ -12,7 +12,13 @@ Two protocols (docs/evaluation.md):
 
 ``loss`` is the mean negative log-likelihood (nats) over scored tokens and
 ``perplexity = exp(loss)``. Both are token-weighted means, which for equal blocks equals the
-mean of per-block losses that ParetoQ averages.
+mean of per-block losses that ParetoQ averages. Overflow: ``exp`` of a loss above ~709.78 nats
+does not fit a float64; the perplexity is then ``inf`` (never capped), and a NaN loss gives a
+NaN perplexity (:func:`perplexity_from_loss`).
+
+:func:`validation_perplexity` is the one validation measure of the project: the trainer's
+``val_loss``/``val_ppl`` every ``train.eval_every`` steps, a sweep cell's, and
+``python -m paretoq_jax.eval --data`` on the same blocks all come from it.
 """
 
 from __future__ import annotations
@@ -26,7 +32,21 @@ from jax.sharding import Mesh
 
 from .scoring import Window, score_windows
 
-__all__ = ["perplexity", "block_windows", "strided_windows"]
+__all__ = [
+    "perplexity",
+    "perplexity_from_loss",
+    "validation_perplexity",
+    "block_windows",
+    "strided_windows",
+]
+
+
+def perplexity_from_loss(loss: float) -> float:
+    """``exp(loss)``; ``inf`` when that overflows a float (loss > ~709.78 nats), NaN for NaN."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return float("inf")
 
 
 def block_windows(tokens: np.ndarray, seq_len: int) -> list[Window]:
@@ -113,7 +133,7 @@ def perplexity(
         raise ValueError(f"{arr.size} tokens leave nothing to score; use more text")
     loss = total / tokens
     return {
-        "perplexity": math.exp(loss) if loss < 700 else float("inf"),
+        "perplexity": perplexity_from_loss(loss),
         "loss": loss,
         "tokens": tokens,
         "windows": len(windows),
@@ -121,3 +141,20 @@ def perplexity(
         "stride": stride,
         "protocol": "blocks" if stride is None else "strided",
     }
+
+
+def validation_perplexity(
+    model: nnx.Module, blocks: Any, *, batch_size: int = 8, mesh: Mesh | None = None
+) -> dict[str, float]:
+    """``{"val_loss", "val_ppl", "val_tokens"}`` of ``model`` on validation ``blocks`` (2-D,
+    ``(n, seq_len)``): the blocks protocol of :func:`perplexity`, the training loss's
+    next-token NLL within each block. Used by the trainer, sweeps and evaluation alike.
+    Raises ``ValueError`` when there are no blocks."""
+    arr = np.asarray(blocks)
+    if arr.ndim != 2 or len(arr) == 0:
+        raise ValueError(
+            "no validation blocks: set data.val_blocks (or data.val_path / data.val_fraction) "
+            "in the training config"
+        )
+    row = perplexity(model, arr, batch_size=batch_size, mesh=mesh)
+    return {"val_loss": row["loss"], "val_ppl": row["perplexity"], "val_tokens": row["tokens"]}

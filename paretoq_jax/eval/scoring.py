@@ -137,9 +137,15 @@ def score_windows(
             targets[r, : len(toks) - 1] = toks[1:]
             mask[r, start - 1 : len(toks) - 1] = 1
         arrays = (ids, targets, mask)
-        if sharding is not None:
-            arrays = tuple(jax.device_put(a, sharding) for a in arrays)
+        if sharding is not None:  # every process holds the same batch: each places its shards
+            arrays = tuple(
+                jax.make_array_from_callback(a.shape, sharding, lambda i, a=a: a[i]) for a in arrays
+            )
         out = _score_batch(graphdef, state, *arrays, chunk=_chunk_size(seq))
+        if jax.process_count() > 1:  # rows sharded over processes: gather them everywhere
+            from jax.experimental import multihost_utils
+
+            out = multihost_utils.process_allgather(out, tiled=True)
         s, c, g = (np.asarray(x) for x in jax.device_get(out))
         k = len(rows)
         nll[rows], count[rows], greedy[rows] = s[:k], c[:k].round().astype(np.int64), g[:k]

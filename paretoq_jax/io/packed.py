@@ -216,8 +216,12 @@ def _read_quant_config(folder: Path) -> dict:
             f"{folder} has no {QUANT_CONFIG}: not a packed export (write one with "
             "python -m paretoq_jax.export --format packed)"
         )
-    qc = json.loads(qc_path.read_text())
-    if qc.get("format") != FORMAT:
+    try:
+        qc = json.loads(qc_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{qc_path} is not valid JSON ({e}): the export is damaged") from e
+    if not isinstance(qc, dict) or qc.get("format") != FORMAT:
+        qc = qc if isinstance(qc, dict) else {}
         raise CheckpointError(f"{qc_path}: format {qc.get('format')!r}, expected {FORMAT!r}")
     if qc.get("format_version") != FORMAT_VERSION or qc.get("layout_version") != (
         quant.LAYOUT_VERSION
@@ -262,6 +266,14 @@ def load_packed(
     if not weights_file.exists():
         raise CheckpointError(f"{folder} has no {WEIGHTS_FILE}")
     handle = safe_open(str(weights_file), framework="numpy")
+    stored = handle.metadata() or {}
+    expect = {"format_version": str(FORMAT_VERSION), "layout_version": str(quant.LAYOUT_VERSION)}
+    if any(stored.get(k) != v for k, v in expect.items()):
+        raise CheckpointError(
+            f"{weights_file}: format_version {stored.get('format_version')} / layout_version "
+            f"{stored.get('layout_version')}; this paretoq_jax reads {FORMAT_VERSION} / "
+            f"{quant.LAYOUT_VERSION}: re-export with this version"
+        )
     names = set(handle.keys())
 
     def get(name: str) -> np.ndarray:

@@ -8,11 +8,9 @@ float weights with freshly initialized scales, or the seeded random init.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -82,38 +80,13 @@ def movement(start: dict[str, tuple], end: dict[str, tuple]) -> TransitionStats:
 
 
 def validation_loss(model: nnx.Module, blocks: np.ndarray, batch_size: int) -> dict[str, float]:
-    """Mean next-token NLL over the validation blocks and its perplexity ``exp(nll)``.
+    """``{"val_loss", "val_ppl", "val_tokens"}``: :func:`paretoq_jax.eval.perplexity.
+    validation_perplexity`, the trainer's and ``eval``'s measure (same overflow: ``inf``)."""
+    from paretoq_jax.eval.perplexity import validation_perplexity
 
-    The same token loss as training (``paretoq_jax.train.step.token_nll_sum``): every position
-    but the last of a block predicts the next token. The last batch is padded with masked rows.
-    """
-    from paretoq_jax.train.step import split_batch, token_nll_sum
-
-    blocks = np.asarray(blocks, np.int32)
-    if blocks.ndim != 2 or len(blocks) == 0:
+    if np.asarray(blocks).ndim != 2 or len(blocks) == 0:
         raise ValueError(
             "no validation blocks: set data.val_blocks (or data.val_path / data.val_fraction) "
             "in the training config so the sweep can measure perplexity"
         )
-
-    @nnx.jit
-    def nll(model, tokens, mask):
-        data = split_batch(tokens, mask)
-        return token_nll_sum(model(data["inputs"]), data["labels"], data["mask"])
-
-    total = count = 0.0
-    for i in range(0, len(blocks), batch_size):
-        chunk = blocks[i : i + batch_size]
-        mask = np.ones_like(chunk)
-        if len(chunk) < batch_size:  # pad: one compiled shape for every batch
-            pad = batch_size - len(chunk)
-            chunk = np.concatenate([chunk, np.zeros((pad, chunk.shape[1]), np.int32)])
-            mask = np.concatenate([mask, np.zeros((pad, chunk.shape[1]), np.int32)])
-        s, n = nll(model, jnp.asarray(chunk), jnp.asarray(mask))
-        total, count = total + float(s), count + float(n)
-    loss = total / count
-    return {
-        "val_loss": loss,
-        "val_ppl": math.exp(loss) if loss < 700 else float("inf"),
-        "val_tokens": int(count),
-    }
+    return validation_perplexity(model, blocks, batch_size=batch_size)

@@ -6,8 +6,8 @@ See ``docs/training.md`` for the files it writes and the fault-handling guarante
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import os
 import signal
 import time
 from collections.abc import Callable
@@ -22,15 +22,16 @@ from flax import nnx
 
 from paretoq_jax.config import save_config, to_dict
 from paretoq_jax.errors import ParetoQError
+from paretoq_jax.eval.perplexity import validation_perplexity
 from paretoq_jax.models import resolve_rules
 from paretoq_jax.outputs import check_run_dir
 from paretoq_jax.runtime import HeapGuard, release_free_memory
 
-from .checkpoint import Checkpointer, abstract_like
+from .checkpoint import Checkpointer, abstract_like, check_resume_config
 from .config import RunConfig
 from .metrics import MetricsWriter, QuantStats
 from .optim import make_optimizer, make_schedule
-from .step import TrainStep, make_eval_step, make_train_step, state_shardings
+from .step import TrainStep, make_train_step, state_shardings
 
 __all__ = [
     "train",
@@ -43,9 +44,10 @@ __all__ = [
 ]
 
 
-# Fault-injection aid for the kill/resume tests: sleep this long after every step, so that a
-# signal can be delivered between two checkpoints of a tiny, fast run.
-_FAULT_SLEEP_S = float(os.environ.get("PARETOQ_FAULT_SLEEP_S", "0") or 0)
+# Fault-injection hook for the kill/resume tests (set by the test, never by a config): called
+# with the step number after every step, e.g. to slow a tiny run so that a signal lands
+# between two checkpoints.
+_after_step_hook: Callable[[int], None] | None = None
 
 
 class NonFiniteLossError(ParetoQError, RuntimeError):
@@ -202,17 +204,6 @@ def _global_batch(local: np.ndarray, sharding: jax.sharding.NamedSharding) -> ja
     return jax.make_array_from_process_local_data(sharding, np.asarray(local, np.int32))
 
 
-def _diff_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += _diff_keys(a, b, f"{prefix}{k}.")
-        elif a != b:
-            keys.append(f"{prefix}{k}: {a!r} -> {b!r}")
-    return keys
-
-
 def make_step_for(
     cfg: RunConfig,
     mesh: jax.sharding.Mesh,
@@ -293,15 +284,13 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     is_main = jax.process_index() == 0
     if is_main:
         check_run_dir(run_dir)  # never trains into a folder of other files or inside a run
+    changed = check_resume_config(cfg, run_dir)  # refuses a state-changing resume: no write
+    if is_main:
+        if changed:
+            print(f"[train] resuming {run_dir} with config changes: {'; '.join(changed)}")
         run_dir.mkdir(parents=True, exist_ok=True)
-        old_cfg = run_dir / "config.yaml"
-        if old_cfg.exists():
-            import yaml
-
-            changed = _diff_keys(yaml.safe_load(old_cfg.read_text()) or {}, to_dict(cfg))
-            if changed:
-                print(f"[train] config differs from the saved one in {run_dir}: {changed}")
-        save_config(cfg, run_dir / "config.yaml")
+        once = dataclasses.replace(cfg.train, allow_config_change=False)  # never sticky
+        save_config(dataclasses.replace(cfg, train=once), run_dir / "config.yaml")
 
     mesh = build_mesh(cfg)
     tokenizer = _load_tokenizer(cfg)
@@ -326,12 +315,14 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
               f"{on_dev / 2**20:.1f} MiB on device 0 (mesh {dict(mesh.shape)})")  # fmt: skip
     ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep,
                         async_save=cfg.checkpoint.async_save)  # fmt: skip
-    start = ckpt.latest_step()
-    data_state = None
-    if start is not None:
-        state, meta = ckpt.restore(start, abstract_like(state, shardings))
+    # The newest checkpoint that reads back intact; unreadable newer ones are kept aside.
+    restored = ckpt.restore_latest(
+        abstract_like(state, shardings), set_aside=True, log=print if is_main else None
+    )
+    start, data_state = 0, None
+    if restored is not None:
+        start, state, meta = restored
         data_state = meta["data"]
-    start = start or 0
 
     it = BatchIterator(
         train_blocks,
@@ -353,32 +344,17 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         writer.message(f"[train] resumed from step {start} in {run_dir / 'checkpoints'}")
 
     def evaluate(params) -> dict[str, float]:
-        """Mean next-token loss and perplexity over all validation blocks."""
-        if eval_fn is None:
+        """Validation loss and perplexity over all validation blocks (the one measure shared
+        with sweeps and ``eval``: ``eval.perplexity.validation_perplexity``)."""
+        if not eval_on:
             return {}
-        total = count = 0.0
-        b, p, n = tcfg.batch_size, jax.process_index(), jax.process_count()
-        for i in range(0, len(val_blocks), b):
-            rows = np.asarray(val_blocks[i : i + b], np.int32)
-            mask = np.ones_like(rows)
-            if len(rows) < b:  # pad the last batch with masked rows
-                pad = b - len(rows)
-                rows = np.concatenate([rows, np.zeros((pad, rows.shape[1]), np.int32)])
-                mask = np.concatenate([mask, np.zeros((pad, rows.shape[1]), np.int32)])
-            lo, hi = p * b // n, (p + 1) * b // n
-            batch = {
-                "tokens": _global_batch(rows[lo:hi], step_fn.batch_sharding),
-                "mask": _global_batch(mask[lo:hi], step_fn.batch_sharding),
-            }
-            s, c = eval_fn(params, batch)
-            total, count = total + float(s), count + float(c)
-        loss = total / max(count, 1.0)
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))}
+        row = validation_perplexity(
+            nnx.merge(graphdef, params, rest), val_blocks, batch_size=tcfg.batch_size, mesh=mesh
+        )
+        return {"val_loss": row["val_loss"], "val_ppl": row["val_ppl"]}
 
-    eval_fn = None
-    if tcfg.eval_every and len(val_blocks):
-        graphdef, _, rest = nnx.split(model, nnx.Param, ...)
-        eval_fn = make_eval_step(graphdef, rest, mesh, shardings["params"])
+    eval_on = bool(tcfg.eval_every and len(val_blocks))
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
 
     def save(step: int) -> None:
         meta = {"step": step, "data": it.state.to_dict(), "config": to_dict(cfg)}
@@ -435,8 +411,8 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
                     save(step)
                 if step >= start + 2 and heap_guard():  # (the first step compiles)
                     t_last = time.perf_counter()  # do not charge the trim to the next step
-                if _FAULT_SLEEP_S:
-                    time.sleep(_FAULT_SLEEP_S)
+                if _after_step_hook is not None:
+                    _after_step_hook(step)
                 if stop.signum is not None:
                     if step % cfg.checkpoint.every and step != tcfg.steps:
                         save(step)

@@ -17,8 +17,10 @@ from .config import TrainConfig
 
 __all__ = ["make_schedule", "make_optimizer", "decay_mask", "scale_labels"]
 
-# Weight decay applies to matrices only: never to norms or quantization scales.
-_DECAYED = ("kernel", "embedding")
+# Weight decay applies to the weight matrices (projection kernels, the token embedding, an
+# untied lm_head's kernel), as Hugging Face's Trainer does for the ParetoQ reference: never to
+# norms, biases or quantization scales. Matched by leaf name: stacked (scanned) norms are 2-D too.
+_DECAYED = ("kernel", "embed_tokens")
 
 
 def make_schedule(
@@ -48,7 +50,8 @@ def make_schedule(
 
 
 def decay_mask(params: Any) -> Any:
-    """True for the leaves weight decay applies to (kernels and embeddings)."""
+    """True for the leaves weight decay applies to: kernels and the token embedding
+    (``embed_tokens``); False for norms, biases and quantization scales."""
     return jax.tree_util.tree_map_with_path(
         lambda path, _: any(getattr(k, "key", None) in _DECAYED for k in path[-1:]), params
     )

@@ -35,10 +35,18 @@ def checkpoint_steps(run_dir: str | Path) -> list[int]:
         ckpt.close()
 
 
-def restore_params(cfg: RunConfig, model: nnx.Module, mesh, step: int) -> dict:
+def restore_params(cfg: RunConfig, model: nnx.Module, mesh, step: int | None) -> dict:
     """The ``params`` pure dict of checkpoint ``step`` in ``cfg.run_dir``, restored into the
     trainer's shardings (the optimizer state is restored too and dropped)."""
-    from paretoq_jax.train.checkpoint import Checkpointer, abstract_like
+    return _restore(cfg, model, mesh, step)[1]
+
+
+def _restore(cfg: RunConfig, model: nnx.Module, mesh, step: int | None) -> tuple[int, dict]:
+    """``(step, params)``; ``step=None``: the newest checkpoint that reads back intact (damaged
+    newer ones are reported on stderr and left in place)."""
+    import sys
+
+    from paretoq_jax.train.checkpoint import Checkpointer, CheckpointRestoreError, abstract_like
     from paretoq_jax.train.optim import make_optimizer
     from paretoq_jax.train.step import state_shardings
 
@@ -52,12 +60,19 @@ def restore_params(cfg: RunConfig, model: nnx.Module, mesh, step: int) -> dict:
         "step": jax.ShapeDtypeStruct((), jnp.int32),
         "rng": jax.eval_shape(lambda: jax.random.PRNGKey(0)),
     }
+    abstract = abstract_like(shapes, shardings)
     ckpt = Checkpointer(Path(cfg.run_dir) / "checkpoints", async_save=False)
     try:
-        state, _ = ckpt.restore(step, abstract_like(shapes, shardings))
+        if step is not None:
+            state, _ = ckpt.restore(step, abstract)
+        else:
+            found = ckpt.restore_latest(abstract, log=lambda m: print(m, file=sys.stderr))
+            if found is None:
+                raise CheckpointRestoreError(f"{ckpt.directory} holds no complete checkpoint")
+            step, state, _ = found
     finally:
         ckpt.close()
-    return state["params"]
+    return step, state["params"]
 
 
 def set_params(model: nnx.Module, params: dict) -> nnx.Module:
@@ -70,8 +85,9 @@ def set_params(model: nnx.Module, params: dict) -> nnx.Module:
 def load_run(
     run_dir: str | Path, step: int | None = None, *, mesh: jax.sharding.Mesh | None = None
 ) -> tuple[nnx.Module, Any, RunConfig, int]:
-    """``(model, tokenizer, run_config, step)`` of checkpoint ``step`` (default: the latest
-    complete one) of a training run. ``mesh`` defaults to one data axis over all devices.
+    """``(model, tokenizer, run_config, step)`` of checkpoint ``step`` (default: the newest
+    complete one that reads back intact; a damaged newer one is reported on stderr and left in
+    place) of a training run. ``mesh`` defaults to one data axis over all devices.
 
     Raises ``FileNotFoundError`` naming what is missing (no ``config.yaml``: not a run
     directory; no complete checkpoint; no checkpoint at ``step``).
@@ -92,13 +108,15 @@ def load_run(
     steps = checkpoint_steps(run)
     if not steps:
         raise FileNotFoundError(f"{run / 'checkpoints'} holds no complete checkpoint: train first")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
+    if step is not None and step not in steps:
         raise FileNotFoundError(f"no checkpoint at step {step} in {run / 'checkpoints'}: {steps}")
     mesh = build_mesh(cfg) if mesh is None else mesh
-    # The shapes come from the model's config alone: no need to read the start weights.
-    shell = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init="random"))
+    # The shapes come from the model's config alone: no need to read the start weights. Every
+    # parameter, learned scales included, is then overwritten by the checkpoint, so the shell's
+    # scale init is irrelevant (and ``mse`` needs pretrained weights to fit).
+    shell_model = dataclasses.replace(cfg.model, init="random", scale_init="paretoq")
+    shell = dataclasses.replace(cfg, model=shell_model)
     model = build_model(shell, mesh)
-    model = set_params(model, restore_params(cfg, model, mesh, step))
+    step, params = _restore(cfg, model, mesh, step)  # None: the newest intact checkpoint
+    model = set_params(model, params)
     return model, _load_tokenizer(cfg), cfg, step

@@ -9,7 +9,10 @@ Loss: masked next-token cross entropy ``logsumexp(z) - z[label]`` averaged over 
 tokens of the global batch (no full log-softmax over the vocabulary is materialized). With
 ``train.distill`` the loss is ``KL(teacher || student)`` on the logits of a frozen float teacher.
 Gradient accumulation scans over micro-batches and sums token-loss sums and gradients, so the
-result equals the one-shot step over the whole global batch.
+result equals the one-shot step over the whole global batch. The layer-reconstruction term of
+block-wise distillation is a ratio of batch sums, not a sum over tokens: with accumulation a
+first scan computes the teacher's per-layer denominators over the whole batch (one extra teacher
+forward per micro-batch), so that this term is exact too.
 """
 
 from __future__ import annotations
@@ -32,7 +35,6 @@ __all__ = [
     "split_batch",
     "TrainStep",
     "make_train_step",
-    "make_eval_step",
     "state_shardings",
 ]
 
@@ -65,7 +67,16 @@ def token_kl_sum(
     return jnp.sum(kl * mask), jnp.sum(mask)
 
 
-def layer_reconstruction(student_out: jax.Array, teacher_stream: jax.Array) -> jax.Array:
+def layer_power(teacher_stream: jax.Array) -> jax.Array:
+    """``|h_{l+1} - h_l|^2`` per decoder layer ``(L,)``: what each teacher layer adds to the
+    residual stream ``(L + 1, B, S, D)``, summed over the batch."""
+    t = teacher_stream.astype(jnp.float32)
+    return jnp.sum(jnp.square(t[1:] - t[:-1]), axis=tuple(range(1, t.ndim)))
+
+
+def layer_reconstruction(
+    student_out: jax.Array, teacher_stream: jax.Array, power: jax.Array | None = None
+) -> jax.Array:
     """Mean over decoder layers of ``|f_l^S(h_l) - h_{l+1}|^2 / |h_{l+1} - h_l|^2``.
 
     ``teacher_stream`` ``(L + 1, B, S, D)``: the float teacher's residual stream ``h``;
@@ -73,12 +84,15 @@ def layer_reconstruction(student_out: jax.Array, teacher_stream: jax.Array) -> j
     Each layer's error is relative to what that teacher layer adds to the stream, so every
     layer weighs alike whatever the stream's scale (block-wise reconstruction, as in BRECQ /
     EfficientQAT's Block-AP, here for all layers in parallel and alongside end-to-end QAT).
+    ``power`` ``(L,)``: the denominators (default ``layer_power(teacher_stream)``); gradient
+    accumulation passes the whole global batch's, so that the micro-batches' terms sum to the
+    global batch's ratio.
     """
-    t_in, t_out = teacher_stream[:-1].astype(jnp.float32), teacher_stream[1:].astype(jnp.float32)
+    t_out = teacher_stream[1:].astype(jnp.float32)
     axes = tuple(range(1, t_out.ndim))
     err = jnp.sum(jnp.square(student_out.astype(jnp.float32) - t_out), axis=axes)
-    power = jnp.maximum(jnp.sum(jnp.square(t_out - t_in), axis=axes), 1e-12)
-    return jnp.mean(err / power)
+    power = layer_power(teacher_stream) if power is None else power
+    return jnp.mean(err / jnp.maximum(power, 1e-12))
 
 
 def split_batch(tokens: jax.Array, mask: jax.Array | None = None) -> dict[str, jax.Array]:
@@ -186,7 +200,9 @@ def make_train_step(
     if (distill or layer_weight > 0) and not uses_teacher:
         raise ValueError("distill / layer_weight > 0 need the teacher (teacher_graphdef)")
 
-    def micro_loss(params, micro, teacher_params):
+    def micro_loss(params, micro, teacher_params, layer_norm=None):
+        """(loss sum, token count) of one micro-batch. ``layer_norm``: ``(power (L,), token
+        count)`` of the whole global batch for the layer term (None: this batch's own)."""
         model = nnx.merge(graphdef, params, rest)
         inputs = micro["inputs"]
         logits = model(inputs)
@@ -204,11 +220,22 @@ def make_train_step(
         else:
             loss_sum, count = token_nll_sum(logits, micro["labels"], micro["mask"])
         if layer_weight > 0:
-            rec = layer_reconstruction(model.layers_on(inputs, stream[:-1]), stream)
-            loss_sum = loss_sum + layer_weight * rec * count
+            power, total = (None, count) if layer_norm is None else layer_norm
+            rec = layer_reconstruction(model.layers_on(inputs, stream[:-1]), stream, power)
+            loss_sum = loss_sum + layer_weight * rec * total
         return loss_sum, count
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def global_layer_norm(micro, teacher_params):
+        """The whole batch's per-layer teacher power and token count (a teacher-only pass)."""
+
+        def power(inputs):
+            teacher = nnx.merge(teacher_graphdef, teacher_params, teacher_rest)
+            return layer_power(teacher.residual_stream(inputs))
+
+        total = jnp.sum(jax.lax.map(power, micro["inputs"]), axis=0)
+        return jax.lax.stop_gradient(total), jnp.sum(micro["mask"])
 
     def step(state, batch, teacher_params=None):
         params = state["params"]
@@ -216,14 +243,15 @@ def make_train_step(
         if grad_accum == 1:
             (loss_sum, count), grads = grad_fn(params, data, teacher_params)
         else:
+            micro = _micro_batches(data, grad_accum)
+            norm = global_layer_norm(micro, teacher_params) if layer_weight > 0 else None
 
-            def body(carry, micro):
-                (s, n), g = grad_fn(params, micro, teacher_params)
+            def body(carry, m):
+                (s, n), g = grad_fn(params, m, teacher_params, norm)
                 return jax.tree.map(jnp.add, carry, (s, n, g)), None
 
             zero = jnp.zeros((), jnp.float32)
             init = (zero, zero, jax.tree.map(jnp.zeros_like, params))
-            micro = _micro_batches(data, grad_accum)
             (loss_sum, count, grads), _ = jax.lax.scan(body, init, micro)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
@@ -252,22 +280,3 @@ def make_train_step(
         donate_argnums=0,
     )
     return TrainStep(jitted, shardings, batch_sharding)
-
-
-def make_eval_step(
-    graphdef: nnx.GraphDef, rest: nnx.State, mesh: Mesh, param_shardings: Any
-) -> Callable[[Any, dict], tuple[jax.Array, jax.Array]]:
-    """Jitted ``eval(params, batch) -> (sum of token NLL, token count)`` (same loss as training)."""
-
-    def evaluate(params, batch):
-        data = split_batch(batch["tokens"], batch.get("mask"))
-        logits = nnx.merge(graphdef, params, rest)(data["inputs"])
-        return token_nll_sum(logits, data["labels"], data["mask"])
-
-    replicated = NamedSharding(mesh, P())
-    batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
-    return jax.jit(
-        on_mesh(evaluate, mesh),
-        in_shardings=(param_shardings, batch_sharding),
-        out_shardings=(replicated, replicated),
-    )
