@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from paretoq_jax.cli import run_cli
-from paretoq_jax.data.prepare import main as prepare_main
 from paretoq_jax.config import load_config
+from paretoq_jax.data.prepare import main as prepare_main
 from paretoq_jax.errors import ParetoQError
 from paretoq_jax.eval.__main__ import main as eval_main
 from paretoq_jax.export.__main__ import main as export_main
