@@ -21,6 +21,7 @@ from flax import nnx
 
 from paretoq_jax.config import save_config, to_dict
 from paretoq_jax.models import resolve_rules
+from paretoq_jax.parallel import code_gather
 from paretoq_jax.runtime import HeapGuard, release_free_memory
 
 from .checkpoint import Checkpointer, abstract_like
@@ -100,7 +101,7 @@ def build_model(cfg: RunConfig, mesh: jax.sharding.Mesh, *, teacher: bool = Fals
         from paretoq_jax.io import load_config
 
         config = load_config(path)  # config.json of a folder, or a .gguf's metadata
-        return init_random_model(
+        model = init_random_model(
             lambda: Llama(
                 config, quant=rules, dtype=dtype, param_dtype=jnp.float32,
                 rngs=nnx.Rngs(cfg.train.seed), remat=cfg.model.remat,
@@ -108,13 +109,18 @@ def build_model(cfg: RunConfig, mesh: jax.sharding.Mesh, *, teacher: bool = Fals
             ),
             mesh,
         )  # fmt: skip
-    from paretoq_jax.io import load_pretrained
+    else:
+        from paretoq_jax.io import load_pretrained
 
-    return load_pretrained(
-        path, bits, method, dtype=dtype, mesh=mesh, param_dtype=jnp.float32,
-        remat=cfg.model.remat, scan_layers=cfg.model.scan_layers,
-        scale_init="paretoq" if teacher else cfg.model.scale_init,
-    )  # fmt: skip
+        model = load_pretrained(
+            path, bits, method, dtype=dtype, mesh=mesh, param_dtype=jnp.float32,
+            remat=cfg.model.remat, scan_layers=cfg.model.scan_layers,
+            scale_init="paretoq" if teacher else cfg.model.scale_init,
+        )  # fmt: skip
+    if not teacher:  # FSDP gathers packed integer codes instead of float kernels
+        mode = code_gather.gather_mode(cfg.mesh.gather_codes)
+        code_gather.configure(model, mesh, "off" if mode == "off" else "auto")
+    return model
 
 
 def init_random_model(make: Callable[[], nnx.Module], mesh: jax.sharding.Mesh) -> nnx.Module:
@@ -253,6 +259,7 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         )
 
     model = build_model(cfg, mesh)
+    code_gather.configure(model, mesh, cfg.mesh.gather_codes)  # `on` fails if nothing gathers
     state, step_fn, teacher_params = build_trainer(cfg, mesh, model)
     shardings = step_fn.state_shardings
     schedule = make_schedule(tcfg)
