@@ -38,7 +38,9 @@ __all__ = [
     "CodeGather",
     "configure",
     "gather_mode",
+    "gathered_bytes",
     "gathered_fake_quant",
+    "pack_layout",
     "plan_for",
 ]
 
@@ -100,20 +102,14 @@ class CodeGather:
             P(*lead, _entry(keep_in), _entry(keep_out)),
         )
 
-    def pack_layout(self, spec: quant.QuantSpec, in_local: int) -> tuple[float, str]:
-        """``(bits, ternary)`` for ``quant.pack`` of one shard's codes.
-
-        Three-valued codes (ternary, and 1 bit, whose training forward keeps ``sign(0) = 0``)
-        use whichever ternary layout is smaller for the shard's ``in_local`` rows: base-3 (1.6
-        bits a code) or 2 bits a code. Other widths pack at ``spec.storage_bits``.
-        """
-        if spec.qmax - spec.qmin + 1 > 3:
-            return spec.bits, "2bit"
-        sizes = {
-            t: math.prod(quant.packed_shape((in_local, 1), 1.58, ternary=t))
-            for t in ("2bit", "base3")
-        }
-        return 1.58, min(sizes, key=lambda t: (sizes[t], t != "2bit"))
+    def gathered_bytes(self, spec: quant.QuantSpec, shape: tuple[int, ...]) -> tuple[int, int]:
+        """``(code bytes, scale bytes)`` of one call's gathers for a kernel of ``shape``."""
+        g_in = tuple(a for a in self.in_axes if a in self.gather)
+        g_out = tuple(a for a in self.out_axes if a in self.gather)
+        return gathered_bytes(
+            spec, shape, in_split=self._size(self.in_axes), out_split=self._size(self.out_axes),
+            gather_in=self._size(g_in), gather_out=self._size(g_out),
+        )  # fmt: skip
 
     def forward(self, w: Array, scale: Array, spec: quant.QuantSpec) -> Array:
         """``fake_quant(w, scale)``'s value, gathered over ``self.gather``: the kernel as the
@@ -122,7 +118,7 @@ class CodeGather:
         g_in = tuple(a for a in self.in_axes if a in self.gather)
         g_out = tuple(a for a in self.out_axes if a in self.gather)
         in_local = w.shape[-2] // self._size(self.in_axes)
-        bits, ternary = self.pack_layout(spec, in_local)
+        bits, ternary = pack_layout(spec, in_local)
 
         def local(w: Array, a: Array) -> Array:
             codes = quant.train_codes(w, a, spec)
@@ -149,6 +145,46 @@ class CodeGather:
 
     def __call__(self, w: Array, scale: Array | None, spec: quant.QuantSpec) -> Array:
         return gathered_fake_quant(w, scale, spec, self)
+
+
+def pack_layout(spec: quant.QuantSpec, in_local: int) -> tuple[float, str]:
+    """``(bits, ternary)`` for ``quant.pack`` of one shard's codes (``in_local`` input rows).
+
+    Three-valued codes (ternary, and 1 bit, whose training forward keeps ``sign(0) = 0``) use
+    whichever ternary layout is smaller for the shard: base 3 (1.6 bits a code) or 2 bits a
+    code (on a tie: 2 bits, cheaper to unpack). Other widths pack at ``spec.storage_bits``.
+    """
+    if spec.qmax - spec.qmin + 1 > 3:
+        return spec.bits, "2bit"
+    sizes = {
+        t: math.prod(quant.packed_shape((in_local, 1), 1.58, ternary=t)) for t in ("2bit", "base3")
+    }
+    return 1.58, min(sizes, key=lambda t: (sizes[t], t != "2bit"))
+
+
+def gathered_bytes(
+    spec: quant.QuantSpec,
+    shape: tuple[int, ...],
+    *,
+    in_split: int = 1,
+    out_split: int = 1,
+    gather_in: int = 1,
+    gather_out: int = 1,
+    scale_itemsize: int = 4,
+) -> tuple[int, int]:
+    """``(code bytes, scale bytes)`` that one device's all-gathers produce for one forward of a
+    quantized kernel ``shape`` ``(..., in, out)`` split ``in_split`` x ``out_split`` ways, of
+    which ``gather_in`` x ``gather_out`` ways are gathered (the sizes of the gathered mesh axes).
+    Needs no devices: a planner can size hypothetical meshes with it. The float path gathers
+    ``in * out / (in_split * out_split) * gather_in * gather_out`` weights per layer instead.
+    """
+    lead = math.prod(shape[:-2])
+    in_local, out_local = shape[-2] // in_split, shape[-1] // out_split
+    bits, ternary = pack_layout(spec, in_local)
+    packed = math.prod(quant.packed_shape((in_local, out_local), bits, ternary=ternary))
+    codes = lead * packed * gather_in * gather_out
+    scales = lead * out_local * gather_out * scale_itemsize if gather_out > 1 else 0
+    return codes, scales
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
