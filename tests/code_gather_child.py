@@ -31,7 +31,6 @@ from paretoq_jax.parallel import code_gather, hlo
 from paretoq_jax.sharding import make_mesh
 
 ROOT = Path(__file__).resolve().parents[1]
-FLOATS = ("f32", "bf16", "f16")
 COMBOS = [
     (1, "elastic"), (1, "absmean"), (1, "minmax"),
     *[(b, m) for b in (1.58, 2, 3, 4) for m in ("seq", "lsq", "absmean", "minmax")],
@@ -144,14 +143,7 @@ def train_case(case: dict) -> dict:
         ]
         compiled = step.fn.lower(state, batches[0]).compile()
         text = compiled.as_text()
-        kernels = set()  # shapes of a gathered quantized kernel, one layer's or the stack's
-        for m in quantized:
-            plan = code_gather.plan_for(m.kernel, mesh)
-            if plan is not None:
-                *lead, i, o = m.kernel.shape
-                keep = [plan._size(tuple(a for a in axes if a not in plan.gather))
-                        for axes in (plan.in_axes, plan.out_axes)]  # fmt: skip
-                kernels |= {(i // keep[0], o // keep[1]), (*lead, i // keep[0], o // keep[1])}
+        weight = code_gather.weight_gather_bytes(text, model, mesh)
         r = {
             "gathering": n_gather,
             "weights": sum(m.kernel.size for m in quantized),
@@ -165,9 +157,8 @@ def train_case(case: dict) -> dict:
                  if code_gather.SCOPE in c.op_name and c.kind == "all-gather"} - {"u8"}
             ),
             "all_gather_bytes": hlo.collective_bytes(text),
-            "float_kernel_gather_bytes": hlo.collective_bytes(
-                text, where=lambda c, ks=frozenset(kernels): c.dtype in FLOATS and c.shapes[0] in ks
-            ),
+            "float_kernel_gather_bytes": weight["floats"],
+            "float_weights": weight["float_weights"],
             "all_gathers": [
                 [c.dtype, list(c.shapes[0]), c.count, c.op_name[-60:]]
                 for c in hlo.collectives(text) if c.kind == "all-gather"
@@ -215,7 +206,7 @@ def train_case(case: dict) -> dict:
         )
     for mode in ("on", "off"):
         for k in ("weights", "scales", "u8_gather_bytes", "scope_gather_bytes", "scope_non_u8",
-                  "all_gather_bytes", "float_kernel_gather_bytes", "exact_counts"):  # fmt: skip
+                  "all_gather_bytes", "float_kernel_gather_bytes", "float_weights", "exact_counts"):  # fmt: skip
             summary[f"{k}_{mode}"] = result[mode][k]
     summary["all_gathers_off"] = result["off"]["all_gathers"]
     summary["all_gathers_on"] = result["on"]["all_gathers"]

@@ -42,6 +42,7 @@ __all__ = [
     "gathered_fake_quant",
     "pack_layout",
     "plan_for",
+    "weight_gather_bytes",
 ]
 
 Array = jax.Array
@@ -276,3 +277,38 @@ def configure(
             "model, or gather_codes=auto/off"
         )
     return count
+
+
+def weight_gather_bytes(
+    hlo_text: str, model: nnx.Module, mesh: Mesh, rules: Rules | None = None
+) -> dict[str, int]:
+    """Per-step bytes of the all-gathers that feed ``model``'s quantized linears in a compiled
+    step's HLO text: ``codes`` (uint8, from this module), ``scales`` (this module's float
+    gathers) and ``floats`` (float all-gathers shaped like a gathered quantized kernel, one
+    layer's or the whole stack's: the plain path's weight traffic; ``float_weights`` counts
+    their elements, so ``2 * float_weights`` is that traffic in bf16)."""
+    from paretoq_jax.models.layers import QuantLinear
+    from paretoq_jax.parallel import hlo
+
+    shapes = set()
+    for _, m in nnx.iter_modules(model):
+        if not isinstance(m, QuantLinear) or m.spec is None:
+            continue
+        plan = plan_for(m.kernel, mesh, rules)
+        if plan is None:
+            continue
+        *lead, n_in, n_out = m.kernel.shape
+        keep_in = plan._size(tuple(a for a in plan.in_axes if a not in plan.gather))
+        keep_out = plan._size(tuple(a for a in plan.out_axes if a not in plan.gather))
+        one = (n_in // keep_in, n_out // keep_out)
+        shapes |= {one, (*lead, *one)}
+    out = {"codes": 0, "scales": 0, "floats": 0, "float_weights": 0}
+    for c in hlo.collectives(hlo_text):
+        if c.kind != "all-gather":
+            continue
+        if SCOPE in c.op_name:
+            out["codes" if c.dtype == "u8" else "scales"] += c.total_bytes
+        elif c.dtype in ("f32", "bf16", "f16") and c.shapes[0] in shapes:
+            out["floats"] += c.total_bytes
+            out["float_weights"] += math.prod(c.shapes[0]) * c.count
+    return out
