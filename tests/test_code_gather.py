@@ -65,6 +65,10 @@ def test_modes_and_config_errors():
     assert model.layers.self_attn.q_proj.gather is None
     with pytest.raises(ValueError, match="fsdp > 1"):
         code_gather.configure(model, mesh, "on")
+    # Gathering a major mesh axis of a dim split over two would interleave the blocks.
+    with pytest.raises(ValueError, match="minor"):
+        code_gather.CodeGather(mesh, ("fsdp", "tensor"), (), ("fsdp",))
+    code_gather.CodeGather(mesh, ("tensor", "fsdp"), (), ("fsdp",))
 
 
 def test_gathered_bytes_are_the_packed_sizes():

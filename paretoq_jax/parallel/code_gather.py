@@ -65,6 +65,12 @@ def _axes(entry) -> tuple[str, ...]:
     return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
+def _suffix_gathered(axes: tuple[str, ...], gather: tuple[str, ...]) -> bool:
+    """Whether the gathered ones among ``axes`` (one dim's mesh axes, major first) are its last."""
+    n = sum(a in gather for a in axes)
+    return all(a in gather for a in axes[len(axes) - n :])
+
+
 def _entry(axes: tuple[str, ...]):
     return None if not axes else axes[0] if len(axes) == 1 else axes
 
@@ -88,6 +94,14 @@ class CodeGather:
             raise ValueError("CodeGather needs at least one mesh axis to gather over")
         if any(a not in self.in_axes + self.out_axes for a in self.gather):
             raise ValueError(f"gather axes {self.gather} must split the kernel's in or out dim")
+        if not _suffix_gathered(self.in_axes, self.gather) or not _suffix_gathered(
+            self.out_axes, self.gather
+        ):
+            raise ValueError(
+                f"gathered axes {self.gather} must be the minor (last) mesh axes of the kernel "
+                f"dims they split (in {self.in_axes}, out {self.out_axes}), so the gathered "
+                "blocks are contiguous"
+            )
 
     def _size(self, axes: tuple[str, ...]) -> int:
         return math.prod(self.mesh.shape[a] for a in axes)
@@ -230,8 +244,8 @@ def plan_for(kernel: nnx.Variable, mesh: Mesh, rules: Rules | None = None) -> Co
         return None  # a split stacked-layer dimension: not a layout this module gathers
     in_axes, out_axes = _axes(spec[-2]), _axes(spec[-1])
     gather = tuple(a for a in in_axes + out_axes if a not in KEEP_AXES and mesh.shape[a] > 1)
-    if not gather:
-        return None
+    if not gather or not (_suffix_gathered(in_axes, gather) and _suffix_gathered(out_axes, gather)):
+        return None  # nothing to gather, or a layout whose gathered blocks are not contiguous
     return CodeGather(mesh, in_axes, out_axes, gather)
 
 
