@@ -28,6 +28,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -40,11 +41,12 @@ def main() -> None:
     p.add_argument("--blocks", type=int, default=5, help="timed blocks per variant")
     p.add_argument("--steps", type=int, default=3, help="steps per timed block")
     p.add_argument("--no-time", action="store_true", help="bytes only (compile, do not run)")
+    p.add_argument("--dump", help="write each variant's optimized HLO text to DUMP.{on,off}.hlo")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
 
     from paretoq_jax.config import load_config
-    from paretoq_jax.parallel import code_gather
+    from paretoq_jax.parallel import code_gather, hlo
     from paretoq_jax.train.config import RunConfig
     from paretoq_jax.train.loop import build_mesh, build_model, build_trainer
 
@@ -63,8 +65,15 @@ def main() -> None:
         t0 = time.perf_counter()
         compiled = step.fn.lower(state, batch).compile()
         compile_s = time.perf_counter() - t0
-        gathered = code_gather.weight_gather_bytes(compiled.as_text(), model, mesh)
-        report[mode] = {"compile_s": round(compile_s, 1), **gathered}
+        text = compiled.as_text()
+        if args.dump:
+            Path(f"{args.dump}.{mode}.hlo").write_text(text)
+        gathered = code_gather.weight_gather_bytes(text, model, mesh)
+        by_kind: dict[str, int] = {}
+        for c in hlo.collectives(text):
+            key = f"{c.kind} {c.dtype}"
+            by_kind[key] = by_kind.get(key, 0) + c.total_bytes
+        report[mode] = {"compile_s": round(compile_s, 1), **gathered, "collectives": by_kind}
         report["bits"], report["method"] = cfg.model.bits, cfg.model.method
         variants[mode] = [compiled, state, batch]
         del model

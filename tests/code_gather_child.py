@@ -167,7 +167,7 @@ def train_case(case: dict) -> dict:
         }  # fmt: skip
         if case.get("grads"):
             graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-            grads = jax.jit(jax.grad(_loss), static_argnums=0)(
+            grads = jax.jit(jax.grad(_loss, argnums=1), static_argnums=0)(
                 graphdef, params, rest, batches[0]["tokens"]
             )
             r["grads"] = jax.tree.map(np.asarray, nnx.to_pure_dict(grads))
