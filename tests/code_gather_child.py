@@ -144,6 +144,19 @@ def train_case(case: dict) -> dict:
         compiled = step.fn.lower(state, batches[0]).compile()
         text = compiled.as_text()
         weight = code_gather.weight_gather_bytes(text, model, mesh)
+        expected = []  # per quantized linear and layer: (code bytes, scale bytes, weights, bits)
+        for m in quantized:
+            plan = code_gather.plan_for(m.kernel, mesh)
+            if plan is None:
+                continue
+            *lead, n_in, n_out = m.kernel.shape
+            codes, scales = plan.gathered_bytes(m.spec, (n_in, n_out))
+            keep = [plan._size(tuple(a for a in axes if a not in plan.gather))
+                    for axes in (plan.in_axes, plan.out_axes)]  # fmt: skip
+            in_local = n_in // plan._size(plan.in_axes)
+            fmt = quant.pack_format(*code_gather.pack_layout(m.spec, in_local))
+            n = n_in // keep[0] * (n_out // keep[1])
+            expected += [(codes, scales, n, fmt.bits_per_code)] * int(np.prod(lead))
         r = {
             "gathering": n_gather,
             "weights": sum(m.kernel.size for m in quantized),
@@ -157,6 +170,9 @@ def train_case(case: dict) -> dict:
                  if code_gather.SCOPE in c.op_name and c.kind == "all-gather"} - {"u8"}
             ),
             "all_gather_bytes": hlo.collective_bytes(text),
+            "expected": expected,
+            "u8_gathers": [[c.bytes, c.count] for c in hlo.collectives(text)
+                           if c.kind == "all-gather" and c.dtype == "u8"],
             "float_kernel_gather_bytes": weight["floats"],
             "float_weights": weight["float_weights"],
             "all_gathers": [
@@ -193,7 +209,8 @@ def train_case(case: dict) -> dict:
     }  # fmt: skip
     summary["params_detail"] = {
         jax.tree_util.keystr(path): [_rel(a, b), float(np.max(np.abs(a - b))),
-                                     int(np.sum(np.abs(a - b) > 1e-6)), int(a.size)]
+                                     int(np.sum(np.abs(a - b) > 1e-6)), int(a.size),
+                                     float(np.mean(np.abs(a - b)))]
         for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(on["params"]),
                                 jax.tree.leaves(off["params"]), strict=True)
     }  # fmt: skip
@@ -206,7 +223,8 @@ def train_case(case: dict) -> dict:
         )
     for mode in ("on", "off"):
         for k in ("weights", "scales", "u8_gather_bytes", "scope_gather_bytes", "scope_non_u8",
-                  "all_gather_bytes", "float_kernel_gather_bytes", "float_weights", "exact_counts"):  # fmt: skip
+                  "all_gather_bytes", "float_kernel_gather_bytes", "float_weights", "exact_counts",
+                  "expected", "u8_gathers"):  # fmt: skip
             summary[f"{k}_{mode}"] = result[mode][k]
     summary["all_gathers_off"] = result["off"]["all_gathers"]
     summary["all_gathers_on"] = result["on"]["all_gathers"]

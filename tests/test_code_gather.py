@@ -130,33 +130,39 @@ def test_hlo_reader_counts_loop_iterations_and_async_pairs():
 # ---- 8 host CPU devices ---------------------------------------------------------------------
 
 
-def check_train_case(r: dict, steps: int, bits: float) -> None:
+def check_train_case(r: dict, steps: int, remat: bool) -> None:
     """Exact against the plain path; the gathers move packed u8 codes + f32 scales only."""
     assert r["gathering"] == 7 and r["gathering_off"] == 0  # every decoder projection
     np.testing.assert_allclose(r["losses_on"], r["losses_off"], rtol=2e-6)
     assert r["grad_norm"] < 1e-5
     if "grads" in r:
         assert r["grads"] < 1e-5
-    # Parameters after Adam steps: rounding-level gradient differences move only the few
-    # elements whose gradient is ~0 (Adam divides by |g|), by a small fraction of lr a step.
-    assert r["params"] < 1e-3, r["params_detail"]
-    for name, (_, abs_diff, n_over, size) in r["params_detail"].items():
-        assert abs_diff < 0.05 * LR * steps and n_over <= max(3, size // 1000), name
-    # HLO: every gather of the op is u8 codes or the f32 scales of out-split kernels ...
+    # Parameters after Adam steps: Adam divides each gradient by its own magnitude, so the
+    # rounding-level gradient differences of elements whose gradient is ~0 move them by a
+    # fraction of lr a step; on average the parameters agree to ~1e-3 of one step.
+    for name, (_, max_diff, _, _, mean_diff) in r["params_detail"].items():
+        assert max_diff < 0.25 * LR * steps and mean_diff < 1e-3 * LR, (name, max_diff, mean_diff)
+    # HLO: the op's gathers are u8 codes and the f32 scales of out-split kernels, nothing else.
     assert r["scope_non_u8_on"] in ([], ["f32"])
     assert r["u8_gather_bytes_off"] == 0 and r["scope_gather_bytes_off"] == 0
-    # ... of (bits / 8) x weights + gathered scales (2, 3, 4 bits: the storage bits; 1 and
-    # 1.58 bits: the trit layout chosen, 2 bits a code on the tiny shards).
-    per_code = 2 if bits in (1, 1.58) else bits
-    want = per_code / 8 * r["weights_on"]
-    scales = r["scope_gather_bytes_on"] - r["u8_gather_bytes_on"]
-    assert abs(r["u8_gather_bytes_on"] - want) <= 0.1 * want
-    assert scales <= 4 * r["scales_on"]
-    got = r["scope_gather_bytes_on"]
-    assert abs(got - (want + scales)) <= 0.1 * (want + scales)
-    # The plain path gathers every quantized kernel as floats (once a step here); the code
-    # path none of them.
-    assert r["float_weights_off"] >= r["weights_off"]
+    codes = sum(e[0] for e in r["expected"])  # one forward of every quantized linear
+    scales = sum(e[1] for e in r["expected"])
+    got_codes = r["u8_gather_bytes_on"]
+    got_scales = r["scope_gather_bytes_on"] - got_codes
+    # Every u8 gather is one linear's packed codes; each linear is gathered once a forward
+    # (with remat XLA may recompute some forwards in the backward: at most twice a step).
+    sizes = {e[0] for e in r["expected"]}
+    assert all(b in sizes for b, _ in r["u8_gathers"]), (r["u8_gathers"], sizes)
+    top = 2 if remat else 1
+    assert codes <= got_codes <= top * codes and scales <= got_scales <= top * scales
+    # One forward's gathers are within 10% of (bits / 8) x weights + scales (2, 3, 4 bits: the
+    # storage bits; 1 and 1.58: the trit layout's bits, 1.6 or 2); padding is the difference.
+    formula = sum(e[2] * e[3] / 8 for e in r["expected"]) + scales
+    assert abs(codes + scales - formula) <= 0.1 * formula
+    if not remat:
+        assert got_codes + got_scales == codes + scales
+    # The plain path gathers the quantized kernels as floats here; the code path none of them.
+    assert r["float_weights_off"] >= sum(e[2] for e in r["expected"])
     assert r["float_kernel_gather_bytes_on"] == 0
     assert r["exact_counts_on"] and r["exact_counts_off"]
 
@@ -181,7 +187,7 @@ def test_op_exact_every_bit_width_and_method(eight_devices):
 
 def test_train_steps_exact_and_hlo_gathers_packed_codes(eight_devices):
     r = eight_devices["train"][0]
-    check_train_case(r, steps=3, bits=2)
+    check_train_case(r, steps=3, remat=False)
     # Goal: 2-bit weight all-gather bytes <= 1/6 of the bf16 path's (the plain path's float
     # kernel gathers at 2 bytes a weight).
     bf16 = 2 * r["float_weights_off"]
@@ -216,7 +222,7 @@ MATRIX = [
                          f"{'x'.join(map(str, c['mesh']))}-remat{int(c['remat'])}")  # fmt: skip
 def test_matrix_exact_and_hlo(case, tmp_path):
     r = run_child({"train": [dict(case)]}, tmp_path)["train"][0]
-    check_train_case(r, steps=case["steps"], bits=case["bits"])
+    check_train_case(r, steps=case["steps"], remat=case["remat"])
 
 
 @pytest.mark.slow
