@@ -145,24 +145,24 @@ def check_train_case(r: dict, steps: int, remat: bool) -> None:
     # HLO: the op's gathers are u8 codes and the f32 scales of out-split kernels, nothing else.
     assert r["scope_non_u8_on"] in ([], ["f32"])
     assert r["u8_gather_bytes_off"] == 0 and r["scope_gather_bytes_off"] == 0
-    codes = sum(e[0] for e in r["expected"])  # one forward of every quantized linear
-    scales = sum(e[1] for e in r["expected"])
+    codes = sum(e[0] for e in r["expected_on"])  # one forward of every quantized linear
+    scales = sum(e[1] for e in r["expected_on"])
     got_codes = r["u8_gather_bytes_on"]
     got_scales = r["scope_gather_bytes_on"] - got_codes
     # Every u8 gather is one linear's packed codes; each linear is gathered once a forward
     # (with remat XLA may recompute some forwards in the backward: at most twice a step).
-    sizes = {e[0] for e in r["expected"]}
-    assert all(b in sizes for b, _ in r["u8_gathers"]), (r["u8_gathers"], sizes)
+    sizes = {e[0] for e in r["expected_on"]}
+    assert all(b in sizes for b, _ in r["u8_gathers_on"]), (r["u8_gathers_on"], sizes)
     top = 2 if remat else 1
     assert codes <= got_codes <= top * codes and scales <= got_scales <= top * scales
     # One forward's gathers are within 10% of (bits / 8) x weights + scales (2, 3, 4 bits: the
     # storage bits; 1 and 1.58: the trit layout's bits, 1.6 or 2); padding is the difference.
-    formula = sum(e[2] * e[3] / 8 for e in r["expected"]) + scales
+    formula = sum(e[2] * e[3] / 8 for e in r["expected_on"]) + scales
     assert abs(codes + scales - formula) <= 0.1 * formula
     if not remat:
         assert got_codes + got_scales == codes + scales
     # The plain path gathers the quantized kernels as floats here; the code path none of them.
-    assert r["float_weights_off"] >= sum(e[2] for e in r["expected"])
+    assert r["float_weights_off"] >= sum(e[2] for e in r["expected_on"])
     assert r["float_kernel_gather_bytes_on"] == 0
     assert r["exact_counts_on"] and r["exact_counts_off"]
 
