@@ -47,7 +47,9 @@ class QuantLinear(nnx.Module):
     ``kernel`` is a Flax kernel ``(in, out)`` (``(L, in, out)`` when stacked); a learned method adds
     a per-output-channel ``scale`` ``(out,)`` initialized with ``init_scale(kernel)``.
     ``weight()`` is the only place the effective weight is formed, so a packed-integer linear can
-    replace it without touching the callers.
+    replace it without touching the callers. ``gather`` (set by
+    :func:`paretoq_jax.parallel.code_gather.configure`, ``None`` by default) makes it gather the
+    sharded kernel's packed integer codes instead of floats under FSDP; same value and gradients.
     """
 
     def __init__(
@@ -80,6 +82,7 @@ class QuantLinear(nnx.Module):
         if use_bias:
             bias = _param(rngs, "zeros", (*stack, out_features), (*lead, names[1]), param_dtype)
         self.bias = bias
+        self.gather = None  # a code_gather.CodeGather: FSDP gathers packed codes, not floats
 
     def weight(self) -> Array:
         """The kernel the forward multiplies by: fake-quantized when a spec is set."""
@@ -87,6 +90,8 @@ class QuantLinear(nnx.Module):
         if self.spec is None:
             return w
         scale = None if self.scale is None else self.scale[...]
+        if self.gather is not None:
+            return self.gather(w, scale, self.spec)
         return quant.fake_quant(w, scale, self.spec)
 
     def __call__(self, x: Array, out_dtype=None) -> Array:

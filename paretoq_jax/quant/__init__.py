@@ -9,11 +9,13 @@ from .ops import (
     SCALE_INITS,
     effective_scale,
     fake_quant,
+    fake_quant_vjp,
     from_codes,
     init_scale,
     mse_scale,
     quantize_dequantize_codes,
     to_codes,
+    train_codes,
 )
 from .packed_linear import packed_matmul
 from .packing import LAYOUT_VERSION, PackFormat, pack, pack_format, packed_shape, unpack
@@ -44,6 +46,7 @@ __all__ = [
     "QuantSpec",
     "effective_scale",
     "fake_quant",
+    "fake_quant_vjp",
     "from_codes",
     "init_scale",
     "mse_scale",
@@ -52,4 +55,5 @@ __all__ = [
     "quantize_dequantize_codes",
     "resolve",
     "to_codes",
+    "train_codes",
 ]

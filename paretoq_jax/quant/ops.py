@@ -29,6 +29,8 @@ from .spec import SCALE_EPS, QuantSpec, resolve
 
 __all__ = [
     "fake_quant",
+    "fake_quant_vjp",
+    "train_codes",
     "init_scale",
     "mse_scale",
     "SCALE_INITS",
@@ -85,7 +87,10 @@ def _fake_quant_fwd(w: Array, scale: Array, spec: QuantSpec):
 
 
 def _fake_quant_bwd(spec: QuantSpec, res, g: Array):
-    w, scale = res
+    return _ste_grads(*res, g, spec)
+
+
+def _ste_grads(w: Array, scale: Array, g: Array, spec: QuantSpec) -> tuple[Array, Array]:
     dt = _compute_dtype(w.dtype)
     a = _clamped(scale, dt)[..., None, :]
     x = w.astype(dt) / a
@@ -155,6 +160,33 @@ def fake_quant(w: Array, scale: Array | None, bits, method: str | None = None) -
         return _fake_quant(w, scale, spec)
     a = effective_scale(w, scale, spec)
     return _fake_quant(w, a, spec)
+
+
+def fake_quant_vjp(
+    w: Array, scale: Array, g: Array, bits, method: str | None = None
+) -> tuple[Array, Array]:
+    """The straight-through backward of :func:`fake_quant`: ``(dL/dW, dL/dscale)`` for the
+    cotangent ``g = dL/dWq`` (module docstring). ``scale`` is the scale the forward divided by
+    (the learned scale, or the effective scale of absmean / minmax). Used by callers that form
+    ``Wq`` another way (e.g. from gathered integer codes) but must keep the same gradients."""
+    spec = _spec(bits, method)
+    if spec is None:
+        raise ValueError("fake_quant_vjp needs a quantized bit-width (1, 1.58, 2, 3 or 4)")
+    return _ste_grads(w, scale, g, spec)
+
+
+def train_codes(w: Array, scale: Array, bits, method: str | None = None) -> Array:
+    """Integer codes ``k`` (int8) of the training forward for the scale ``scale`` (the learned
+    scale, or the effective scale of absmean / minmax): ``from_codes(train_codes(w, a), a,
+    dtype=w.dtype)`` equals ``fake_quant``'s forward bit for bit. Unlike :func:`to_codes` a weight
+    of exactly 0 keeps code 0 at 1 bit (``sign(0) = 0``, as the forward has it), so 1-bit codes
+    take three values."""
+    spec = _spec(bits, method)
+    if spec is None:
+        raise ValueError("train_codes needs a quantized bit-width (1, 1.58, 2, 3 or 4)")
+    dt = _compute_dtype(w.dtype)
+    x = w.astype(dt) / _clamped(scale, dt)[..., None, :]
+    return _codes(x, spec).astype(jnp.int8)
 
 
 def init_scale(w: Array, bits, method: str | None = None) -> Array:

@@ -117,16 +117,28 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class MeshConfig:
-    """Device mesh ``(data, fsdp, tensor)``; one axis may be -1 (all remaining devices)."""
+    """Device mesh ``(data, fsdp, tensor)``; one axis may be -1 (all remaining devices).
+
+    ``gather_codes``: under FSDP, quantized linears all-gather their packed integer codes and
+    scales instead of float kernels (``auto``, ``true``/``on``; exact,
+    docs/fsdp-code-gather.md) or float kernels (``false``/``off``). ``true`` fails if nothing
+    would gather codes (e.g. ``fsdp = 1``). (YAML reads ``on``/``off`` as ``true``/``false``.)
+    """
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    gather_codes: bool | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:
         sizes = (self.data, self.fsdp, self.tensor)
         if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
             raise ValueError(f"mesh sizes must be >= 1 with at most one -1, got {sizes}")
+        if self.gather_codes not in ("auto", True, False):
+            raise ValueError(
+                f"mesh.gather_codes must be auto, true (on) or false (off), "
+                f"got {self.gather_codes!r}"
+            )
 
 
 @dataclasses.dataclass

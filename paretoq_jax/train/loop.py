@@ -25,6 +25,7 @@ from paretoq_jax.errors import ParetoQError
 from paretoq_jax.eval.perplexity import validation_perplexity
 from paretoq_jax.models import resolve_rules
 from paretoq_jax.outputs import check_run_dir
+from paretoq_jax.parallel import code_gather
 from paretoq_jax.runtime import HeapGuard, release_free_memory
 
 from .checkpoint import Checkpointer, abstract_like, check_resume_config
@@ -136,14 +137,19 @@ def build_model(cfg: RunConfig, mesh: jax.sharding.Mesh, *, teacher: bool = Fals
     path = resolve_model_path((cfg.model.teacher if teacher else None) or cfg.model.path)
     dtype = compute_dtype(cfg.model.dtype)
     if cfg.model.init == "random" and not teacher:
-        return init_random_model(model_factory(cfg), mesh)
-    from paretoq_jax.io import load_pretrained
+        model = init_random_model(model_factory(cfg), mesh)
+    else:
+        from paretoq_jax.io import load_pretrained
 
-    return load_pretrained(
-        path, bits, method, dtype=dtype, mesh=mesh, param_dtype=jnp.float32,
-        remat=cfg.model.remat, scan_layers=cfg.model.scan_layers,
-        scale_init="paretoq" if teacher else cfg.model.scale_init,
-    )  # fmt: skip
+        model = load_pretrained(
+            path, bits, method, dtype=dtype, mesh=mesh, param_dtype=jnp.float32,
+            remat=cfg.model.remat, scan_layers=cfg.model.scan_layers,
+            scale_init="paretoq" if teacher else cfg.model.scale_init,
+        )  # fmt: skip
+    if not teacher:  # FSDP gathers packed integer codes instead of float kernels
+        mode = code_gather.gather_mode(cfg.mesh.gather_codes)
+        code_gather.configure(model, mesh, "off" if mode == "off" else "auto")
+    return model
 
 
 def init_random_model(make: Callable[[], nnx.Module], mesh: jax.sharding.Mesh) -> nnx.Module:
@@ -304,6 +310,7 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         )
 
     model = build_model(cfg, mesh)
+    code_gather.configure(model, mesh, cfg.mesh.gather_codes)  # `on` fails if nothing gathers
     state, step_fn, teacher_params = build_trainer(cfg, mesh, model)
     shardings = step_fn.state_shardings
     schedule = make_schedule(tcfg)
