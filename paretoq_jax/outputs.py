@@ -69,7 +69,7 @@ def find_run_dir(path: str | Path) -> Path | None:
 
 
 def _abs(path: str | Path) -> Path:
-    return Path(os.path.abspath(os.path.expanduser(str(path)))).resolve()
+    return Path(path).expanduser().resolve()  # absolute, symbolic links resolved
 
 
 def _within(a: Path, b: Path) -> bool:
@@ -151,7 +151,7 @@ def _run_dirs_below(path: Path, limit: int = 10_000) -> Path | None:
             return Path(root)
         if i >= limit:
             break
-        dirs[:] = [d for d in dirs if not d.startswith(".") or d == "."]
+        dirs[:] = [d for d in dirs if not d.startswith(".")]  # skip temporaries and markers
     return None
 
 
