@@ -13,22 +13,20 @@ that position); query slot ``i`` attends to key slots ``start[b] <= j <= i`` (an
 ``i - j < sliding_window`` for Mistral). Padded rows therefore compute exactly what the same
 prompt computes alone with ``model(ids)``.
 
-Every layer computation reuses the model's own submodules (norms, q/k/v/o projections, MLP,
-``apply_rope``); only the attention core is written here, because it reads the cache. The
-decoder layers are stacked, and run one slice at a time (``lax.scan`` or unrolled, following
-``model.scan_layers``) as in ``Llama._decoder``.
+The model itself runs the tokens: its attention and decoder layers take an optional KV cache
+(:class:`~paretoq_jax.models.layers.Attention`), so training, evaluation and decoding share one
+code path. This module keeps only the bookkeeping: the cache's layout, the slots, positions and
+mask of a chunk, and the cache's growth.
 """
 
 from __future__ import annotations
-
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from paretoq_jax.models.layers import DecoderLayer, QuantLinear, apply_rope, rope_cos_sin
+from paretoq_jax.models.layers import QuantLinear
 from paretoq_jax.models.llama import Llama
 
 Array = jax.Array
@@ -64,45 +62,6 @@ def init_cache(
     }
 
 
-def _cached_attention(
-    layer: DecoderLayer,
-    x: Array,
-    cos: Array,
-    sin: Array,
-    k_cache: Array,
-    v_cache: Array,
-    write_at: Array,
-    mask: Array,
-) -> tuple[Array, Array, Array]:
-    """Attention of ``x (B, S, D)`` over the cache after writing this chunk's K/V at slot
-    ``write_at``. Returns the attention output and the updated ``(B, T, kv, dh)`` caches."""
-    attn = layer.self_attn
-    b, s, _ = x.shape
-    kv, g, dh = attn.num_kv_heads, attn.num_heads // attn.num_kv_heads, attn.head_dim
-    q = apply_rope(attn.q_proj(x).reshape(b, s, kv * g, dh), cos, sin)
-    k = apply_rope(attn.k_proj(x).reshape(b, s, kv, dh), cos, sin)
-    v = attn.v_proj(x).reshape(b, s, kv, dh)
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, write_at, 0, 0))
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, write_at, 0, 0))
-    q = q.reshape(b, s, kv, g, dh)
-    keys, values = k_cache.astype(attn.dtype), v_cache.astype(attn.dtype)
-    # The same attention core as layers.Attention, over the T cache slots instead of S tokens.
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, keys, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask, scores / math.sqrt(dh), jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(attn.dtype)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, values).reshape(b, s, kv * g * dh)
-    return attn.o_proj(out), k_cache, v_cache
-
-
-def _layer(layer: DecoderLayer, h, cos, sin, k_cache, v_cache, write_at, mask):
-    """One pre-norm decoder block (as ``DecoderLayer.__call__``) with cached attention."""
-    a, k_cache, v_cache = _cached_attention(
-        layer, layer.input_layernorm(h), cos, sin, k_cache, v_cache, write_at, mask
-    )
-    h = h + a
-    return h + layer.mlp(layer.post_attention_layernorm(h)), k_cache, v_cache
-
-
 def _mask(model: Llama, cache: Cache, s: int) -> Array:
     """``(B, 1, 1, S, T)``: query slot ``length + i`` sees key slots ``start <= j <= it``."""
     t = cache["k"].shape[2]
@@ -130,34 +89,11 @@ def forward_cached(
     length = cache["length"]
     slots = length + jnp.arange(s)[None, :]  # (1, S)
     positions = jnp.maximum(slots - cache["start"][:, None], 0)  # (B, S); pads clamp to 0
-    cos, sin = rope_cos_sin(positions, np.asarray(model.inv_freq, np.float32))
-    mask = _mask(model, cache, s)
-    h = jnp.take(model.embed_tokens[...], input_ids, axis=0).astype(model.dtype)
-
-    graphdef, state = nnx.split(model.layers)
-
-    def step(carry, xs):
-        h, k_all, v_all = carry
-        layer_state, i = xs
-        layer = nnx.merge(graphdef, layer_state)
-        h, k_i, v_i = _layer(layer, h, cos, sin, k_all[i], v_all[i], length, mask)
-        k_all = jax.lax.dynamic_update_index_in_dim(k_all, k_i, i, 0)
-        v_all = jax.lax.dynamic_update_index_in_dim(v_all, v_i, i, 0)
-        return (h, k_all, v_all), None
-
-    n_layers = model.config.num_hidden_layers
-    carry = (h, cache["k"], cache["v"])
-    if model.scan_layers:
-        carry = jax.lax.scan(step, carry, (state, jnp.arange(n_layers)))[0]
-    else:
-        for i in range(n_layers):
-            carry = step(carry, (jax.tree.map(lambda a, i=i: a[i], state), i))[0]
-    h, k_all, v_all = carry
-    if last_only:
-        h = h[:, -1:]
-    logits = model.lm_logits(model.norm(h))
-    new_cache = {"k": k_all, "v": v_all, "start": cache["start"], "length": length + s}
-    return logits, new_cache
+    logits, (k, v) = model(
+        input_ids, cache=(cache["k"], cache["v"], length), positions=positions,
+        mask=_mask(model, cache, s), last_only=last_only,
+    )  # fmt: skip
+    return logits, {"k": k, "v": v, "start": cache["start"], "length": length + s}
 
 
 def materialize_quantized(model: Llama) -> Llama:

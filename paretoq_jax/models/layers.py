@@ -21,6 +21,9 @@ from paretoq_jax import quant
 from paretoq_jax.models.config import LlamaConfig
 
 Array = jax.Array
+# One layer's KV cache as the attention takes it: keys (after RoPE) and values
+# ``(B, T, kv_heads, head_dim)`` and the slot where the current chunk is written.
+LayerCache = tuple[Array, Array, Array]
 
 
 def _param(
@@ -193,18 +196,33 @@ class Attention(nnx.Module):
             names=("heads", "embed"), **kw,
         )  # fmt: skip
 
-    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array) -> Array:
+    def __call__(
+        self, x: Array, cos: Array, sin: Array, mask: Array, cache: LayerCache | None = None
+    ) -> Array | tuple[Array, tuple[Array, Array]]:
+        """Attention of ``x (B, S, D)``; ``mask`` broadcasts to ``(B, kv, g, S, keys)``.
+
+        Without ``cache`` the keys are the ``S`` tokens themselves. With ``cache = (k, v, at)``
+        (this layer's keys after RoPE and values ``(B, T, kv_heads, head_dim)``, and the slot
+        ``at`` where this chunk goes) the chunk's keys/values are written at ``at`` and the
+        queries attend over the ``T`` cache slots; returns ``(out, (k, v))`` with the updated
+        cache. Training, evaluation and KV-cache decoding run this one code path.
+        """
         b, s, _ = x.shape
         kv, g, dh = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
         q = apply_rope(self.q_proj(x).reshape(b, s, kv * g, dh), cos, sin)
         k = apply_rope(self.k_proj(x).reshape(b, s, kv, dh), cos, sin)
         v = self.v_proj(x).reshape(b, s, kv, dh)
+        if cache is not None:
+            k_cache, v_cache, at = cache
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, at, 0, 0))
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, at, 0, 0))
+            k, v = k_cache.astype(self.dtype), v_cache.astype(self.dtype)
         q = q.reshape(b, s, kv, g, dh)
         scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
         scores = jnp.where(mask, scores / math.sqrt(dh), jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, s, kv * g * dh)
-        return self.o_proj(out)
+        out = self.o_proj(jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, s, kv * g * dh))
+        return out if cache is None else (out, (k_cache, v_cache))
 
 
 class MLP(nnx.Module):
@@ -252,6 +270,13 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, **kw)
         self.mlp = MLP(config, specs, rngs=rngs, **kw)
 
-    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array) -> Array:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def __call__(
+        self, x: Array, cos: Array, sin: Array, mask: Array, cache: LayerCache | None = None
+    ) -> Array | tuple[Array, tuple[Array, Array]]:
+        """The block's output; with a KV ``cache`` (see :class:`Attention`) also the updated
+        ``(k, v)`` of this layer."""
+        a = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        a, new_cache = (a, None) if cache is None else a
+        x = x + a
+        out = x + self.mlp(self.post_attention_layernorm(x))
+        return out if cache is None else (out, new_cache)

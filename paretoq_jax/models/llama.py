@@ -17,6 +17,7 @@ from flax import nnx
 from paretoq_jax.models.config import LlamaConfig
 from paretoq_jax.models.layers import (
     DecoderLayer,
+    LayerCache,
     QuantLinear,
     RMSNorm,
     _param,
@@ -106,43 +107,85 @@ class Llama(nnx.Module):
             mask &= q - k < self.config.sliding_window
         return mask
 
-    def _decoder(self, h: Array, cos: Array, sin: Array, mask: Array, keep_all: bool = False):
+    def _decoder(
+        self, h: Array, cos: Array, sin: Array, mask: Array, keep_all: bool = False,
+        cache: LayerCache | None = None,
+    ):  # fmt: skip
         """The decoder layers on ``h``: the last output, or with ``keep_all`` every layer's
-        input plus the last output stacked ``(L + 1, ...)``."""
+        input plus the last output stacked ``(L + 1, ...)``. With ``cache = (k, v, at)``
+        (every layer's cache stacked ``(L, B, T, kv_heads, head_dim)``, see
+        :class:`~paretoq_jax.models.layers.Attention`) returns ``(last, (k, v))`` updated."""
         graphdef, state = nnx.split(self.layers)
+        cached = cache is not None
 
-        def step(h, layer_state):
-            out = nnx.merge(graphdef, layer_state)(h, cos, sin, mask)
-            out = constrain(out, HIDDEN)
-            return out, (out if keep_all else None)
+        def step(carry, xs):
+            layer_state, i = xs
+            layer = nnx.merge(graphdef, layer_state)
+            if not cached:
+                out = constrain(layer(carry, cos, sin, mask), HIDDEN)
+                return out, (out if keep_all else None)
+            h, k_all, v_all = carry
+            out, (k_i, v_i) = layer(h, cos, sin, mask, (k_all[i], v_all[i], cache[2]))
+            k_all = jax.lax.dynamic_update_index_in_dim(k_all, k_i, i, 0)
+            v_all = jax.lax.dynamic_update_index_in_dim(v_all, v_i, i, 0)
+            return (constrain(out, HIDDEN), k_all, v_all), None
 
         if self.remat:
             step = jax.checkpoint(step)
+        n = self.config.num_hidden_layers
+        carry = (h, cache[0], cache[1]) if cached else h
         if self.scan_layers:
-            last, outs = jax.lax.scan(step, h, state)
+            carry, outs = jax.lax.scan(step, carry, (state, jnp.arange(n)))
         else:
-            outs, last = [], h
-            for i in range(self.config.num_hidden_layers):
-                last, out = step(last, jax.tree.map(lambda a, i=i: a[i], state))
+            outs = []
+            for i in range(n):
+                carry, out = step(carry, (jax.tree.map(lambda a, i=i: a[i], state), i))
                 outs.append(out)
             outs = jnp.stack(outs) if keep_all else None
-        return jnp.concatenate([h[None], outs]) if keep_all else last
+        if cached:
+            return carry[0], carry[1:]
+        return jnp.concatenate([h[None], outs]) if keep_all else carry
 
-    def _embed(self, input_ids: Array) -> tuple[Array, tuple[Array, Array, Array]]:
-        """Token embeddings ``(B, S, D)`` and the ``(cos, sin, mask)`` every layer takes."""
+    def _embed(
+        self, input_ids: Array, positions: Array | None = None, mask: Array | None = None
+    ) -> tuple[Array, tuple[Array, Array, Array]]:
+        """Token embeddings ``(B, S, D)`` and the ``(cos, sin, mask)`` every layer takes.
+        ``positions`` (``(B, S)``, default ``0..S-1``) set RoPE; ``mask`` defaults to causal."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {input_ids.shape}")
         seq = input_ids.shape[1]
         h = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
         h = constrain(h, HIDDEN)
-        cos, sin = rope_cos_sin(jnp.arange(seq)[None, :], np.asarray(self.inv_freq, np.float32))
-        return h, (cos, sin, self._mask(seq)[None, None, None])
+        positions = jnp.arange(seq)[None, :] if positions is None else positions
+        mask = self._mask(seq)[None, None, None] if mask is None else mask
+        cos, sin = rope_cos_sin(positions, np.asarray(self.inv_freq, np.float32))
+        return h, (cos, sin, mask)
 
-    def __call__(self, input_ids: Array, *, return_hidden: bool = False) -> Array:
-        """Logits ``(B, S, V)`` in float32, or the final normed hidden ``(B, S, D)``."""
-        h, ctx = self._embed(input_ids)
-        h = self.norm(self._decoder(h, *ctx))
-        return h if return_hidden else self.lm_logits(h)
+    def __call__(
+        self,
+        input_ids: Array,
+        *,
+        return_hidden: bool = False,
+        cache: LayerCache | None = None,
+        positions: Array | None = None,
+        mask: Array | None = None,
+        last_only: bool = False,
+    ) -> Array | tuple[Array, tuple[Array, Array]]:
+        """Logits ``(B, S, V)`` in float32, or the final normed hidden ``(B, S, D)``.
+
+        KV-cache decoding (:mod:`paretoq_jax.models.decode` keeps the bookkeeping) passes the
+        stacked ``cache = (k, v, at)``, the tokens' ``positions (B, S)`` and a ``mask``
+        ``(B, 1, 1, S, T)`` over the cache slots, and gets ``(logits, (k, v))``;
+        ``last_only`` keeps only the last position's output.
+        """
+        h, ctx = self._embed(input_ids, positions, mask)
+        h = self._decoder(h, *ctx, cache=cache)
+        h, new_cache = (h, None) if cache is None else h
+        if last_only:
+            h = h[:, -1:]
+        h = self.norm(h)
+        out = h if return_hidden else self.lm_logits(h)
+        return out if cache is None else (out, new_cache)
 
     def residual_stream(self, input_ids: Array) -> Array:
         """The residual stream entering every decoder layer and leaving the last (before the
