@@ -2,7 +2,8 @@
 
 Greedy decoding (``temperature=0``, the default) or sampling with temperature, top-k and top-p
 (nucleus) from a PRNG key. Prompts are left-padded to a bucketed length and prefilled in one
-jitted call; each new token is one jitted decode step (:mod:`paretoq_jax.models.decode`).
+jitted call; the new tokens are then decoded by one compiled ``lax.while_loop`` over tokens
+(:mod:`paretoq_jax.models.decode` keeps the KV cache), with no Python dispatch per token.
 A row stops at an end-of-sequence token, at a stop string (the text is cut before it), or
 after ``max_new_tokens``. Shapes are bucketed so a handful of compilations serve any prompt.
 See docs/evaluation.md.
@@ -26,10 +27,18 @@ from paretoq_jax.cli import run_cli
 from paretoq_jax.models.decode import forward_cached, init_cache, materialize_quantized
 from paretoq_jax.models.llama import Llama
 
-__all__ = ["SamplingConfig", "sample_logits", "generate_tokens", "generate", "main"]
+__all__ = [
+    "SamplingConfig",
+    "sample_logits",
+    "generate_tokens",
+    "generate",
+    "load_for_generation",
+    "main",
+]
 
 PROMPT_BUCKET = 16  # prompts are padded to a multiple of this (one prefill compile per bucket)
 CACHE_BUCKET = 64  # cache length is rounded up to a multiple of this
+STOP_CHECK_EVERY = 16  # with stop strings, tokens decoded per compiled loop between host checks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,12 +93,36 @@ def _prefill(graphdef, state, ids, cache, key, sampling):
     return sample_logits(logits, key, sampling), logits, cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))
-def _decode(graphdef, state, token, cache, key, sampling):
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "sampling", "steps", "keep_logits"),
+    donate_argnames=("cache",),
+)  # fmt: skip
+def _decode_loop(graphdef, state, token, cache, key, n, done, eos, sampling, steps, keep_logits):
+    """Up to ``n <= steps`` decode steps as one compiled ``lax.while_loop`` (no per-token
+    Python dispatch); it stops early once every row is ``done`` (has produced an ``eos`` id).
+    Returns the steps run, the last token, cache, key and ``done``, the new tokens
+    ``(B, steps)`` and, with ``keep_logits``, their float32 logits ``(B, steps, V)``."""
     model = nnx.merge(graphdef, state)
-    logits, cache = forward_cached(model, token[:, None], cache)
-    logits = logits[:, 0]
-    return sample_logits(logits, key, sampling), logits, cache
+    b = token.shape[0]
+    tokens = jnp.zeros((b, steps), jnp.int32)
+    logits_buf = jnp.zeros((b, steps, model.config.vocab_size) if keep_logits else (0,))
+
+    def cond(c):
+        return (c[0] < n) & ~jnp.all(c[4])
+
+    def body(c):
+        i, token, cache, key, done, tokens, logits_buf = c
+        key, sub = jax.random.split(key)
+        logits, cache = forward_cached(model, token[:, None], cache)
+        token = sample_logits(logits[:, 0], sub, sampling)
+        tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, i, 1)
+        if keep_logits:
+            logits_buf = jax.lax.dynamic_update_index_in_dim(logits_buf, logits[:, 0], i, 1)
+        done = done | jnp.any(token[:, None] == eos[None, :], axis=-1)
+        return i + 1, token, cache, key, done, tokens, logits_buf
+
+    init = (jnp.zeros((), jnp.int32), token, cache, key, done, tokens, logits_buf)
+    return jax.lax.while_loop(cond, body, init)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -146,23 +179,41 @@ def generate_tokens(
     cache = init_cache(run_model, b, t_len, start=start)
     key = jax.random.PRNGKey(seed)
     eos = set(int(e) for e in eos_ids)
+    eos_dev = jnp.asarray(sorted(eos) or [-1], jnp.int32)
     out: list[list[int]] = [[] for _ in range(b)]
     done = np.zeros(b, bool)
     all_logits = []
+
+    def take(tokens: np.ndarray) -> None:  # one step's tokens (B,): append, check stops
+        for i in np.flatnonzero(~done):
+            out[i].append(int(tokens[i]))
+            if int(tokens[i]) in eos or (should_stop is not None and should_stop(int(i), out[i])):
+                done[i] = True
+
     key, sub = jax.random.split(key)
     token, logits, cache = _prefill(graphdef, state, jnp.asarray(ids), cache, sub, sampling)
-    for step in range(max_new_tokens):
-        host = np.asarray(token)
-        if return_logits:
-            all_logits.append(np.asarray(logits))
-        for i in np.flatnonzero(~done):
-            out[i].append(int(host[i]))
-            if int(host[i]) in eos or (should_stop is not None and should_stop(int(i), out[i])):
-                done[i] = True
-        if done.all() or step == max_new_tokens - 1:
-            break
-        key, sub = jax.random.split(key)
-        token, logits, cache = _decode(graphdef, state, token, cache, sub, sampling)
+    take(np.asarray(token))
+    if return_logits:
+        all_logits.append(np.asarray(logits))
+    left = max_new_tokens - 1
+    # Without stop callbacks the rest is one compiled loop; stop strings are checked on the
+    # host every STOP_CHECK_EVERY tokens (a row may decode a few tokens past its stop string;
+    # they are dropped here).
+    steps = _round_up(left, CACHE_BUCKET) if should_stop is None else STOP_CHECK_EVERY
+    while left > 0 and not done.all():
+        n = min(left, steps)
+        ran, token, cache, key, _, tokens, logits_buf = _decode_loop(
+            graphdef, state, token, cache, key, jnp.asarray(n, jnp.int32), jnp.asarray(done),
+            eos_dev, sampling, steps, return_logits,
+        )  # fmt: skip
+        ran = int(ran)
+        tokens = np.asarray(tokens)
+        for j in range(ran):
+            if return_logits and not done.all():
+                all_logits.append(np.asarray(logits_buf[:, j]))
+            if not done.all():
+                take(tokens[:, j])
+        left -= ran
     if return_logits:
         return out, np.stack(all_logits, axis=1)
     return out
@@ -221,21 +272,38 @@ def generate(
     stop = [s for s in stop if s]
 
     def should_stop(_row: int, new: list[int]) -> bool:
-        if not stop:
-            return False
         return _cut_at_stop(tokenizer.decode(new, skip_special_tokens=True), stop)[1]
 
     pad = getattr(tokenizer, "pad_token_id", None)
     new_tokens = generate_tokens(
         model, encoded, max_new_tokens, sampling=sampling, seed=seed,
         eos_ids=_eos_ids(tokenizer, model) if stop_at_eos else (),
-        pad_id=0 if pad is None else int(pad), should_stop=should_stop,
+        pad_id=0 if pad is None else int(pad), should_stop=should_stop if stop else None,
     )  # fmt: skip
     texts = []
     for toks in new_tokens:
         text = tokenizer.decode(toks, skip_special_tokens=True)
         texts.append(_cut_at_stop(text, stop)[0])
     return texts
+
+
+def load_for_generation(
+    path: str, *, bits: Any = None, method: str | None = None, dequantize: bool = False
+) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` to generate with. A packed export computes from its packed codes
+    (:func:`~paretoq_jax.io.packed.load_packed` ``mode="packed"``; an int8 embedding stays
+    int8) unless ``dequantize``, which loads it as a float model holding exactly its weights
+    (as evaluation does: bit-identical logits, slower decoding). Anything else goes through
+    :func:`paretoq_jax.eval.load_model`."""
+    from paretoq_jax.eval import load_model
+    from paretoq_jax.io import load_tokenizer
+    from paretoq_jax.io.packed import is_packed_export, load_packed
+
+    if is_packed_export(path) and not dequantize:
+        if bits is not None or method is not None:
+            raise ValueError(f"{path} is a packed export with its own bits; drop --bits/--method")
+        return load_packed(path, mode="packed"), load_tokenizer(path)
+    return load_model(path, bits=bits, method=method)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -257,10 +325,14 @@ def _main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--bits", default=None, help="quantize a float checkpoint (RTN) at load")
     p.add_argument("--method", default=None, help="quantizer method with --bits")
+    p.add_argument(
+        "--dequantize", action="store_true",
+        help="packed export: load it as float weights instead of computing from its codes",
+    )  # fmt: skip
     args = p.parse_args(argv)
-    from paretoq_jax.eval import load_model
-
-    model, tokenizer = load_model(args.model, bits=args.bits, method=args.method)
+    model, tokenizer = load_for_generation(
+        args.model, bits=args.bits, method=args.method, dequantize=args.dequantize
+    )
     texts = generate(
         model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,

@@ -338,3 +338,51 @@ def test_gguf_llama3_rope_freqs(tmp_path, tokenizer):
     base = 1.0 / cfg.rope_theta ** (np.arange(0, d, 2) / d)
     np.testing.assert_allclose(1.0 / np.asarray(t["rope_freqs.weight"].data),
                                rope_inv_freq(cfg) / base, rtol=1e-5)  # fmt: skip
+
+
+def test_packed_int8_embedding_round_trip(tmp_path, tokenizer):
+    """``embed="int8"``: per-row absmax int8 codes; packed mode keeps them int8, dequantize
+    mode holds exactly their float values, and both give the same logits."""
+    from paretoq_jax.models.packed import Int8Embedding
+
+    model = make_model(2, tie_word_embeddings=True)  # the table is also the LM head
+    path = export_model(model, "packed", tmp_path / "p", tokenizer=tokenizer, packed_embed="int8")
+    qc = json.loads((path / "quant_config.json").read_text())
+    assert qc["embed"]["type"] == "int8"
+    packed = load_packed(path, mode="packed")
+    floats = load_packed(path, mode="dequantize")
+    assert isinstance(packed.embed_tokens, Int8Embedding)
+    assert packed.embed_tokens.codes[...].dtype == jnp.int8
+    w = np.asarray(packed.embed_tokens.weight())
+    np.testing.assert_array_equal(np.asarray(floats.embed_tokens[...]), w)
+    np.testing.assert_array_equal(unpack_export(path)["model.embed_tokens.weight"], w)
+    # every entry within half a step of its row's scale of the original table
+    e = np.asarray(model.embed_tokens[...])
+    step = np.abs(e).max(axis=1, keepdims=True) / 127
+    assert np.all(np.abs(w - e) <= 0.5 * step + 1e-7)
+    ref, got, deq = logits(model), logits(packed), logits(floats)
+    scale = np.abs(ref).max()
+    np.testing.assert_allclose(got, deq, rtol=0, atol=1e-4 * scale)
+    assert 0 < np.abs(got - ref).max() < 2e-2 * scale  # an 8-bit table: small, not zero
+    with pytest.raises(ExportError, match="packed_embed"):
+        export_model(model, "packed", tmp_path / "q", tokenizer=tokenizer, packed_embed="int4")
+
+
+def test_gguf_q8_0_token_embd_reads_back(tmp_path, tokenizer):
+    """``float_type="q8_0"``: token_embd / output stored as Q8_0, read back by our reader within
+    half a Q8_0 step of the float table."""
+    from gguf import GGUFReader
+
+    model = make_model(2, hidden_size=256, intermediate_size=512, head_dim=64)
+    path = export_model(model, "gguf", tmp_path / "m.gguf", tokenizer=tokenizer,
+                        float_type="q8_0")  # fmt: skip
+    types = {t.name: t.tensor_type.name for t in GGUFReader(str(path)).tensors}
+    assert types["token_embd.weight"] == "Q8_0"
+    assert types["output_norm.weight"] == "F32"
+    loaded = load_pretrained(path)
+    e, w = np.asarray(model.embed_tokens[...]), np.asarray(loaded.embed_tokens[...])
+    blocks = np.abs(e.reshape(e.shape[0], -1, 32)).max(-1, keepdims=True) / 127
+    err = np.abs((w - e).reshape(blocks.shape[0], -1, 32))
+    assert np.all(err <= 0.5 * blocks * 1.01 + 1e-6)  # fp16 block scale: a little slack
+    ref, got = logits(model), logits(loaded)
+    assert np.max(np.abs(got - ref)) / np.max(np.abs(ref)) < 2e-2

@@ -155,3 +155,34 @@ def test_generate_bad_input():
         generate_tokens(model, [[1]], 0)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         init_cache(model, 1, 1000)
+
+
+def test_eos_inside_the_compiled_loop_stops_only_its_row():
+    """The decode loop runs on device; a row that emits an EOS id ends there (EOS kept), the
+    others decode on, and stop callbacks (checked between chunks) cut at the right token."""
+    model = tiny()
+    ref = generate_tokens(model, PROMPTS, STEPS)
+    eos = ref[0][3]
+    got = generate_tokens(model, PROMPTS, STEPS, eos_ids=[eos])
+    for r, g in zip(ref, got, strict=True):
+        assert g == (r[: r.index(eos) + 1] if eos in r else r)
+    cut = generate_tokens(model, PROMPTS, STEPS, should_stop=lambda row, new: len(new) == 2 + row)
+    assert cut == [r[: 2 + i] for i, r in enumerate(ref)]
+
+
+def test_generate_loads_packed_exports_as_packed(tmp_path):
+    """``python -m paretoq_jax.generate`` on a packed export computes from the packed codes
+    (``--dequantize`` for float weights); both generate the same greedy tokens."""
+    from paretoq_jax.generate import load_for_generation
+    from paretoq_jax.io import load_tokenizer
+    from paretoq_jax.io.packed import save_packed
+    from paretoq_jax.models.packed import packed_linears
+
+    model = tiny(vocab=len(load_tokenizer(FIXTURES / "tokenizer")), bits=2)
+    save_packed(model, tmp_path / "p", tokenizer=load_tokenizer(FIXTURES / "tokenizer"))
+    packed, _ = load_for_generation(str(tmp_path / "p"))
+    floats, _ = load_for_generation(str(tmp_path / "p"), dequantize=True)
+    assert packed_linears(packed) and not packed_linears(floats)
+    assert generate_tokens(packed, PROMPTS, 6) == generate_tokens(floats, PROMPTS, 6)
+    with pytest.raises(ValueError, match="drop --bits"):
+        load_for_generation(str(tmp_path / "p"), bits=2)

@@ -40,7 +40,12 @@ def _check_format(fmt: str) -> None:
         raise ExportError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
 
 
-def _check_options(ternary: str = "2bit", gguf_qtype: str | None = None, float_type: str = "f32"):
+def _check_options(
+    ternary: str = "2bit",
+    gguf_qtype: str | None = None,
+    float_type: str = "f32",
+    packed_embed: str = "float",
+):
     from paretoq_jax.io.gguf_writer import FLOAT_TYPES, QTYPE_NAMES
 
     if ternary not in ("2bit", "base3"):
@@ -51,6 +56,8 @@ def _check_options(ternary: str = "2bit", gguf_qtype: str | None = None, float_t
         )
     if float_type not in FLOAT_TYPES:
         raise ExportError(f"float_type={float_type!r}: choose one of {sorted(FLOAT_TYPES)}")
+    if packed_embed not in ("float", "int8"):
+        raise ExportError(f"packed_embed={packed_embed!r}: choose 'float' or 'int8'")
 
 
 def output_kind_of(fmt: str) -> str:
@@ -96,19 +103,22 @@ def export_model(
     ternary: str = "2bit",
     gguf_qtype: str | None = None,
     float_type: str = "f32",
+    packed_embed: str = "float",
 ) -> Path:
     """Export a quantized model; returns ``out``.
 
     ``ternary`` (packed, 1.58 bits): ``"2bit"`` or ``"base3"``. ``gguf_qtype`` (gguf): block
-    format of the quantized projections (default per bit-width). ``float_type`` (gguf): ``"f32"``
-    or ``"f16"`` for embeddings and a float ``lm_head``. ``reads`` / ``owned_run``: see
+    format of the quantized projections (default per bit-width). ``float_type`` (gguf): ``"f32"``,
+    ``"f16"`` or ``"q8_0"`` for embeddings and a float ``lm_head``. ``packed_embed`` (packed):
+    ``"float"`` or ``"int8"`` token embedding (``io.packed.save_packed``). ``reads`` /
+    ``owned_run``: see
     :func:`paretoq_jax.outputs.check_output` (an export never goes into, over or above a
     training run or what it was read from; ``force`` replaces only an earlier export).
     """
     from paretoq_jax.io.packed import quantized_weights
 
     _check_format(fmt)
-    _check_options(ternary, gguf_qtype, float_type)
+    _check_options(ternary, gguf_qtype, float_type, packed_embed)
     out = Path(out)
     where = dict(force=force, reads=reads, owned_run=owned_run)
     check_export_out(out, fmt, **where)
@@ -120,7 +130,7 @@ def export_model(
         if fmt == "packed":
             from paretoq_jax.io.packed import save_packed
 
-            save_packed(model, tmp, tokenizer=tokenizer, ternary=ternary)
+            save_packed(model, tmp, tokenizer=tokenizer, ternary=ternary, embed=packed_embed)
         elif fmt == "hf":
             from paretoq_jax.io import save_pretrained
 

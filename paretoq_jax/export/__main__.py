@@ -29,11 +29,23 @@ def _main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     ap.add_argument("--ternary", default="2bit", choices=("2bit", "base3"))
     ap.add_argument("--gguf-qtype", default=None, help="TQ1_0, TQ2_0, Q2_K, Q4_0 or Q8_0")
-    ap.add_argument("--gguf-float", default="f32", choices=("f32", "f16"))
+    ap.add_argument(
+        "--gguf-float",
+        default="f32",
+        choices=("f32", "f16", "q8_0"),
+        help="GGUF type of the embeddings / float lm_head",
+    )
+    ap.add_argument(
+        "--packed-embed",
+        default="float",
+        choices=("float", "int8"),
+        help="packed export: token embedding (tied LM head) as float or int8",
+    )
     args = ap.parse_args(argv)
     out = export_run(
         args.checkpoint, args.format, args.out, step=args.step, force=args.force,
         ternary=args.ternary, gguf_qtype=args.gguf_qtype, float_type=args.gguf_float,
+        packed_embed=args.packed_embed,
     )  # fmt: skip
     print(f"[export] wrote {args.format} export to {out}")
     return 0

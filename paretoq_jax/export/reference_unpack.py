@@ -63,6 +63,10 @@ def unpack_export(folder: str | Path) -> dict[str, np.ndarray]:
         if list(packed.shape) != entry["packed_shape"]:
             raise ValueError(f"{name}: packed shape {packed.shape} != {entry['packed_shape']}")
         out[f"{name}.weight"] = dequantize(packed, scale, entry)
+    if qc.get("embed", {}).get("type") == "int8":  # optional per-row absmax int8 embedding
+        codes = tensors.pop("model.embed_tokens.weight_int8").astype(np.float32)
+        scale = tensors.pop("model.embed_tokens.weight_scale").astype(np.float32)
+        out["model.embed_tokens.weight"] = codes * scale[:, None]
     for name, value in tensors.items():
         out[name] = value.astype(np.float32)
     return out

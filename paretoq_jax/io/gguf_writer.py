@@ -43,7 +43,10 @@ GGUF_ARCH = {
     "Qwen2ForCausalLM": ("qwen2", False),
 }
 QTYPE_NAMES = {q.name: q for q in (Q.TQ1_0, Q.TQ2_0, Q.Q2_K, Q.Q4_0, Q.Q8_0)}
-FLOAT_TYPES = {"f32": Q.F32, "f16": Q.F16}
+# Types of the embedding table and a float lm_head: "q8_0" is llama.cpp's 8-bit block format
+# (32 weights share one fp16 scale, absmax rounding): 4x fewer bytes than f32 for the tied
+# embedding / LM head that decoding reads once per token.
+FLOAT_TYPES = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0}
 _FILE_TYPE = {
     Q.TQ1_0: gguf.LlamaFileType.MOSTLY_TQ1_0,
     Q.TQ2_0: gguf.LlamaFileType.MOSTLY_TQ2_0,
@@ -213,7 +216,8 @@ def write_gguf(
       qtype: block format for the quantized projections (``"TQ1_0"``, ``"TQ2_0"``, ``"Q2_K"``,
         ``"Q4_0"``, ``"Q8_0"``); default per bit-width (see the module docstring). Tensors whose
         ``in`` is not a multiple of its block get the exact fallback.
-      float_type: ``"f32"`` or ``"f16"`` for the embeddings and a float ``lm_head``.
+      float_type: ``"f32"``, ``"f16"`` or ``"q8_0"`` (8-bit blocks of 32 with an fp16 scale)
+        for the embeddings and a float ``lm_head``.
       name: ``general.name``.
       output_kind: stored under ``paretoq_jax.output`` (llama.cpp ignores it), so that a later
         export may recognise, and with ``--force`` replace, this file (:mod:`paretoq_jax.outputs`).
@@ -262,6 +266,14 @@ def write_gguf(
                 gname,
                 np.ascontiguousarray(data.astype(np.float32 if dtype == Q.F32 else np.float16)),
             )
+        elif data.dtype.kind == "f":  # a float matrix stored in a block format (q8_0)
+            if data.shape[-1] % 32:
+                raise ValueError(
+                    f"{hf_name}: {dtype.name} needs rows of a multiple of 32 values, got "
+                    f"{data.shape[-1]}; use float_type='f16'"
+                )
+            q = gguf.quants.quantize(np.ascontiguousarray(data, np.float32), dtype)
+            writer.add_tensor(gname, q, raw_dtype=dtype)
         else:
             writer.add_tensor(gname, np.ascontiguousarray(data), raw_dtype=dtype)
         types[gname] = dtype.name

@@ -37,7 +37,13 @@ from paretoq_jax import quant
 from paretoq_jax.io.hf import CheckpointError
 from paretoq_jax.io.mapping import hf_tensors, model_to_hf
 from paretoq_jax.models import Llama, LlamaConfig, QuantLinear, QuantRules
-from paretoq_jax.models.packed import PackedLinear, linear_codes, set_module
+from paretoq_jax.models.packed import (
+    EMBED_TYPES,
+    Int8Embedding,
+    PackedLinear,
+    linear_codes,
+    set_module,
+)
 
 __all__ = [
     "FORMAT",
@@ -55,6 +61,8 @@ FORMAT_VERSION = 1
 QUANT_CONFIG = "quant_config.json"
 WEIGHTS_FILE = "model.safetensors"
 PACKED_SUFFIX = ".weight_packed"
+INT8_SUFFIX = ".weight_int8"
+EMBED_NAME = "model.embed_tokens"
 SCALE_SUFFIX = ".weight_scale"
 MODES = ("dequantize", "packed")
 
@@ -130,6 +138,7 @@ def save_packed(
     tokenizer=None,
     ternary: str = "2bit",
     float_dtype=None,
+    embed: str = "float",
 ) -> Path:
     """Write ``model``'s packed export into ``out_dir`` (created; files in it are replaced).
 
@@ -138,11 +147,17 @@ def save_packed(
       tokenizer: an HF tokenizer to save alongside (``save_pretrained``).
       ternary: 1.58-bit layout, ``"2bit"`` or ``"base3"`` (1.6 bits a code).
       float_dtype: dtype of the float parts (default: as stored in the model).
+      embed: ``"float"`` (the token embedding as a float tensor, default) or ``"int8"``
+        (per-row absmax int8 codes and a float32 scale per row,
+        :class:`~paretoq_jax.models.packed.Int8Embedding`; with tied embeddings also the LM
+        head, which decoding reads whole every step).
     """
     from safetensors.numpy import save_file
 
     if ternary not in ("2bit", "base3"):
         raise ValueError(f"ternary={ternary!r}: choose '2bit' or 'base3'")
+    if embed not in EMBED_TYPES:
+        raise ValueError(f"embed={embed!r}: choose one of {EMBED_TYPES}")
     linears = quantized_weights(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -167,6 +182,11 @@ def save_packed(
         module, _, leaf = path.rpartition(".")
         if module in linears and leaf in ("kernel", "scale"):
             continue
+        if path == "embed_tokens" and embed == "int8":
+            emb = Int8Embedding.quantize(var[...])
+            tensors[EMBED_NAME + INT8_SUFFIX] = _np(emb.codes[...])
+            tensors[EMBED_NAME + SCALE_SUFFIX] = _np(emb.scale[...])
+            continue
         value = _np(var[...])
         if float_dtype is not None:
             value = value.astype(_np_dtype(jnp.dtype(float_dtype).name))
@@ -182,6 +202,12 @@ def save_packed(
         "float_dtype": sorted(float_dtypes)[0] if len(float_dtypes) == 1 else sorted(float_dtypes),
         "weights": weights,
     }
+    if embed == "int8":
+        quant_config["embed"] = {
+            "type": "int8",
+            "scheme": "per-row absmax: codes = round(E / s), s = max|E_row| / 127",
+            "tensors": [EMBED_NAME + INT8_SUFFIX, EMBED_NAME + SCALE_SUFFIX],
+        }
     (out / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2))
     (out / QUANT_CONFIG).write_text(json.dumps(quant_config, indent=2))
     meta = {
@@ -250,7 +276,9 @@ def load_packed(
         ``from_codes(unpack(codes), scale)``, exactly the fake-quant model's weights, so its
         logits equal the QAT model's bit for bit. ``"packed"``: the quantized linears are
         :class:`~paretoq_jax.models.packed.PackedLinear` computing from the packed codes (logits
-        equal to float32 rounding); the float weights are never formed.
+        equal to float32 rounding); the float weights are never formed. An int8 embedding
+        (``save_packed(embed="int8")``) stays int8 in ``"packed"`` mode and becomes its float
+        values in ``"dequantize"`` mode.
       dtype: compute dtype. Float parts keep their stored dtype as parameter dtype.
       tile_rows: byte rows per tile of the packed matmul (``mode="packed"``).
     """
@@ -305,6 +333,24 @@ def load_packed(
             quantized[mpath] = (p, m, spec)
 
     values: dict[str, np.ndarray] = {}
+    embed_type = qc.get("embed", {}).get("type", "float")
+    if embed_type not in EMBED_TYPES:
+        raise CheckpointError(
+            f"{folder / QUANT_CONFIG}: embed type {embed_type!r} is not one of {EMBED_TYPES}: "
+            "written by a newer paretoq_jax?"
+        )
+    if embed_type == "int8":
+        codes, scale = get(EMBED_NAME + INT8_SUFFIX), get(EMBED_NAME + SCALE_SUFFIX)
+        emb = Int8Embedding(codes, scale, dtype=dtype)
+        if emb.shape != (config.vocab_size, config.hidden_size):
+            raise CheckpointError(
+                f"{weights_file}: int8 embedding has shape {emb.shape}, expected "
+                f"{(config.vocab_size, config.hidden_size)} from config.json"
+            )
+        if mode == "packed":
+            abstract.embed_tokens = emb
+        else:
+            values["embed_tokens"] = _np(emb.weight()).astype(param_dtype)
     for mpath, (p, lin, spec) in quantized.items():
         stacked = mpath.startswith("layers.")
         idx = range(layers) if stacked else [None]

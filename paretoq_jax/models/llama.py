@@ -154,7 +154,10 @@ class Llama(nnx.Module):
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {input_ids.shape}")
         seq = input_ids.shape[1]
-        h = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
+        if isinstance(self.embed_tokens, nnx.Variable):
+            h = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
+        else:  # a module standing for the table (packed.Int8Embedding)
+            h = self.embed_tokens(input_ids).astype(self.dtype)
         h = constrain(h, HIDDEN)
         positions = jnp.arange(seq)[None, :] if positions is None else positions
         mask = self._mask(seq)[None, None, None] if mask is None else mask
@@ -212,6 +215,8 @@ class Llama(nnx.Module):
         """Float32 logits of hidden states ``(..., D)`` (tied: ``hidden @ embed_tokens.T``)."""
         if self.lm_head is not None:
             logits = self.lm_head(hidden, out_dtype=jnp.float32)
+        elif not isinstance(self.embed_tokens, nnx.Variable):
+            logits = self.embed_tokens.attend(hidden)
         else:
             emb = self.embed_tokens[...].astype(self.dtype)
             logits = jnp.einsum("...d,vd->...v", hidden.astype(self.dtype), emb,
