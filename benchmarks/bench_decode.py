@@ -31,6 +31,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 LLAMA_RUNNER = r"""
@@ -143,6 +144,84 @@ def time_ours(model, prompt_ids, batch, n_new, reps) -> tuple[list[float], list[
     return times, toks[0]
 
 
+def breakdown(model, prompt_ids, n_new: int, reps: int) -> dict[str, float]:
+    """Milliseconds per token at batch 1: the whole decode loop compiled once, the same with a
+    host round trip per token (as a Python loop over jitted steps does), and the LM head
+    alone (the tied ``V x D`` product one decode step ends with)."""
+    import paretoq_jax.generate as gen
+
+    one = statistics.median(time_ours(model, prompt_ids, 1, n_new, reps)[0]) / n_new
+    every, gen.STOP_CHECK_EVERY = gen.STOP_CHECK_EVERY, 1
+    try:
+        never = lambda row, new: False  # noqa: E731  (a stop callback: chunks of 1 token)
+        run = lambda n: gen.generate_tokens(model, [prompt_ids], n, should_stop=never)  # noqa: E731
+        run(n_new + 1), run(1)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            run(n_new + 1)
+            t1 = time.perf_counter()
+            run(1)
+            times.append((t1 - t0) - (time.perf_counter() - t1))
+    finally:
+        gen.STOP_CHECK_EVERY = every
+    head = jax.jit(lambda gd, st, h: nnx.merge(gd, st).lm_logits(h))
+    h = jnp.ones((1, 1, model.config.hidden_size), model.dtype)
+    gd, st = nnx.split(model)
+    head(gd, st, h).block_until_ready()
+    head_times = []
+    for _ in range(reps * 4):
+        t0 = time.perf_counter()
+        head(gd, st, h).block_until_ready()
+        head_times.append(time.perf_counter() - t0)
+    ms = lambda t: 1e3 * t  # noqa: E731
+    return {
+        "one compiled loop": ms(one),
+        "a host round trip per token": ms(statistics.median(times) / n_new),
+        "LM head alone": ms(statistics.median(head_times)),
+    }
+
+
+def embed_quality(blocks: int, seq: int = 256) -> str:
+    """What the int8 embedding changes: perplexity of the float SmolLM2-135M (the last
+    ``blocks`` blocks of ``seq`` tokens of the Wikipedia sample) with its float32 table and
+    with the int8 one (tied: also the LM head), and the largest logit difference."""
+    from paretoq_jax.assets import smollm2_gguf
+    from paretoq_jax.data.corpora import default_corpus
+    from paretoq_jax.eval import load_model
+    from paretoq_jax.models.packed import int8_embeddings
+
+    model, tok = load_model(smollm2_gguf())
+    docs = [json.loads(line)["text"] for line in default_corpus().read_text().splitlines()]
+    ids: list[int] = []
+    for text in reversed(docs):
+        ids = list(tok(text, add_special_tokens=False)["input_ids"]) + ids
+        if len(ids) >= blocks * seq + 1:
+            break
+    ids = np.asarray(ids[-(blocks * seq + 1) :], np.int32)
+    x, y = ids[:-1].reshape(blocks, seq), ids[1:].reshape(blocks, seq)
+
+    @jax.jit
+    def run(graphdef, state, x):
+        return nnx.merge(graphdef, state)(x)
+
+    def nll_and_logits(m):
+        logits = np.concatenate([np.asarray(run(*nnx.split(m), x[i : i + 1])) for i in
+                                 range(blocks)])  # fmt: skip
+        lp = jax.nn.log_softmax(jnp.asarray(logits), axis=-1)
+        nll = -np.take_along_axis(np.asarray(lp), y[..., None], -1).mean()
+        return float(nll), logits
+
+    nll_f, lf = nll_and_logits(model)
+    nll_q, lq = nll_and_logits(int8_embeddings(nnx.clone(model)))
+    diff = np.abs(lq - lf).max() / np.abs(lf).max()
+    return (
+        f"int8 embedding / LM head on the float SmolLM2-135M, {blocks}x{seq} Wikipedia tokens: "
+        f"perplexity {np.exp(nll_f):.3f} (float32 table) -> {np.exp(nll_q):.3f} (int8); "
+        f"largest logit change {diff:.2e} of the largest logit"
+    )
+
+
 def run_llama_cpp(runner: Path, gguf: Path, args, prompt_ids) -> dict | None:
     r = subprocess.run(
         [sys.executable, str(runner), str(gguf), str(args.threads), str(args.tokens),
@@ -164,6 +243,12 @@ def main() -> None:
     p.add_argument("--workdir", default=None, help="keep the exports here (reused if present)")
     p.add_argument("--heads", default="float,int8", help="embedding/LM head types to compare")
     p.add_argument("--no-llama-cpp", action="store_true")
+    p.add_argument(
+        "--quality-blocks",
+        type=int,
+        default=8,
+        help="blocks of 256 tokens for the int8 embedding's perplexity (0: skip)",
+    )
     args = p.parse_args()
     from paretoq_jax.io.packed import load_packed
 
@@ -174,10 +259,11 @@ def main() -> None:
     packed, gguf, tok = build(workdir, heads)
     prompt_ids = [tok.bos_token_id or 1] + list(tok(PROMPT, add_special_tokens=False)["input_ids"])
     bw = read_bandwidth_gbs()
+    quality = embed_quality(args.quality_blocks) if args.quality_blocks else ""
     runner = workdir / "llama_runner.py"
     runner.write_text(LLAMA_RUNNER)
     t_len = 64 * -(-(16 + args.tokens + 1) // 64)
-    rows, first = [], {}
+    rows, first, parts = [], {}, {}
     for h in heads:
         model = load_packed(packed[h], mode="packed")
         for b in [int(x) for x in args.batches.split(",")]:
@@ -186,6 +272,7 @@ def main() -> None:
             tps = b * args.tokens / statistics.median(times)
             rows.append((f"paretoq_jax, packed, {h} embedding", b, tps, step_bytes))
             first.setdefault(h, toks)
+        parts[h] = breakdown(model, prompt_ids, args.tokens, args.reps)
         if not args.no_llama_cpp:
             llama = run_llama_cpp(runner, gguf[h], args, prompt_ids)
             if llama is not None:
@@ -208,6 +295,13 @@ def main() -> None:
         if f"llama {h}" in first:
             print(f"\n{h} embedding: greedy tokens equal to llama.cpp's: {first[f'llama {h}']} "
                   "(llama.cpp rounds activations to 8 bits, so long runs may part)")  # fmt: skip
+    print("\nWhere a batch-1 token's time goes (ms per token):\n")
+    print("| embedding | " + " | ".join(next(iter(parts.values()))) + " |")
+    print("|---|" + "---|" * len(next(iter(parts.values()))))
+    for h, d in parts.items():
+        print(f"| {h} | " + " | ".join(f"{v:.2f}" for v in d.values()) + " |")
+    if quality:
+        print(f"\n{quality}")
 
 
 if __name__ == "__main__":

@@ -97,3 +97,36 @@ def test_llama_cpp_runs_gguf_export(bits, qtype, tmp_path):
     rel = np.max(np.abs(got - ref)) / np.max(np.abs(ref))
     assert rel < 3e-3, rel  # docs/export.md: 1.1e-3 to 2.3e-3
     np.testing.assert_array_equal(got.argmax(-1), ref.argmax(-1))  # every position
+
+
+def test_llama_cpp_runs_q8_0_token_embd(tmp_path):
+    """``float_type="q8_0"`` (Q8_0 token_embd, also the tied output head): llama.cpp's logits
+    agree with our reader's on the same file as closely as for F32 embeddings."""
+    if not _llama_cpp_available():
+        pytest.skip(
+            "llama.cpp's C API is not importable: pip install --no-deps llama-cpp-cffi==0.4.20 cffi"
+        )
+    from paretoq_jax.io import load_pretrained
+
+    cfg = dataclasses.replace(
+        LlamaConfig.from_json(TINY), hidden_size=256, intermediate_size=512, head_dim=64,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    model = Llama(cfg, quant=QuantRules.paretoq(2), rngs=nnx.Rngs(0))
+    model.embed_tokens[...] = model.embed_tokens[...] * 30  # logits far from flat
+    path = export_model(model, "gguf", tmp_path / "m.gguf", tokenizer=load_tokenizer(TINY),
+                        float_type="q8_0")  # fmt: skip
+    ids = np.random.RandomState(0).randint(3, cfg.vocab_size, 24).astype(np.int32)
+    np.save(tmp_path / "ids.npy", ids)
+    (tmp_path / "run.py").write_text(RUNNER)
+    r = subprocess.run(
+        [sys.executable, str(tmp_path / "run.py"), str(path), str(tmp_path / "ids.npy"),
+         str(tmp_path / "out.npy")],
+        env=dict(os.environ, PYTHONPATH=LLAMA_CPP), capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = np.load(tmp_path / "out.npy")
+    ref = np.asarray(load_pretrained(path)(ids[None]))[0]
+    rel = np.max(np.abs(got - ref)) / np.max(np.abs(ref))
+    assert rel < 3e-3, rel
+    np.testing.assert_array_equal(got.argmax(-1), ref.argmax(-1))
