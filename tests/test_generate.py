@@ -23,11 +23,11 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], list(range(20, 40))]
 STEPS = 10
 
 
-def tiny(vocab=97, bits=None, window=None, scan=True, seed=0) -> Llama:
+def tiny(vocab=97, bits=None, window=None, scan=True, seed=0, tie=False) -> Llama:
     config = LlamaConfig(
         vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        sliding_window=window,
+        sliding_window=window, tie_word_embeddings=tie,
     )  # fmt: skip
     quant = None if bits is None else QuantRules.paretoq(bits)
     return Llama(config, quant=quant, rngs=nnx.Rngs(seed), scan_layers=scan)
@@ -170,16 +170,20 @@ def test_eos_inside_the_compiled_loop_stops_only_its_row():
     assert cut == [r[: 2 + i] for i, r in enumerate(ref)]
 
 
-def test_generate_loads_packed_exports_as_packed(tmp_path):
+@pytest.mark.parametrize("embed", ["float", "int8"])
+def test_generate_loads_packed_exports_as_packed(embed, tmp_path):
     """``python -m paretoq_jax.generate`` on a packed export computes from the packed codes
-    (``--dequantize`` for float weights); both generate the same greedy tokens."""
+    (``--dequantize`` for float weights); both generate the same greedy tokens, also with the
+    int8 embedding / tied LM head."""
     from paretoq_jax.generate import load_for_generation
     from paretoq_jax.io import load_tokenizer
     from paretoq_jax.io.packed import save_packed
     from paretoq_jax.models.packed import packed_linears
 
-    model = tiny(vocab=len(load_tokenizer(FIXTURES / "tokenizer")), bits=2)
-    save_packed(model, tmp_path / "p", tokenizer=load_tokenizer(FIXTURES / "tokenizer"))
+    model = tiny(vocab=len(load_tokenizer(FIXTURES / "tokenizer")), bits=2, tie=True)
+    save_packed(
+        model, tmp_path / "p", tokenizer=load_tokenizer(FIXTURES / "tokenizer"), embed=embed
+    )
     packed, _ = load_for_generation(str(tmp_path / "p"))
     floats, _ = load_for_generation(str(tmp_path / "p"), dequantize=True)
     assert packed_linears(packed) and not packed_linears(floats)
