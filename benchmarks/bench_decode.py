@@ -271,6 +271,7 @@ def main() -> None:
             step_bytes = state_bytes(model) + kv_bytes(model, b, t_len)
             tps = b * args.tokens / statistics.median(times)
             rows.append((f"paretoq_jax, packed, {h} embedding", b, tps, step_bytes))
+            print(f"[bench_decode] {rows[-1][:3]}", file=sys.stderr, flush=True)
             first.setdefault(h, toks)
         parts[h] = breakdown(model, prompt_ids, args.tokens, args.reps)
         if not args.no_llama_cpp:
@@ -279,6 +280,7 @@ def main() -> None:
                 tps = args.tokens / statistics.median(llama["times"])
                 name = f"llama.cpp, our GGUF (Q2_K, {GGUF_EMBED[h]} token_embd)"
                 rows.append((name, 1, tps, gguf[h].stat().st_size))
+                print(f"[bench_decode] {rows[-1][:3]}", file=sys.stderr, flush=True)
                 same = sum(a == b for a, b in zip(first[h], llama["tokens"], strict=False))
                 first[f"llama {h}"] = f"{same}/{len(llama['tokens'])}"
         del model
