@@ -352,7 +352,7 @@ def test_packed_int8_embedding_round_trip(tmp_path, tokenizer):
     packed = load_packed(path, mode="packed")
     floats = load_packed(path, mode="dequantize")
     assert isinstance(packed.embed_tokens, Int8Embedding)
-    assert packed.embed_tokens.codes[...].dtype == jnp.int8
+    assert packed.embed_tokens.codes().dtype == jnp.int8
     w = np.asarray(packed.embed_tokens.weight())
     np.testing.assert_array_equal(np.asarray(floats.embed_tokens[...]), w)
     np.testing.assert_array_equal(unpack_export(path)["model.embed_tokens.weight"], w)

@@ -184,7 +184,7 @@ def save_packed(
             continue
         if path == "embed_tokens" and embed == "int8":
             emb = Int8Embedding.quantize(var[...])
-            tensors[EMBED_NAME + INT8_SUFFIX] = _np(emb.codes[...])
+            tensors[EMBED_NAME + INT8_SUFFIX] = np.ascontiguousarray(_np(emb.codes()))
             tensors[EMBED_NAME + SCALE_SUFFIX] = _np(emb.scale[...])
             continue
         value = _np(var[...])

@@ -151,7 +151,9 @@ class Int8Embedding(nnx.Module):
                 f"{tuple(codes.shape)} and {tuple(scale.shape)}"
             )
         self.dtype = dtype
-        self.codes = PackedCodes(jnp.asarray(codes, jnp.int8))
+        # Held transposed, (D, V): the LM head's ``h @ codes_t`` then reads the int8 table
+        # in the layout XLA's CPU dot converts fastest (measured 2x over (V, D)).
+        self.codes_t = PackedCodes(jnp.asarray(codes, jnp.int8).T)
         self.scale = PackedScale(jnp.asarray(scale, jnp.float32))
 
     @classmethod
@@ -165,21 +167,26 @@ class Int8Embedding(nnx.Module):
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.codes.shape)
+        return tuple(self.codes_t.shape[::-1])
+
+    def codes(self) -> Array:
+        """The int8 codes ``(V, D)``."""
+        return self.codes_t[...].T
 
     def weight(self) -> Array:
         """The float32 table ``scale[:, None] * codes`` this embedding stands for."""
-        return self.codes[...].astype(jnp.float32) * self.scale[...][:, None]
+        return self.codes().astype(jnp.float32) * self.scale[...][:, None]
 
     def __call__(self, ids: Array) -> Array:
-        rows = jnp.take(self.codes[...], ids, axis=0).astype(jnp.float32)
-        return (rows * jnp.take(self.scale[...], ids)[..., None]).astype(self.dtype)
+        rows = jnp.moveaxis(jnp.take(self.codes_t[...], ids, axis=1), 0, -1)
+        rows = rows.astype(jnp.float32) * jnp.take(self.scale[...], ids)[..., None]
+        return rows.astype(self.dtype)
 
     def attend(self, hidden: Array) -> Array:
         """Float32 logits ``hidden @ weight().T``: the int8 codes feed the product (the scale
         is applied to its ``V`` outputs), so the float table is never formed."""
-        logits = jnp.einsum(
-            "...d,vd->...v", hidden.astype(self.dtype), self.codes[...].astype(self.dtype),
+        logits = jnp.dot(
+            hidden.astype(self.dtype), self.codes_t[...].astype(self.dtype),
             preferred_element_type=jnp.float32,
         )  # fmt: skip
         return logits * self.scale[...]
