@@ -230,6 +230,13 @@ def blocks(reports: str | Path | None = None) -> dict[str, str]:
             anchors[baseline["name"]] = base_ref
         out["smollm2-recovery"] = recovery_block(rows, baseline, anchors)
         out["smollm2-recovery-summary"] = recovery_summary(rows, baseline, anchors)
+    scaling_dir = root / "scaling"
+    if (scaling_dir / "results.json").is_file():
+        from .scaling import budget_block, frontier_block
+
+        rows = load_rows(scaling_dir)
+        out["scaling-budget"] = budget_block(rows)
+        out["scaling-frontier"] = frontier_block(rows)
     return out
 
 
