@@ -4,7 +4,7 @@ Stage 1 (`configs/sweeps/scaling-float.yaml`) float-pretrains every size with a 
 25 steps; stage 2 (`configs/sweeps/scaling-qat.yaml`) starts QAT from some of those checkpoints,
 which it reads as HF folders (``model.path``). ``export`` writes them::
 
-    python -m paretoq_jax.scaling export runs/sweeps/scaling-float [--steps 250,400,450,475]
+    python -m paretoq_jax.scaling export runs/sweeps/scaling-float [--steps 125,200,225,250,400,450,475]
 
 For every cell of the float sweep and every listed step that cell has a checkpoint of,
 ``SWEEP_DIR/hf/<size>-step<N>/`` (``<size>``: the basename of the cell's ``model.path``) is
@@ -23,7 +23,7 @@ from paretoq_jax.errors import ParetoQError
 
 __all__ = ["export_float_starts", "main", "start_name"]
 
-DEFAULT_STEPS = (250, 400, 450, 475)
+DEFAULT_STEPS = (125, 200, 225, 250, 400, 450, 475)
 
 
 class ScalingError(ParetoQError, ValueError):

@@ -73,7 +73,7 @@ def _row(size, start, steps, bits, ppl, seed=0, size_bits=1e6):
     )
     return {
         "kind": "train", "status": "ok", "steps": steps, "bits": bits, "val_ppl": ppl,
-        "size_bits": size_bits, "overrides": {"model.path": path},
+        "size_bits": size_bits, "overrides": {"model.path": path}, "batch_size": 16, "seq_len": 128,
         "config": {"model": {"path": path, "bits": bits}, "train": {"seed": seed}},
     }  # fmt: skip
 
@@ -81,6 +81,7 @@ def _row(size, start, steps, bits, ppl, seed=0, size_bits=1e6):
 def test_cell_facts_reads_size_start_and_fraction():
     f = cell_facts(_row("s2", 450, 50, 2, 10.0))
     assert (f["size"], f["start"], f["fraction"], f["bits"]) == ("s2", 450, 0.9, 2.0)
+    assert f["budget"] == 500 * 16 * 128
     assert cell_facts(_row("s1", 0, 500, 2, 10.0))["fraction"] == 0.0
     assert cell_facts({"overrides": {"model.path": "asset:smollm2-135m"}}) is None
 
@@ -94,8 +95,8 @@ def test_budget_verdicts_follow_the_numbers():
     rows += [_row("s1", 450, 50, 2, 21.0, seed=1)]
     rows += [_row("s1", 0, 500, 4, 15.0), _row("s1", 450, 50, 4, 18.0)]
     text = budget_block(rows)
-    assert "| s1, 2-bit | holds |" in text
-    assert "| s1, 4-bit | does not hold |" in text
+    assert "| s1, 1,024,000 tokens, 2-bit | holds |" in text
+    assert "| s1, 1,024,000 tokens, 4-bit | does not hold |" in text
     assert "20.5 ±0.5" in text and "4.9%" in text  # two seeds: mean, half spread, noise
 
 

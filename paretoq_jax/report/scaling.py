@@ -28,7 +28,7 @@ from typing import Any
 
 from paretoq_jax.analysis import pareto_frontier
 
-__all__ = ["budget_block", "cell_facts", "frontier_block", "is_scaling_rows"]
+__all__ = ["budget_block", "cell_facts", "frontier_block", "frontier_section", "is_scaling_rows"]
 
 _START = re.compile(r"scaling-(?P<size>s\d+)(?:-step(?P<step>\d+))?$")
 FRONTIER_BITS = (1.0, 1.58, 2.0, 3.0, 4.0)
@@ -49,7 +49,8 @@ def _bits_name(b: float) -> str:
 
 
 def cell_facts(row: Mapping[str, Any]) -> dict[str, Any] | None:
-    """``{size, start, steps, fraction, bits, seed}`` of a scaling row (None when not one)."""
+    """``{size, start, steps, budget, fraction, bits, seed}`` of a scaling row (None when not
+    one); ``budget``: total training tokens, float start plus this cell's."""
     cfg = row.get("config") or {}
     model = cfg.get("model", {})
     path = str(row.get("overrides", {}).get("model.path", model.get("path", ""))).rstrip("/")
@@ -58,10 +59,12 @@ def cell_facts(row: Mapping[str, Any]) -> dict[str, Any] | None:
         return None
     start = int(m["step"] or 0)
     steps = int(row.get("steps") or 0)
+    per_step = int(row.get("batch_size") or 0) * int(row.get("seq_len") or 0)
     return {
         "size": m["size"],
         "start": start,
         "steps": steps,
+        "budget": (start + steps) * per_step,
         "fraction": start / (start + steps) if start + steps else float("nan"),
         "bits": _bits(row.get("bits", model.get("bits", 16))),
         "seed": int(cfg.get("train", {}).get("seed", 0)),
@@ -112,10 +115,12 @@ def _noise(groups: Mapping[Any, list[float]]) -> float:
 
 def budget_block(rows: Sequence[Mapping[str, Any]]) -> str:
     """The budget-split table and its verdicts (Markdown)."""
-    groups = _seed_groups(rows, lambda f: (f["size"], f["bits"], round(f["fraction"], 3)))
+    groups = _seed_groups(
+        rows, lambda f: (f["size"], f["budget"], f["bits"], round(f["fraction"], 3))
+    )
     if not groups:
         return "*No budget-split cell has finished yet.*"
-    fracs = sorted({k[2] for k in groups})
+    fracs = sorted({k[3] for k in groups})
     noise = _noise(groups)
     lines = [
         "Validation perplexity (32,768 held-out tokens) after the same total budget per size, "
@@ -123,21 +128,23 @@ def budget_block(rows: Sequence[Mapping[str, Any]]) -> str:
         "same decay in float). ± is half the spread of two seeds where both ran; bold: the "
         "best fraction of the row.",
         "",
-        "| size | bits | " + " | ".join(f"float {x:g}" for x in fracs) + " | best |",
-        "|---|---|" + "---|" * (len(fracs) + 1),
+        "| size | tokens | bits | " + " | ".join(f"float {x:g}" for x in fracs) + " | best |",
+        "|---|---|---|" + "---|" * (len(fracs) + 1),
     ]
     verdicts = []
-    for size, bits in sorted({(k[0], k[1]) for k in groups}):
-        row = {x: groups.get((size, bits, x)) for x in fracs}
+    keys = sorted({k[:3] for k in groups}, key=lambda k: (int(k[0][1:]), k[1], k[2]))
+    for size, budget, bits in keys:
+        row = {x: groups.get((size, budget, bits, x)) for x in fracs}
         have = {x: _mean(v) for x, v in row.items() if v}
         best = min(have, key=have.get)
         cells = [_cell(row[x], bold=(x == best and len(have) > 1)) for x in fracs]
-        lines.append(f"| {size} | {_bits_name(bits)} | " + " | ".join(cells) + f" | {best:g} |")
+        label = f"| {size} | {budget:,} | {_bits_name(bits)} | "
+        lines.append(label + " | ".join(cells) + f" | {best:g} |")
         if bits < 16:
-            verdicts.append(_budget_verdict(size, bits, have, noise))
+            verdicts.append(_budget_verdict(f"{size}, {budget:,} tokens", bits, have, noise))
     lines += [
         "",
-        "| size, bits | verdict: ~90% float then QAT is best | evidence |",
+        "| size, budget, bits | verdict: ~90% float then QAT is best | evidence |",
         "|---|---|---|",
     ]
     lines += verdicts
@@ -177,8 +184,16 @@ def _budget_verdict(size: str, bits: float, have: Mapping[float, float], noise: 
     return f"| {size}, {_bits_name(bits)} | {verdict} | {ev}; margin {margin:+.1%} |"
 
 
-def frontier_block(rows: Sequence[Mapping[str, Any]], start: int = 450) -> str:
-    """The size-frontier table, the Pareto frontier and the per-bit-width verdicts."""
+def frontier_block(rows: Sequence[Mapping[str, Any]], starts: Sequence[int] = (450, 225)) -> str:
+    """One size-frontier section per float start step in ``starts`` that has cells."""
+    parts = [frontier_section(rows, s) for s in starts]
+    found = [p for p in parts if not p.startswith("*No cell")]
+    return "\n\n".join(found) if found else parts[0]
+
+
+def frontier_section(rows: Sequence[Mapping[str, Any]], start: int) -> str:
+    """The size-frontier table, the Pareto frontier and the per-bit-width verdicts of the
+    cells started from float step ``start``."""
     groups = _seed_groups(rows, lambda f: (f["size"], f["bits"]) if f["start"] == start else None)
     if not groups:
         return f"*No cell started from float step {start} has finished yet.*"
