@@ -74,8 +74,12 @@ def quickstart_block(r: Mapping[str, Any]) -> str:
         [f"validation perplexity, float ({val})", num(r["ppl_float"])],
         ["validation perplexity, round-to-nearest (ParetoQ scale init, no training)",
          num(r["ppl_rtn"])],
+        *([[f"validation perplexity, plain QAT ({r['plain_qat']['tokens']:,} tokens, lr "
+            f"{lr(r['plain_qat']['lr'])}; not rerun: {r['plain_qat']['source']})",
+            num(r["plain_qat"]["val_ppl"])]] if r.get("plain_qat") else []),
         [f"validation perplexity, ParetoQ QAT, {r['train_steps']} steps of {t['batch_size']}x{seq} "
-         f"tokens ({tokens:,} tokens), lr {lr(t['lr'])}", f"**{num(r['ppl_qat'])}**"],
+         f"tokens ({tokens:,} tokens), lr {lr(t['lr'])}"
+         + (f", {r['recipe']}" if r.get("recipe") else ""), f"**{num(r['ppl_qat'])}**"],
         ["parameters", f"{r['params'] / 1e6:.1f} M"],
         ["size, bf16 (theory)", f"{r['bytes_bf16'] / _MIB:.1f} MiB"],
         ["size, packed export (codes + scales; embeddings, norms in float32)",
