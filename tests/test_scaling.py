@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -113,3 +114,38 @@ def test_frontier_verdict_interpolates_in_size():
     assert "| 2-bit beats 4-bit at equal size | holds |" in text
     assert "| 3-bit beats 4-bit at equal size | not measured |" in text
     assert "Pareto frontier" in text and "s1 2-bit (1.00 Mbit: 50)" in text
+
+
+@pytest.mark.slow
+def test_export_float_starts_writes_each_reached_checkpoint_once(tmp_path):
+    """A float run's checkpoints become HF folders that load back as the same weights."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from paretoq_jax.config import load_config
+    from paretoq_jax.io import load_pretrained
+    from paretoq_jax.scaling import export_float_starts
+    from paretoq_jax.train import train
+    from paretoq_jax.train.config import RunConfig
+    from paretoq_jax.train.restore import load_run
+
+    root = Path(__file__).resolve().parent.parent
+
+    cell = tmp_path / "sweep" / "cells" / "a"
+    cfg = load_config(
+        RunConfig,
+        root / "configs" / "tiny.yaml",
+        [f"run_dir={cell}", "model.bits=16", "train.steps=2", "checkpoint.every=1",
+         "train.eval_every=0", "checkpoint.async_save=false"],
+    )  # fmt: skip
+    train(cfg, progress=False)
+    written = export_float_starts(tmp_path / "sweep", (1, 2, 5))
+    assert [p.name for p in written] == ["tiny-llama-step1", "tiny-llama-step2"]
+    assert export_float_starts(tmp_path / "sweep", (1, 2)) == []  # kept, not rewritten
+    model, _, _, _ = load_run(cell, 1)
+    back = load_pretrained(written[0], bits=16)
+    a = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    b = nnx.to_pure_dict(nnx.state(back, nnx.Param))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
