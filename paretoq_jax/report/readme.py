@@ -74,8 +74,12 @@ def quickstart_block(r: Mapping[str, Any]) -> str:
         [f"validation perplexity, float ({val})", num(r["ppl_float"])],
         ["validation perplexity, round-to-nearest (ParetoQ scale init, no training)",
          num(r["ppl_rtn"])],
+        *([[f"validation perplexity, plain QAT ({r['plain_qat']['tokens']:,} tokens, lr "
+            f"{lr(r['plain_qat']['lr'])}; not rerun: {r['plain_qat']['source']})",
+            num(r["plain_qat"]["val_ppl"])]] if r.get("plain_qat") else []),
         [f"validation perplexity, ParetoQ QAT, {r['train_steps']} steps of {t['batch_size']}x{seq} "
-         f"tokens ({tokens:,} tokens), lr {lr(t['lr'])}", f"**{num(r['ppl_qat'])}**"],
+         f"tokens ({tokens:,} tokens), lr {lr(t['lr'])}"
+         + (f", {r['recipe']}" if r.get("recipe") else ""), f"**{num(r['ppl_qat'])}**"],
         ["parameters", f"{r['params'] / 1e6:.1f} M"],
         ["size, bf16 (theory)", f"{r['bytes_bf16'] / _MIB:.1f} MiB"],
         ["size, packed export (codes + scales; embeddings, norms in float32)",
@@ -230,6 +234,13 @@ def blocks(reports: str | Path | None = None) -> dict[str, str]:
             anchors[baseline["name"]] = base_ref
         out["smollm2-recovery"] = recovery_block(rows, baseline, anchors)
         out["smollm2-recovery-summary"] = recovery_summary(rows, baseline, anchors)
+    scaling_dir = root / "scaling"
+    if (scaling_dir / "results.json").is_file():
+        from .scaling import budget_block, frontier_block
+
+        rows = load_rows(scaling_dir)
+        out["scaling-budget"] = budget_block(rows)
+        out["scaling-frontier"] = frontier_block(rows)
     return out
 
 
