@@ -10,7 +10,7 @@ largest relative difference of the loss and gradients.
 ``train``: cases ``{bits, method, mesh: [d, f, t], remat, scan, steps, grads}``: the tiny model
 trained ``steps`` steps with code gathering on and off on the same batches; per-step losses and
 grad norms, the final parameters' largest difference, optionally the first batch's full
-gradients, and the all-gather bytes of both compiled steps (``paretoq_jax.parallel.hlo``).
+gradients, and the all-gather bytes of both compiled steps (``paretoq_jax.hlo``).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from paretoq_jax import quant
-from paretoq_jax.parallel import code_gather, hlo
+from paretoq_jax import hlo, quant
+from paretoq_jax.parallel import code_gather
 from paretoq_jax.sharding import make_mesh
 
 ROOT = Path(__file__).resolve().parents[1]

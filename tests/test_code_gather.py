@@ -19,8 +19,8 @@ import jax
 import numpy as np
 import pytest
 
-from paretoq_jax import quant
-from paretoq_jax.parallel import code_gather, hlo
+from paretoq_jax import hlo, quant
+from paretoq_jax.parallel import code_gather
 from paretoq_jax.train.config import MeshConfig
 
 ROOT = Path(__file__).resolve().parents[1]

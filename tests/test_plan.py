@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from paretoq_jax import hlo
 from paretoq_jax.config import load_config
 from paretoq_jax.models.config import LlamaConfig
-from paretoq_jax.plan import hlo
 from paretoq_jax.train.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]

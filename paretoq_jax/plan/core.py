@@ -11,7 +11,7 @@ compiles it for compile-only TPU devices (``jax.experimental.topologies``) and r
   layers or micro-batches) once, so they come from two extra compiles of the same step with 1
   and 2 unrolled layers on one micro-batch, extrapolated linearly to ``L`` layers and multiplied
   by ``train.grad_accum`` (less the optimizer update, compiled alone, counted once);
-- collectives: bytes per device per step from the optimized HLO (``hlo.py``, loops counted by
+- collectives: bytes per device per step from the optimized HLO (``paretoq_jax.hlo``, loops counted by
   their trip counts).
 """
 
@@ -30,11 +30,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from paretoq_jax import hlo
 from paretoq_jax.errors import ParetoQError
 from paretoq_jax.models.config import LlamaConfig
 from paretoq_jax.train.config import RunConfig
 
-from . import hlo
 from .chips import Chip, chip_for
 
 __all__ = ["PlanError", "HBMError", "plan", "tpu_devices", "architecture", "MODELS_DIR"]
@@ -94,10 +94,14 @@ def architecture(path: str) -> LlamaConfig:
 def _abstract_args(
     cfg: RunConfig, mesh: jax.sharding.Mesh, arch: LlamaConfig, teacher_arch: LlamaConfig | None
 ):
-    """``(jitted step, abstract args, optimizer, abstract params)`` with NamedShardings."""
+    """``(jitted step, abstract args, optimizer, abstract state, quantized linears that gather
+    packed codes)`` with NamedShardings."""
+    from paretoq_jax.parallel import code_gather
     from paretoq_jax.train.loop import make_step_for, model_factory
 
     model = nnx.eval_shape(model_factory(cfg, backend="tpu", config=arch))
+    # as `train` does: under FSDP the quantized linears gather packed codes (mesh.gather_codes)
+    gathering = code_gather.configure(model, mesh, cfg.mesh.gather_codes)
     teacher = None
     if cfg.train.uses_teacher:
         teacher = nnx.eval_shape(
@@ -121,7 +125,7 @@ def _abstract_args(
 
         t_params = nnx.to_pure_dict(nnx.state(teacher, nnx.Param))
         args.append(_with_shardings(t_params, _param_shardings(teacher, mesh)))
-    return step.fn, args, tx, state
+    return step.fn, args, tx, state, gathering
 
 
 def _with_shardings(shapes: Any, shardings: Any) -> Any:
@@ -229,12 +233,12 @@ def step_cost(cfg, mesh, arch, teacher_arch, compile_kw, compiled=None) -> tuple
     for layers in (1, 2):
         a = dataclasses.replace(arch, num_hidden_layers=layers)
         t = teacher_arch and dataclasses.replace(teacher_arch, num_hidden_layers=layers)
-        fn, args, _, _ = _abstract_args(micro, mesh, a, t)
+        fn, args, *_ = _abstract_args(micro, mesh, a, t)
         costs.append(_cost(_compile(fn, args, **compile_kw)))
     (f1, b1), (f2, b2) = costs
     flops, nbytes = f1 + (L - 1) * (f2 - f1), b1 + (L - 1) * (b2 - b1)
     if k > 1:
-        _, _, tx, state = _abstract_args(cfg, mesh, arch, teacher_arch)
+        _, _, tx, state, _ = _abstract_args(cfg, mesh, arch, teacher_arch)
         of, ob = _optimizer_cost(tx, state, mesh, compile_kw)
         flops, nbytes = k * flops - (k - 1) * of, k * nbytes - (k - 1) * ob
     return flops, nbytes
@@ -250,6 +254,7 @@ def plan(
 ) -> dict[str, Any]:
     """Compile ``cfg``'s train step for ``topology`` x ``slices``; returns the plan as a dict
     (see ``docs/scale.md``). Raises ``HBMError`` when it does not fit."""
+    from paretoq_jax.parallel import code_gather
     from paretoq_jax.sharding import num_slices
     from paretoq_jax.train.loop import build_mesh
 
@@ -269,7 +274,7 @@ def plan(
     teacher_arch = architecture(cfg.model.teacher) if cfg.model.teacher else arch
     compile_kw = dict(what=name, cfg=cfg, mesh=mesh, topology=topology, chip=chip)
 
-    fn, args, _, state = _abstract_args(cfg, mesh, arch, teacher_arch)
+    fn, args, _, state, gathering = _abstract_args(cfg, mesh, arch, teacher_arch)
     compiled = _compile(fn, args, **compile_kw)
     mem = compiled.memory_analysis()
     peak = (
@@ -283,6 +288,7 @@ def plan(
     slice_of = [getattr(d, "slice_index", 0) or 0 for d in mesh.devices.flat]
     found = hlo.collectives(compiled.as_text(), n, num_slices(devices))
     coll = hlo.summarize(found, slice_of if num_slices(devices) > 1 else None)
+    codes = hlo.summarize([c for c in found if code_gather.SCOPE in c.op_name])
     t_ici = sum(v["bytes"] for k, v in coll.items() if "DCN" not in k) / (chip.ici_GBps * 1e9)
     t_dcn = sum(v["bytes"] for k, v in coll.items() if "DCN" in k) / (chip.dcn_GBps * 1e9)
 
@@ -314,6 +320,11 @@ def plan(
             "hbm": float(chip.hbm_bytes),
         },
         "collectives": coll,
+        "gather_codes": {
+            "mode": code_gather.gather_mode(cfg.mesh.gather_codes),
+            "linears": gathering,  # quantized linears that all-gather packed codes
+            "bytes": sum(v["bytes"] for v in codes.values()),  # their gathers, sent / chip
+        },
         "model_flops_per_token": mf_token,
         "model_flops_per_step": mf_token * tokens,
         "time": {"collectives_ici_s": t_ici, "collectives_dcn_s": t_dcn},

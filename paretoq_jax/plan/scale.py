@@ -85,6 +85,85 @@ def plan_config(
     return record
 
 
+# mesh.gather_codes on (auto) vs off: the same step, the same slice (docs/fsdp-code-gather.md).
+# (config, bits, topology, overrides); v5e-256: batch 128 over 256 chips needs tensor = 2.
+GATHER = [
+    ("configs/paper/llama-3-8b.yaml", "2", "v5p:4x4x4", []),
+    ("configs/paper/llama-3-8b.yaml", "2", "v5e:16x16", ["mesh.fsdp=128", "mesh.tensor=2"]),
+]
+GATHER_MODES = ("auto", "off")
+
+
+def gather_file(results: Path, path: str, bits: str, topo: str, mode: str) -> Path:
+    """Where the plan of one code-gathering comparison cell is kept (``plan --out`` JSON)."""
+    return results / "gather" / f"{Path(path).stem}-{bits}bit-{topo.replace(':', '_')}-{mode}.json"
+
+
+def plan_gather(
+    path: str, bits: str, topo: str, overrides: list[str], results: Path, *, flops: bool
+) -> dict[str, dict[str, Any]]:
+    """Plan ``path`` at ``bits`` on ``topo`` with mesh.gather_codes auto and off; each plan is
+    cached as the JSON that ``python -m paretoq_jax.plan --out`` writes."""
+    from paretoq_jax.config import load_config
+    from paretoq_jax.outputs import JSON_KIND_KEY
+    from paretoq_jax.train.config import RunConfig
+
+    from .core import plan
+
+    out = {}
+    for mode in GATHER_MODES:
+        f = gather_file(results, path, bits, topo, mode)
+        if not f.exists():
+            cfg = load_config(
+                RunConfig, path, [*BITS[bits], *overrides, f"mesh.gather_codes={mode}"]
+            )
+            p = plan(cfg, topo, count_flops=flops, name=path)
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(json.dumps({JSON_KIND_KEY: "plan", **p}, indent=2) + "\n")
+        out[mode] = json.loads(f.read_text())
+    return out
+
+
+def _mib(x: float) -> str:
+    return f"{x / 2**20:,.0f} MiB"
+
+
+def render_gather(results: Path) -> str:
+    """The code-gathering table: per-step collective bytes and time, on vs off."""
+    from .chips import chip_for
+
+    rows = []
+    for path, bits, topo, overrides in GATHER:
+        files = {m: gather_file(results, path, bits, topo, m) for m in GATHER_MODES}
+        if not all(f.exists() for f in files.values()):
+            missing = ", ".join(str(f) for f in files.values() if not f.exists())
+            rows.append(f"| `{path}` | {bits} | {topo} | not planned yet ({missing}) |||||||")
+            continue
+        on, off = (json.loads(files[m].read_text()) for m in GATHER_MODES)
+        chip = chip_for(topo)
+        ag = [p["collectives"].get("all-gather", {}).get("bytes", 0.0) for p in (on, off)]
+        total = [sum(v["bytes"] for v in p["collectives"].values()) for p in (on, off)]
+        t = [p["time"]["collectives_ici_s"] + p["time"]["collectives_dcn_s"] for p in (on, off)]
+        # the step's model FLOPs at the chip's peak: the compute the collectives hide behind
+        t_model = on["model_flops_per_step"] / on["devices"] / chip.peak_flops
+        mesh = "x".join(str(v) for v in on["mesh"].values())
+        linears = on.get("gather_codes", {}).get("linears", "-")
+        rows.append(
+            f"| `{path}` {' '.join(overrides)} | {bits} | {topo} ({on['devices']}) | {mesh} | "
+            f"{linears} | {_mib(ag[1])} -> {_mib(ag[0])} ({ag[0] / ag[1]:.2f}x) | "
+            f"{_mib(total[1])} -> {_mib(total[0])} ({total[0] / total[1]:.2f}x) | "
+            f"{1e3 * t[1]:.0f} -> {1e3 * t[0]:.0f} ms | {1e3 * t_model:.0f} ms | "
+            f"{100 * t[1] / (t[1] + t_model):.0f}% -> {100 * t[0] / (t[0] + t_model):.0f}% |"
+        )
+    header = (
+        "| config | bits | topology (chips) | mesh data x fsdp x tensor | linears gathering "
+        "codes | all-gather bytes sent / chip / step, off -> on | all collectives, off -> on "
+        "| collective time (ICI), off -> on | model FLOPs at peak | collective share, off -> "
+        "on |\n|---|---|---|---|---|---|---|---|---|---|"
+    )
+    return header + "\n" + "\n".join(rows)
+
+
 def _pct(a: float, b: float) -> str:
     return f"{100 * (a / b - 1):+.1f}%"
 
@@ -124,7 +203,12 @@ def render(results: Path) -> str:
         "float | HBM bytes / chip, QAT vs float |\n|---|---|---|---|---|---|---|---|---|---|"
     )
     notes = (results / "NOTES.md").read_text() if (results / "NOTES.md").exists() else ""
-    return TEMPLATE.format(table=header + "\n" + "\n".join(rows), chips=chips, notes=notes)
+    return TEMPLATE.format(
+        table=header + "\n" + "\n".join(rows),
+        gather=render_gather(results),
+        chips=chips,
+        notes=notes,
+    )
 
 
 TEMPLATE = """# Pod scale, planned on a CPU: the paper's configs on TPU slices
@@ -138,6 +222,19 @@ CPU-only host; no TPU, no weights, no data). "Smallest slice" is the first v5p s
 v5p-8 (4 chips) up, whose compile fits HBM.
 
 {table}
+
+## FSDP gathering integer codes (`mesh.gather_codes`), on vs off
+
+The same step compiled twice on the same slice, `mesh.gather_codes=auto` (the default of
+`train` and of the planner: quantized linears all-gather packed integer codes + scales,
+`docs/fsdp-code-gather.md`) and `off` (bf16 kernels gathered). Bytes are those one chip sends
+per step (ring algorithm, every scanned layer counted by its trip count), read from the
+optimized HLO; times at the chip's ICI bandwidth (table below). "Model FLOPs at peak" is the
+step's model FLOPs (6 N + attention) per chip at peak bf16, the compute the collectives overlap
+with; "collective share" is collective time / (that + collective time). Regenerate with
+`python -m paretoq_jax.plan.scale --gather` (JSON in `docs/scale/gather/`).
+
+{gather}
 
 {notes}
 
@@ -200,10 +297,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="docs/scale.md")
     parser.add_argument("--flops", action="store_true", help="also FLOPs/bytes (4 more compiles)")
     parser.add_argument("--render-only", action="store_true")
+    parser.add_argument(
+        "--gather",
+        action="store_true",
+        help="plan only the code-gathering comparison (mesh.gather_codes auto vs off)",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     results = Path(args.results)
-    if not args.render_only:
+    if args.gather and not args.render_only:
+        for path, bits, topo, overrides in GATHER:
+            plan_gather(path, bits, topo, overrides, results, flops=args.flops)
+            print(f"[scale] {path} {bits}-bit on {topo}: gather_codes auto and off planned")
+    elif not args.render_only:
         for path in args.configs:
             if Path(path).name == "base.yaml":
                 continue
