@@ -125,7 +125,11 @@ def plan_gather(
 
 
 def _mib(x: float) -> str:
-    return f"{x / 2**20:,.0f} MiB"
+    return f"{x / 2**30:,.1f} GiB" if x >= 2**30 else f"{x / 2**20:,.0f} MiB"
+
+
+def _change(off: float, on: float) -> str:
+    return f"{_mib(off)} -> {_mib(on)}" + (f" ({on / off:.2f}x)" if off else "")
 
 
 def render_gather(results: Path) -> str:
@@ -141,7 +145,11 @@ def render_gather(results: Path) -> str:
             continue
         on, off = (json.loads(files[m].read_text()) for m in GATHER_MODES)
         chip = chip_for(topo)
-        ag = [p["collectives"].get("all-gather", {}).get("bytes", 0.0) for p in (on, off)]
+        kinds = sorted(set(on["collectives"]) | set(off["collectives"]))
+        by_kind = "; ".join(
+            f"{k} {_change(*(p['collectives'].get(k, {}).get('bytes', 0.0) for p in (off, on)))}"
+            for k in kinds
+        )
         total = [sum(v["bytes"] for v in p["collectives"].values()) for p in (on, off)]
         t = [p["time"]["collectives_ici_s"] + p["time"]["collectives_dcn_s"] for p in (on, off)]
         # the step's model FLOPs at the chip's peak: the compute the collectives hide behind
@@ -150,14 +158,13 @@ def render_gather(results: Path) -> str:
         linears = on.get("gather_codes", {}).get("linears", "-")
         rows.append(
             f"| `{path}` {' '.join(overrides)} | {bits} | {topo} ({on['devices']}) | {mesh} | "
-            f"{linears} | {_mib(ag[1])} -> {_mib(ag[0])} ({ag[0] / ag[1]:.2f}x) | "
-            f"{_mib(total[1])} -> {_mib(total[0])} ({total[0] / total[1]:.2f}x) | "
+            f"{linears} | {by_kind} | {_change(total[1], total[0])} | "
             f"{1e3 * t[1]:.0f} -> {1e3 * t[0]:.0f} ms | {1e3 * t_model:.0f} ms | "
             f"{100 * t[1] / (t[1] + t_model):.0f}% -> {100 * t[0] / (t[0] + t_model):.0f}% |"
         )
     header = (
         "| config | bits | topology (chips) | mesh data x fsdp x tensor | linears gathering "
-        "codes | all-gather bytes sent / chip / step, off -> on | all collectives, off -> on "
+        "codes | bytes sent / chip / step by kind, off -> on | all collectives, off -> on "
         "| collective time (ICI), off -> on | model FLOPs at peak | collective share, off -> "
         "on |\n|---|---|---|---|---|---|---|---|---|---|"
     )
@@ -282,10 +289,19 @@ How to read it:
 |---|---|---|---|---|---|---|
 {chips}
 
-Only v5p has been planned here; any `--topology` that libtpu knows works (`v4:2x2x1`,
-`v5e:16x16`, `v6e:8x8`, ...). GPUs (H100 / H200) are in the table for the launch scripts' users
-but not yet compiled: XLA's GPU compile-only path (`jax-cuda12-plugin` with a target config)
-is not wired into the planner.
+Any `--topology` that libtpu knows works (`v4:2x2x1`, `v5e:16x16`, `v6e:8x8`, ...).
+
+## GPUs, compile-only
+
+`pip install -e ".[gpu-plan]"` adds XLA's CUDA plugin (`jax-cuda12-plugin` and
+`jax-cuda12-pjrt` at the project's jax version, without the CUDA libraries: nothing runs) and
+`python -m paretoq_jax.plan --config CONFIG --gpu h100:1x2x8` compiles the same step for
+compile-only H100s (`<gpu>:<slices>x<nodes>x<gpus per node>`: 2 nodes of 8 here) from the
+target description `configs/gpu/h100_sxm.txtpb` (XLA's `GpuTargetConfigProto`, written from
+NVIDIA's public H100 SXM figures in the layout of XLA's own spec files; its header says where
+each value comes from). XLA:GPU raises no out-of-memory error at compile time and has no
+`cost_analysis()` for these devices, so the planner compares the compiled peak with the GPU's
+memory itself (the same one-paragraph error) and reports memory and collectives, not FLOPs.
 """
 
 
