@@ -214,6 +214,24 @@ def train_case(case: dict) -> dict:
         for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(on["params"]),
                                 jax.tree.leaves(off["params"]), strict=True)
     }  # fmt: skip
+    # where each leaf drifts most: the parameters there and (with grads) the first step's
+    # gradients on both paths against the leaf's largest gradient (Adam's sensitivity)
+    summary["params_argmax"] = {}
+    g_on = dict(jax.tree_util.tree_leaves_with_path(on.get("grads", {})))
+    g_off = dict(jax.tree_util.tree_leaves_with_path(off.get("grads", {})))
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(on["params"]),
+                            jax.tree.leaves(off["params"]), strict=True):  # fmt: skip
+        i = np.unravel_index(int(np.argmax(np.abs(a - b))), a.shape) if a.ndim else ()
+        row = {"index": [int(x) for x in i], "on": float(a[i]), "off": float(b[i])}
+        gpath = next(
+            (k for k in g_on if jax.tree_util.keystr(k) == jax.tree_util.keystr(path)), None
+        )
+        if gpath is not None:
+            ga, gb = np.asarray(g_on[gpath]), np.asarray(g_off[gpath])
+            row.update(grad_on=float(ga[i]), grad_off=float(gb[i]),
+                       grad_leaf_max=float(np.max(np.abs(gb))),
+                       grad_leaf_max_diff=float(np.max(np.abs(ga - gb))))  # fmt: skip
+        summary["params_argmax"][jax.tree_util.keystr(path)] = row
     if case.get("grads"):
         summary["grads"] = max(
             _rel(a, b)
