@@ -269,6 +269,10 @@ pip install -e ".[tpu]"      # jax[tpu]: libtpu compiles for TPU topologies on a
 python -m paretoq_jax.plan --config configs/paper/llama-3-8b.yaml --topology v5p:4x4x4
 python -m paretoq_jax.plan --config configs/paper/llama-3.2-1b.yaml --topology v5p:2x2x1 \\
     --slices 2 mesh.data=2 mesh.fsdp=-1 --out plan.json      # data across 2 slices (DCN)
+pip install -e ".[gpu-plan]"  # XLA's CUDA plugin: compile-only H100s
+python -m paretoq_jax.plan --config configs/paper/llama-3.2-1b.yaml --gpu h100:1x2x8
+python -m paretoq_jax.plan.scale --gather    # the code-gathering table (auto vs off)
+python -m paretoq_jax.plan.scale --chip v5e  # smallest v5e slice of every paper config
 ```
 
 It prints one table: devices and mesh; parameters, optimizer state, temporaries and peak per
