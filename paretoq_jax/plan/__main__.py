@@ -1,4 +1,4 @@
-"""``python -m paretoq_jax.plan --config CONFIG --topology v5p:4x4x4 [--slices N] [key=value ...]``"""
+"""``python -m paretoq_jax.plan --config CONFIG (--topology v5p:4x4x4 [--slices N] | --gpu h100:1x2x8) [key=value ...]``"""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m paretoq_jax.plan",
-        description="Compile the train step of CONFIG for a TPU topology (no TPU needed) and "
+        description="Compile the train step of CONFIG for a TPU topology or GPUs (none needed) and "
         "print per-chip memory, FLOPs, collectives and the roofline step time.",
     )
     parser.add_argument("--config", required=True, help="a training config (YAML)")
