@@ -45,8 +45,9 @@ def main() -> None:
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
 
+    from paretoq_jax import hlo
     from paretoq_jax.config import load_config
-    from paretoq_jax.parallel import code_gather, hlo
+    from paretoq_jax.parallel import code_gather
     from paretoq_jax.train.config import RunConfig
     from paretoq_jax.train.loop import build_mesh, build_model, build_trainer
 

@@ -10,7 +10,7 @@ largest relative difference of the loss and gradients.
 ``train``: cases ``{bits, method, mesh: [d, f, t], remat, scan, steps, grads}``: the tiny model
 trained ``steps`` steps with code gathering on and off on the same batches; per-step losses and
 grad norms, the final parameters' largest difference, optionally the first batch's full
-gradients, and the all-gather bytes of both compiled steps (``paretoq_jax.parallel.hlo``).
+gradients, and the all-gather bytes of both compiled steps (``paretoq_jax.hlo``).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from paretoq_jax import quant
-from paretoq_jax.parallel import code_gather, hlo
+from paretoq_jax import hlo, quant
+from paretoq_jax.parallel import code_gather
 from paretoq_jax.sharding import make_mesh
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,6 +214,24 @@ def train_case(case: dict) -> dict:
         for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(on["params"]),
                                 jax.tree.leaves(off["params"]), strict=True)
     }  # fmt: skip
+    # where each leaf drifts most: the parameters there and (with grads) the first step's
+    # gradients on both paths against the leaf's largest gradient (Adam's sensitivity)
+    summary["params_argmax"] = {}
+    g_on = dict(jax.tree_util.tree_leaves_with_path(on.get("grads", {})))
+    g_off = dict(jax.tree_util.tree_leaves_with_path(off.get("grads", {})))
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(on["params"]),
+                            jax.tree.leaves(off["params"]), strict=True):  # fmt: skip
+        i = np.unravel_index(int(np.argmax(np.abs(a - b))), a.shape) if a.ndim else ()
+        row = {"index": [int(x) for x in i], "on": float(a[i]), "off": float(b[i])}
+        gpath = next(
+            (k for k in g_on if jax.tree_util.keystr(k) == jax.tree_util.keystr(path)), None
+        )
+        if gpath is not None:
+            ga, gb = np.asarray(g_on[gpath]), np.asarray(g_off[gpath])
+            row.update(grad_on=float(ga[i]), grad_off=float(gb[i]),
+                       grad_leaf_max=float(np.max(np.abs(gb))),
+                       grad_leaf_max_diff=float(np.max(np.abs(ga - gb))))  # fmt: skip
+        summary["params_argmax"][jax.tree_util.keystr(path)] = row
     if case.get("grads"):
         summary["grads"] = max(
             _rel(a, b)

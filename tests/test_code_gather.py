@@ -19,8 +19,8 @@ import jax
 import numpy as np
 import pytest
 
-from paretoq_jax import quant
-from paretoq_jax.parallel import code_gather, hlo
+from paretoq_jax import hlo, quant
+from paretoq_jax.parallel import code_gather
 from paretoq_jax.train.config import MeshConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,11 +137,13 @@ def check_train_case(r: dict, steps: int, remat: bool) -> None:
     assert r["grad_norm"] < 1e-5
     if "grads" in r:
         assert r["grads"] < 1e-5
-    # Parameters after Adam steps: Adam divides each gradient by its own magnitude, so the
-    # rounding-level gradient differences of elements whose gradient is ~0 move them by a
-    # fraction of lr a step; on average the parameters agree to ~1e-3 of one step.
-    for name, (_, max_diff, _, _, mean_diff) in r["params_detail"].items():
-        assert max_diff < 0.25 * LR * steps and mean_diff < 1e-3 * LR, (name, max_diff, mean_diff)
+    # Parameters after Adam steps. Both paths now partition the step alike (the activation
+    # sharding constraints pin the batch / tensor layout), and the 3-bit SEQ 2 x 2 x 2 remat
+    # case that once drifted by 4.8e-4 gives bit-equal parameters after 3 steps. Adam divides
+    # each gradient by its own magnitude, so a rounding-level gradient difference in an element
+    # whose gradient is ~0 can still move it by a fraction of lr: allowed on a few elements.
+    for name, (_, max_diff, n_over, size, _) in r["params_detail"].items():
+        assert max_diff < 0.05 * LR * steps and n_over <= max(3, size // 1000), (name, max_diff)
     # HLO: the op's gathers are u8 codes and the f32 scales of out-split kernels, nothing else.
     assert r["scope_non_u8_on"] in ([], ["f32"])
     assert r["u8_gather_bytes_off"] == 0 and r["scope_gather_bytes_off"] == 0

@@ -14,13 +14,17 @@ from pathlib import Path
 
 import pytest
 
+from paretoq_jax import hlo
 from paretoq_jax.config import load_config
 from paretoq_jax.models.config import LlamaConfig
-from paretoq_jax.plan import hlo
 from paretoq_jax.train.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
+needs_cuda_plugin = pytest.mark.skipif(
+    importlib.util.find_spec("jax_plugins.xla_cuda12") is None,
+    reason="XLA's CUDA plugin is not installed: pip install -e '.[gpu-plan]' for GPU planning",
+)
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
     reason="libtpu is not installed: pip install -e '.[tpu]' for the compile-only TPU tests",
@@ -105,6 +109,44 @@ def test_tiny_plan_matches_analytic_state_and_fits():
     assert b["arguments"] >= b["params"] + b["optimizer"]
     assert 0 < b["peak"] < b["hbm"]
     assert "all-gather" in p["collectives"]  # FSDP gathers its weights
+    # as `train` does (mesh.gather_codes=auto): the quantized linears gather packed codes
+    g = p["gather_codes"]
+    assert g["mode"] == "auto" and g["linears"] > 0 and g["bytes"] > 0
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_code_gathering_cuts_the_planned_all_gather_bytes():
+    from paretoq_jax.plan import plan
+
+    on, off = (
+        plan(_cfg("mesh.data=1", "mesh.fsdp=-1", f"mesh.gather_codes={m}"), "v5p:2x2x1",
+             count_flops=False)
+        for m in ("auto", "off")
+    )  # fmt: skip
+    assert off["gather_codes"]["linears"] == 0 and off["gather_codes"]["bytes"] == 0
+    ag_on, ag_off = (p["collectives"]["all-gather"]["bytes"] for p in (on, off))
+    assert ag_on < 0.6 * ag_off  # 2-bit codes: the quantized kernels' share shrinks 16x (f32)
+
+
+def test_gpu_spec_is_checked_before_anything_compiles():
+    from paretoq_jax.plan import PlanError, plan
+
+    with pytest.raises(PlanError, match="h100:1x2x8"):
+        plan(_cfg(), "h100:2x8", count_flops=False)
+
+
+@needs_cuda_plugin
+def test_tiny_plan_on_compile_only_h100s():
+    from paretoq_jax.plan import architecture, plan
+
+    cfg = _cfg("mesh.data=1", "mesh.fsdp=-1", "model.dtype=auto")
+    p = plan(cfg, "h100:1x1x8")
+    assert p["devices"] == 8 and p["chip"] == "h100" and "flops_per_device" not in p
+    b = p["bytes"]
+    want = analytic_state_bytes(architecture(cfg.model.path), fsdp=8)
+    assert abs(b["params"] + b["optimizer"] - want) / want < 0.05
+    assert 0 < b["peak"] < b["hbm"] == 80 * 2**30
 
 
 @needs_libtpu

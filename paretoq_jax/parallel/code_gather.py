@@ -153,7 +153,7 @@ class CodeGather:
                 codes = quant.unpack(packed, bits, shape, ternary=ternary, axis=-2)
             return quant.from_codes(codes, a, spec, dtype=w.dtype)
 
-        with jax.named_scope(SCOPE):  # names its collectives in the HLO (parallel.hlo)
+        with jax.named_scope(SCOPE):  # names its collectives in the HLO (paretoq_jax.hlo)
             return jax.shard_map(
                 local, mesh=self.mesh, in_specs=(k_spec, s_spec), out_specs=out_spec
             )(w, scale)
@@ -301,8 +301,8 @@ def weight_gather_bytes(
     gathers) and ``floats`` (float all-gathers shaped like a gathered quantized kernel, one
     layer's or the whole stack's: the plain path's weight traffic; ``float_weights`` counts
     their elements, so ``2 * float_weights`` is that traffic in bf16)."""
+    from paretoq_jax import hlo
     from paretoq_jax.models.layers import QuantLinear
-    from paretoq_jax.parallel import hlo
 
     shapes = set()
     for _, m in nnx.iter_modules(model):

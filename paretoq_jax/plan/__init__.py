@@ -1,12 +1,22 @@
-"""``python -m paretoq_jax.plan``: will this run fit a TPU slice, with which mesh, how fast?
+"""``python -m paretoq_jax.plan``: will this run fit a TPU slice or GPU nodes, with which mesh,
+how fast?
 
-Compiles the exact train step for compile-only TPU devices (no TPU, no weights, no data) and
+Compiles the exact train step for compile-only TPU devices or H100s (no accelerator, no
+weights, no data) and
 reports per-chip memory against HBM, FLOPs, collectives and the roofline step time / MFU.
 See ``docs/scale.md``.
 """
 
 from .chips import CHIPS, Chip, chip_for
-from .core import HBMError, PlanError, architecture, model_flops_per_token, plan, tpu_devices
+from .core import (
+    HBMError,
+    PlanError,
+    architecture,
+    gpu_devices,
+    model_flops_per_token,
+    plan,
+    tpu_devices,
+)
 from .table import format_plan
 
 __all__ = [
@@ -19,5 +29,6 @@ __all__ = [
     "model_flops_per_token",
     "plan",
     "tpu_devices",
+    "gpu_devices",
     "format_plan",
 ]

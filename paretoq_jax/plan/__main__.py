@@ -1,4 +1,4 @@
-"""``python -m paretoq_jax.plan --config CONFIG --topology v5p:4x4x4 [--slices N] [key=value ...]``"""
+"""``python -m paretoq_jax.plan --config CONFIG (--topology v5p:4x4x4 [--slices N] | --gpu h100:1x2x8) [key=value ...]``"""
 
 from __future__ import annotations
 
@@ -18,11 +18,17 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m paretoq_jax.plan",
-        description="Compile the train step of CONFIG for a TPU topology (no TPU needed) and "
+        description="Compile the train step of CONFIG for a TPU topology or GPUs (none needed) and "
         "print per-chip memory, FLOPs, collectives and the roofline step time.",
     )
     parser.add_argument("--config", required=True, help="a training config (YAML)")
-    parser.add_argument("--topology", required=True, help="TPU topology, e.g. v5p:4x4x4")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--topology", help="TPU topology, e.g. v5p:4x4x4")
+    where.add_argument(
+        "--gpu",
+        help="GPUs as <gpu>:<slices>x<nodes>x<gpus per node>, e.g. h100:1x2x8 (needs the "
+        "gpu-plan extra; memory and collectives, no FLOP count)",
+    )
     parser.add_argument("--slices", type=int, default=1, help="TPU slices (data across DCN)")
     parser.add_argument("--out", help="also write the plan as JSON here")
     parser.add_argument("--force", action="store_true", help="replace an earlier plan at --out")
@@ -44,7 +50,10 @@ def _main(argv: list[str] | None = None) -> int:
     if args.out:  # checked before the (minutes-long) compile
         check_output(args.out, "plan", directory=False, force=args.force)
     cfg = load_config(RunConfig, args.config, args.overrides)
-    result = plan(cfg, args.topology, args.slices, count_flops=not args.no_flops, name=args.config)
+    result = plan(
+        cfg, args.topology or args.gpu, args.slices, count_flops=not args.no_flops,
+        name=args.config,
+    )  # fmt: skip
     print(format_plan(result))
     if args.out:
         out = check_output(args.out, "plan", directory=False, force=args.force)

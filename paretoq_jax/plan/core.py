@@ -11,7 +11,7 @@ compiles it for compile-only TPU devices (``jax.experimental.topologies``) and r
   layers or micro-batches) once, so they come from two extra compiles of the same step with 1
   and 2 unrolled layers on one micro-batch, extrapolated linearly to ``L`` layers and multiplied
   by ``train.grad_accum`` (less the optimizer update, compiled alone, counted once);
-- collectives: bytes per device per step from the optimized HLO (``hlo.py``, loops counted by
+- collectives: bytes per device per step from the optimized HLO (``paretoq_jax.hlo``, loops counted by
   their trip counts).
 """
 
@@ -30,16 +30,21 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from paretoq_jax import hlo
 from paretoq_jax.errors import ParetoQError
 from paretoq_jax.models.config import LlamaConfig
 from paretoq_jax.train.config import RunConfig
 
-from . import hlo
 from .chips import Chip, chip_for
 
-__all__ = ["PlanError", "HBMError", "plan", "tpu_devices", "architecture", "MODELS_DIR"]
+__all__ = [
+    "PlanError", "HBMError", "plan", "tpu_devices", "gpu_devices", "architecture", "MODELS_DIR",
+    "GPU_TARGETS",
+]  # fmt: skip
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+# XLA GpuTargetConfigProto text of each GPU the planner compiles for (configs/gpu/)
+GPU_TARGETS = {"h100": Path(__file__).resolve().parents[2] / "configs" / "gpu" / "h100_sxm.txtpb"}
 
 
 class PlanError(ParetoQError, ValueError):
@@ -75,6 +80,37 @@ def tpu_devices(topology: str, slices: int = 1) -> list:
     return list(desc.devices)
 
 
+def gpu_devices(spec: str) -> list:
+    """Compile-only GPUs of ``spec`` = ``<gpu>:<slices>x<hosts>x<gpus per host>`` (e.g.
+    ``h100:1x2x8``: 2 nodes of 8 H100), from XLA's GPU target config (``GPU_TARGETS``)."""
+    gpu, _, shape = spec.partition(":")
+    target = GPU_TARGETS.get(gpu.lower())
+    if target is None or not re.fullmatch(r"\d+x\d+x\d+", shape):
+        raise PlanError(
+            f"--gpu {spec!r}: expected <gpu>:<slices>x<hosts>x<gpus per host> with <gpu> one of "
+            f"{sorted(GPU_TARGETS)} (e.g. h100:1x2x8 for 2 nodes of 8 GPUs)"
+        )
+    # compile-only: no CUDA runtime or driver here, so the plugin must not check their versions
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+    try:
+        import jax_plugins.xla_cuda12  # noqa: F401
+    except ImportError:
+        raise PlanError(
+            "compiling for GPUs without a GPU needs XLA's CUDA plugin: pip install -e "
+            "'.[gpu-plan]' (jax-cuda12-plugin and jax-cuda12-pjrt at the project's jax version)"
+        ) from None
+    from jax.experimental import topologies
+
+    try:
+        desc = topologies.get_topology_desc(
+            platform="cuda", topology_name="gpu", topology=shape,
+            target_config=target.read_text(),
+        )  # fmt: skip
+    except Exception as e:
+        raise PlanError(f"XLA could not make the GPU topology {spec!r}: {e}") from None
+    return list(desc.devices)
+
+
 def architecture(path: str) -> LlamaConfig:
     """The ``LlamaConfig`` of ``model.path``: a local folder / ``.gguf``, else the committed
     ``configs/models/<hub id>/config.json`` (offline; no weights)."""
@@ -92,16 +128,24 @@ def architecture(path: str) -> LlamaConfig:
 
 
 def _abstract_args(
-    cfg: RunConfig, mesh: jax.sharding.Mesh, arch: LlamaConfig, teacher_arch: LlamaConfig | None
+    cfg: RunConfig,
+    mesh: jax.sharding.Mesh,
+    arch: LlamaConfig,
+    teacher_arch: LlamaConfig | None,
+    backend: str = "tpu",
 ):
-    """``(jitted step, abstract args, optimizer, abstract params)`` with NamedShardings."""
+    """``(jitted step, abstract args, optimizer, abstract state, quantized linears that gather
+    packed codes)`` with NamedShardings."""
+    from paretoq_jax.parallel import code_gather
     from paretoq_jax.train.loop import make_step_for, model_factory
 
-    model = nnx.eval_shape(model_factory(cfg, backend="tpu", config=arch))
+    model = nnx.eval_shape(model_factory(cfg, backend=backend, config=arch))
+    # as `train` does: under FSDP the quantized linears gather packed codes (mesh.gather_codes)
+    gathering = code_gather.configure(model, mesh, cfg.mesh.gather_codes)
     teacher = None
     if cfg.train.uses_teacher:
         teacher = nnx.eval_shape(
-            model_factory(cfg, teacher=True, backend="tpu", config=teacher_arch)
+            model_factory(cfg, teacher=True, backend=backend, config=teacher_arch)
         )
     step, tx = make_step_for(cfg, mesh, model, teacher)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -121,7 +165,7 @@ def _abstract_args(
 
         t_params = nnx.to_pure_dict(nnx.state(teacher, nnx.Param))
         args.append(_with_shardings(t_params, _param_shardings(teacher, mesh)))
-    return step.fn, args, tx, state
+    return step.fn, args, tx, state, gathering
 
 
 def _with_shardings(shapes: Any, shardings: Any) -> Any:
@@ -229,12 +273,12 @@ def step_cost(cfg, mesh, arch, teacher_arch, compile_kw, compiled=None) -> tuple
     for layers in (1, 2):
         a = dataclasses.replace(arch, num_hidden_layers=layers)
         t = teacher_arch and dataclasses.replace(teacher_arch, num_hidden_layers=layers)
-        fn, args, _, _ = _abstract_args(micro, mesh, a, t)
+        fn, args, *_ = _abstract_args(micro, mesh, a, t)
         costs.append(_cost(_compile(fn, args, **compile_kw)))
     (f1, b1), (f2, b2) = costs
     flops, nbytes = f1 + (L - 1) * (f2 - f1), b1 + (L - 1) * (b2 - b1)
     if k > 1:
-        _, _, tx, state = _abstract_args(cfg, mesh, arch, teacher_arch)
+        _, _, tx, state, _ = _abstract_args(cfg, mesh, arch, teacher_arch)
         of, ob = _optimizer_cost(tx, state, mesh, compile_kw)
         flops, nbytes = k * flops - (k - 1) * of, k * nbytes - (k - 1) * ob
     return flops, nbytes
@@ -250,11 +294,18 @@ def plan(
 ) -> dict[str, Any]:
     """Compile ``cfg``'s train step for ``topology`` x ``slices``; returns the plan as a dict
     (see ``docs/scale.md``). Raises ``HBMError`` when it does not fit."""
+    from paretoq_jax.parallel import code_gather
     from paretoq_jax.sharding import num_slices
     from paretoq_jax.train.loop import build_mesh
 
     chip = chip_for(topology)
-    devices = tpu_devices(topology, slices)
+    on_gpu = topology.split(":")[0].lower() in GPU_TARGETS
+    if on_gpu and slices != 1:
+        raise PlanError("--slices is for TPUs; give GPU nodes as <gpu>:1x<nodes>x<gpus per node>")
+    devices = gpu_devices(topology) if on_gpu else tpu_devices(topology, slices)
+    backend = "gpu" if on_gpu else "tpu"
+    if on_gpu:
+        count_flops = False  # XLA:GPU has no cost_analysis() for compile-only devices
     try:
         mesh = build_mesh(cfg, devices)
     except ValueError as e:
@@ -269,20 +320,21 @@ def plan(
     teacher_arch = architecture(cfg.model.teacher) if cfg.model.teacher else arch
     compile_kw = dict(what=name, cfg=cfg, mesh=mesh, topology=topology, chip=chip)
 
-    fn, args, _, state = _abstract_args(cfg, mesh, arch, teacher_arch)
+    fn, args, _, state, gathering = _abstract_args(cfg, mesh, arch, teacher_arch, backend)
     compiled = _compile(fn, args, **compile_kw)
     mem = compiled.memory_analysis()
     peak = (
         mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
         + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes
     )  # fmt: skip
-    if peak > chip.hbm_bytes:
+    if peak > chip.hbm_bytes:  # XLA:GPU compiles past the device memory: compare here
         used = f"the compiled step needs {peak / 2**30:.1f} GiB per chip"
         raise HBMError(hbm_advice(cfg, mesh, topology, chip, used, name))
     n = len(devices)
     slice_of = [getattr(d, "slice_index", 0) or 0 for d in mesh.devices.flat]
     found = hlo.collectives(compiled.as_text(), n, num_slices(devices))
     coll = hlo.summarize(found, slice_of if num_slices(devices) > 1 else None)
+    codes = hlo.summarize([c for c in found if code_gather.SCOPE in c.op_name])
     t_ici = sum(v["bytes"] for k, v in coll.items() if "DCN" not in k) / (chip.ici_GBps * 1e9)
     t_dcn = sum(v["bytes"] for k, v in coll.items() if "DCN" in k) / (chip.dcn_GBps * 1e9)
 
@@ -314,6 +366,11 @@ def plan(
             "hbm": float(chip.hbm_bytes),
         },
         "collectives": coll,
+        "gather_codes": {
+            "mode": code_gather.gather_mode(cfg.mesh.gather_codes),
+            "linears": gathering,  # quantized linears that all-gather packed codes
+            "bytes": sum(v["bytes"] for v in codes.values()),  # their gathers, sent / chip
+        },
         "model_flops_per_token": mf_token,
         "model_flops_per_step": mf_token * tokens,
         "time": {"collectives_ici_s": t_ici, "collectives_dcn_s": t_dcn},

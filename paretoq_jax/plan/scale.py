@@ -21,8 +21,15 @@ from typing import Any
 from .chips import CHIPS
 from .table import gib
 
-# v5p slices from the smallest up (topology, chips)
+# slices of each TPU family from the smallest up (the smallest-slice search)
 V5P = ["v5p:2x2x1", "v5p:2x2x2", "v5p:2x2x4", "v5p:2x4x4", "v5p:4x4x4", "v5p:4x4x8"]
+_2D = ["2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16"]
+SLICES = {
+    "v5p": V5P,
+    "v4": [t.replace("v5p", "v4") for t in V5P],
+    "v5e": [f"v5e:{s}" for s in _2D],
+    "v6e": [f"v6e:{s}" for s in _2D],
+}
 # bits -> overrides, as the comments of configs/paper/*.yaml give them
 BITS = {
     "2": ["model.bits=2", "model.method=seq"],
@@ -45,25 +52,33 @@ def _state_bytes_per_chip(cfg, chips: int) -> float:
 
 
 def plan_config(
-    path: str, bits: str, results: Path, *, flops: bool, topologies: list[str] | None = None
+    path: str,
+    bits: str,
+    results: Path,
+    *,
+    flops: bool,
+    topologies: list[str] | None = None,
+    chip: str = "v5p",
 ) -> dict[str, Any]:
-    """Find the smallest v5p slice for ``path`` at ``bits``; cache the result as JSON."""
+    """Find the smallest ``chip`` slice (``SLICES``) for ``path`` at ``bits``; cache the
+    result as JSON."""
     from paretoq_jax.config import load_config
     from paretoq_jax.train.config import RunConfig
 
     from .core import HBMError, plan
 
-    out_file = results / f"{Path(path).stem}-{bits}bit.json"
+    suffix = "" if chip == "v5p" else f"-{chip}"  # v5p: the page's main table
+    out_file = results / f"{Path(path).stem}-{bits}bit{suffix}.json"
     if out_file.exists():
         return json.loads(out_file.read_text())
     tried = []
     record: dict[str, Any] = {"config": path, "bits": bits}
-    for topo in topologies or V5P:
+    for topo in topologies or SLICES[chip]:
         cfg = load_config(RunConfig, path, BITS[bits])
         chips = 1
         for x in topo.split(":")[1].split("x"):
             chips *= int(x)
-        if _state_bytes_per_chip(cfg, chips) > 0.8 * CHIPS["v5p"].hbm_bytes:
+        if _state_bytes_per_chip(cfg, chips) > 0.8 * CHIPS[chip].hbm_bytes:
             tried.append({"topology": topo, "result": "skipped: state alone > 80% of HBM"})
             continue
         t0 = time.time()
@@ -85,6 +100,92 @@ def plan_config(
     return record
 
 
+# mesh.gather_codes on (auto) vs off: the same step, the same slice (docs/fsdp-code-gather.md).
+# (config, bits, topology, overrides); v5e-256: batch 128 over 256 chips needs tensor = 2.
+GATHER = [
+    ("configs/paper/llama-3-8b.yaml", "2", "v5p:4x4x4", []),
+    ("configs/paper/llama-3-8b.yaml", "2", "v5e:16x16", ["mesh.fsdp=128", "mesh.tensor=2"]),
+]
+GATHER_MODES = ("auto", "off")
+
+
+def gather_file(results: Path, path: str, bits: str, topo: str, mode: str) -> Path:
+    """Where the plan of one code-gathering comparison cell is kept (``plan --out`` JSON)."""
+    return results / "gather" / f"{Path(path).stem}-{bits}bit-{topo.replace(':', '_')}-{mode}.json"
+
+
+def plan_gather(
+    path: str, bits: str, topo: str, overrides: list[str], results: Path, *, flops: bool
+) -> dict[str, dict[str, Any]]:
+    """Plan ``path`` at ``bits`` on ``topo`` with mesh.gather_codes auto and off; each plan is
+    cached as the JSON that ``python -m paretoq_jax.plan --out`` writes."""
+    from paretoq_jax.config import load_config
+    from paretoq_jax.outputs import JSON_KIND_KEY
+    from paretoq_jax.train.config import RunConfig
+
+    from .core import plan
+
+    out = {}
+    for mode in GATHER_MODES:
+        f = gather_file(results, path, bits, topo, mode)
+        if not f.exists():
+            cfg = load_config(
+                RunConfig, path, [*BITS[bits], *overrides, f"mesh.gather_codes={mode}"]
+            )
+            p = plan(cfg, topo, count_flops=flops, name=path)
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(json.dumps({JSON_KIND_KEY: "plan", **p}, indent=2) + "\n")
+        out[mode] = json.loads(f.read_text())
+    return out
+
+
+def _mib(x: float) -> str:
+    return f"{x / 2**30:,.1f} GiB" if x >= 2**30 else f"{x / 2**20:,.0f} MiB"
+
+
+def _change(off: float, on: float) -> str:
+    return f"{_mib(off)} -> {_mib(on)}" + (f" ({on / off:.2f}x)" if off else "")
+
+
+def render_gather(results: Path) -> str:
+    """The code-gathering table: per-step collective bytes and time, on vs off."""
+    from .chips import chip_for
+
+    rows = []
+    for path, bits, topo, overrides in GATHER:
+        files = {m: gather_file(results, path, bits, topo, m) for m in GATHER_MODES}
+        if not all(f.exists() for f in files.values()):
+            missing = ", ".join(str(f) for f in files.values() if not f.exists())
+            rows.append(f"| `{path}` | {bits} | {topo} | not planned yet ({missing}) |||||||")
+            continue
+        on, off = (json.loads(files[m].read_text()) for m in GATHER_MODES)
+        chip = chip_for(topo)
+        kinds = sorted(set(on["collectives"]) | set(off["collectives"]))
+        by_kind = "; ".join(
+            f"{k} {_change(*(p['collectives'].get(k, {}).get('bytes', 0.0) for p in (off, on)))}"
+            for k in kinds
+        )
+        total = [sum(v["bytes"] for v in p["collectives"].values()) for p in (on, off)]
+        t = [p["time"]["collectives_ici_s"] + p["time"]["collectives_dcn_s"] for p in (on, off)]
+        # the step's model FLOPs at the chip's peak: the compute the collectives hide behind
+        t_model = on["model_flops_per_step"] / on["devices"] / chip.peak_flops
+        mesh = "x".join(str(v) for v in on["mesh"].values())
+        linears = on.get("gather_codes", {}).get("linears", "-")
+        rows.append(
+            f"| `{path}` {' '.join(overrides)} | {bits} | {topo} ({on['devices']}) | {mesh} | "
+            f"{linears} | {by_kind} | {_change(total[1], total[0])} | "
+            f"{1e3 * t[1]:.0f} -> {1e3 * t[0]:.0f} ms | {1e3 * t_model:.0f} ms | "
+            f"{100 * t[1] / (t[1] + t_model):.0f}% -> {100 * t[0] / (t[0] + t_model):.0f}% |"
+        )
+    header = (
+        "| config | bits | topology (chips) | mesh data x fsdp x tensor | linears gathering "
+        "codes | bytes sent / chip / step by kind, off -> on | all collectives, off -> on "
+        "| collective time (ICI), off -> on | model FLOPs at peak | collective share, off -> "
+        "on |\n|---|---|---|---|---|---|---|---|---|---|"
+    )
+    return header + "\n" + "\n".join(rows)
+
+
 def _pct(a: float, b: float) -> str:
     return f"{100 * (a / b - 1):+.1f}%"
 
@@ -97,7 +198,8 @@ def render(results: Path) -> str:
         p = r.get("plan")
         name = f"`{r['config']}`"
         if p is None:
-            rows.append(f"| {name} | {r['bits']} | none of {', '.join(V5P)} | | | | | | |")
+            tried = ", ".join(t["topology"] for t in r.get("tried", []))
+            rows.append(f"| {name} | {r['bits']} | none of {tried} | | | | | | |")
             continue
         b, t = p["bytes"], p["time"]
         mesh = "x".join(str(v) for v in p["mesh"].values())
@@ -119,12 +221,17 @@ def render(results: Path) -> str:
         for c in CHIPS.values()
     )
     header = (
-        "| config | bits | smallest v5p slice (chips) | mesh data x fsdp x tensor | grad_accum "
+        "| config | bits | smallest slice (chips) | mesh data x fsdp x tensor | grad_accum "
         "| peak / chip (% HBM) | projected MFU | collective share | step FLOPs / chip, QAT vs "
         "float | HBM bytes / chip, QAT vs float |\n|---|---|---|---|---|---|---|---|---|---|"
     )
     notes = (results / "NOTES.md").read_text() if (results / "NOTES.md").exists() else ""
-    return TEMPLATE.format(table=header + "\n" + "\n".join(rows), chips=chips, notes=notes)
+    return TEMPLATE.format(
+        table=header + "\n" + "\n".join(rows),
+        gather=render_gather(results),
+        chips=chips,
+        notes=notes,
+    )
 
 
 TEMPLATE = """# Pod scale, planned on a CPU: the paper's configs on TPU slices
@@ -134,10 +241,24 @@ Generated by `python -m paretoq_jax.plan.scale` (the JSON results in `docs/scale
 train step of the config (its own defaults: bf16 compute, float32 master weights and AdamW
 state, `model.remat`, `model.scan_layers`, `train.grad_accum`, `mesh.fsdp: -1`; seq 2048,
 global batch 128) compiled by XLA for compile-only TPU devices (`jax[tpu]`'s libtpu on a
-CPU-only host; no TPU, no weights, no data). "Smallest slice" is the first v5p slice, from
-v5p-8 (4 chips) up, whose compile fits HBM.
+CPU-only host; no TPU, no weights, no data). "Smallest slice" is the first slice of the chip
+family, from the smallest up (v5p-8, 4 chips, by default; `--chip v5e|v6e|v4` searches those),
+whose compile fits HBM.
 
 {table}
+
+## FSDP gathering integer codes (`mesh.gather_codes`), on vs off
+
+The same step compiled twice on the same slice, `mesh.gather_codes=auto` (the default of
+`train` and of the planner: quantized linears all-gather packed integer codes + scales,
+`docs/fsdp-code-gather.md`) and `off` (bf16 kernels gathered). Bytes are those one chip sends
+per step (ring algorithm, every scanned layer counted by its trip count), read from the
+optimized HLO; times at the chip's ICI bandwidth (table below). "Model FLOPs at peak" is the
+step's model FLOPs (6 N + attention) per chip at peak bf16, the compute the collectives overlap
+with; "collective share" is collective time / (that + collective time). Regenerate with
+`python -m paretoq_jax.plan.scale --gather` (JSON in `docs/scale/gather/`).
+
+{gather}
 
 {notes}
 
@@ -148,6 +269,10 @@ pip install -e ".[tpu]"      # jax[tpu]: libtpu compiles for TPU topologies on a
 python -m paretoq_jax.plan --config configs/paper/llama-3-8b.yaml --topology v5p:4x4x4
 python -m paretoq_jax.plan --config configs/paper/llama-3.2-1b.yaml --topology v5p:2x2x1 \\
     --slices 2 mesh.data=2 mesh.fsdp=-1 --out plan.json      # data across 2 slices (DCN)
+pip install -e ".[gpu-plan]"  # XLA's CUDA plugin: compile-only H100s
+python -m paretoq_jax.plan --config configs/paper/llama-3.2-1b.yaml --gpu h100:1x2x8
+python -m paretoq_jax.plan.scale --gather    # the code-gathering table (auto vs off)
+python -m paretoq_jax.plan.scale --chip v5e  # smallest v5e slice of every paper config
 ```
 
 It prints one table: devices and mesh; parameters, optimizer state, temporaries and peak per
@@ -185,10 +310,19 @@ How to read it:
 |---|---|---|---|---|---|---|
 {chips}
 
-Only v5p has been planned here; any `--topology` that libtpu knows works (`v4:2x2x1`,
-`v5e:16x16`, `v6e:8x8`, ...). GPUs (H100 / H200) are in the table for the launch scripts' users
-but not yet compiled: XLA's GPU compile-only path (`jax-cuda12-plugin` with a target config)
-is not wired into the planner.
+Any `--topology` that libtpu knows works (`v4:2x2x1`, `v5e:16x16`, `v6e:8x8`, ...).
+
+## GPUs, compile-only
+
+`pip install -e ".[gpu-plan]"` adds XLA's CUDA plugin (`jax-cuda12-plugin` and
+`jax-cuda12-pjrt` at the project's jax version, without the CUDA libraries: nothing runs) and
+`python -m paretoq_jax.plan --config CONFIG --gpu h100:1x2x8` compiles the same step for
+compile-only H100s (`<gpu>:<slices>x<nodes>x<gpus per node>`: 2 nodes of 8 here) from the
+target description `configs/gpu/h100_sxm.txtpb` (XLA's `GpuTargetConfigProto`, written from
+NVIDIA's public H100 SXM figures in the layout of XLA's own spec files; its header says where
+each value comes from). XLA:GPU raises no out-of-memory error at compile time and has no
+`cost_analysis()` for these devices, so the planner compares the compiled peak with the GPU's
+memory itself (the same one-paragraph error) and reports memory and collectives, not FLOPs.
 """
 
 
@@ -199,16 +333,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default="docs/scale", help="JSON results folder")
     parser.add_argument("--out", default="docs/scale.md")
     parser.add_argument("--flops", action="store_true", help="also FLOPs/bytes (4 more compiles)")
+    parser.add_argument(
+        "--chip",
+        default="v5p",
+        choices=sorted(SLICES),
+        help="find the smallest slice of this TPU family (results of other families than v5p "
+        "are kept as <config>-<bits>bit-<chip>.json)",
+    )
     parser.add_argument("--render-only", action="store_true")
+    parser.add_argument(
+        "--gather",
+        action="store_true",
+        help="plan only the code-gathering comparison (mesh.gather_codes auto vs off)",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     results = Path(args.results)
-    if not args.render_only:
+    if args.gather and not args.render_only:
+        for path, bits, topo, overrides in GATHER:
+            plan_gather(path, bits, topo, overrides, results, flops=args.flops)
+            print(f"[scale] {path} {bits}-bit on {topo}: gather_codes auto and off planned")
+    elif not args.render_only:
         for path in args.configs:
             if Path(path).name == "base.yaml":
                 continue
             for bits in args.bits:
-                r = plan_config(path, bits, results, flops=args.flops)
+                r = plan_config(path, bits, results, flops=args.flops, chip=args.chip)
                 print(f"[scale] {path} {bits}-bit: {r.get('plan', {}).get('topology', 'no fit')}")
     Path(args.out).write_text(render(results))
     print(f"[scale] wrote {args.out}")

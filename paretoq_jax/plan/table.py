@@ -36,6 +36,10 @@ def format_plan(p: dict[str, Any]) -> str:
             ("compute time", f"{1e3 * t['compute_s']:.1f} ms at peak bf16"),
             ("HBM time", f"{1e3 * t['hbm_s']:.1f} ms at peak bandwidth"),
         ]
+    g = p.get("gather_codes")
+    if g:
+        rows.append(("code gathering", f"mesh.gather_codes={g['mode']}: {g['linears']} quantized "
+                     f"linears gather packed codes, {g['bytes'] / 2**20:.1f} MiB sent / chip"))  # fmt: skip
     for kind, v in sorted(p["collectives"].items()):
         rows.append((f"{kind}", f"{v['count']} per step, {v['bytes'] / 2**20:.1f} MiB sent / chip"))
     t = p["time"]

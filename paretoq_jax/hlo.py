@@ -1,0 +1,350 @@
+"""Collectives of an optimized HLO module (``jit(f).lower(...).compile().as_text()``).
+
+The one reader of collective traffic: the planner (``paretoq_jax.plan``) sums it per step and
+chip, the FSDP code gathering (``paretoq_jax.parallel.code_gather``) and its tests read the
+bytes of the gathers that feed the quantized linears.
+
+Every all-gather / reduce-scatter / all-reduce / all-to-all / collective-permute (async
+``-start`` / ``-done`` pairs once) is one :class:`Collective` with:
+
+- ``bytes``: its result arrays (an all-gather's gathered array, a reduce-scatter's scattered
+  output), one execution; ``dtype`` / ``shapes`` of that result; ``op_name``: the JAX op that
+  made it (metadata), e.g. ``".../gather_codes/..."``.
+- ``count``: how often one run of the program executes it. An instruction inside a ``while``
+  body (a scanned decoder layer, a gradient-accumulation micro-batch) counts once per
+  iteration, nested loops multiply. The trip count is XLA's ``known_trip_count``; XLA:TPU drops
+  it from optimized HLO, so otherwise it is the bound ``N`` of the ``i < N`` loop condition
+  that ``lax.scan`` emits; ``exact`` is False when neither is there (counted once).
+- ``members`` / ``buffer_bytes`` / ``wire_bytes``: the ring-algorithm bytes one device sends
+  per execution over its replica group of ``n`` devices (``S`` = the full, unsharded buffer):
+
+  - all-gather: ``S (n - 1) / n``  (``S`` = the output)
+  - reduce-scatter: ``S (n - 1) / n``  (``S`` = the input; XLA:TPU's ``all-reduce-scatter``
+    fusions are an all-reduce of the input followed by a slice: counted as a reduce-scatter)
+  - all-reduce: ``2 S (n - 1) / n``
+  - all-to-all: ``S (n - 1) / n``;  collective-permute: ``S``
+
+Across TPU slices XLA lowers the DCN part of a collective to host ``send`` / ``recv`` pairs of
+the megascale runtime (``_xla_megascale_*`` attributes; the rendezvous names the collective):
+those are ``"<kind> (DCN)"`` with ``S`` = the payload a device sends, over ``n`` = the number of
+slices (all-reduce ``2 S (n - 1) / n``, all-gather ``S (n - 1)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+__all__ = [
+    "KINDS",
+    "DTYPE_BYTES",
+    "Collective",
+    "collectives",
+    "collective_bytes",
+    "summarize",
+    "shape_bytes",
+]
+
+KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+
+DTYPE_BYTES = {
+    "pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3": 1, "f8e4m3b11fnuz": 1,
+    "f8e5m2fnuz": 1, "f8e4m3fnuz": 1, "s4": 0.5, "u4": 0.5, "s2": 0.25, "u2": 0.25,
+    "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+    "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16,
+}  # fmt: skip
+_ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
+_COMP = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
+_INST = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+([a-z][\w\-]*)\((.*)$")
+_CALLS = re.compile(
+    r"\b(calls|to_apply|body|condition|true_computation|false_computation)=%?([\w.\-]+)"
+)
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_COND = re.compile(r"condition=%?([\w.\-]+)")
+_CONST = re.compile(r"\bconstant\((\d+)\)")
+_MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
+_IOTA_GROUPS = re.compile(r"replica_groups=\[([0-9,]+)\]<=")
+_LIST_GROUPS = re.compile(r"replica_groups=\{\{([0-9,]*)\}")
+_RENDEZVOUS = re.compile(r'_xla_host_transfer_rendezvous="([a-z\-]+)')
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_PARTITIONS = re.compile(r"\bnum_partitions=(\d+)")
+
+
+def _arrays(text: str) -> list[tuple[str, tuple[int, ...]]]:
+    return [
+        (dt, tuple(int(d) for d in dims.split(",") if d))
+        for dt, dims in _ARRAY.findall(text)
+        if dt in DTYPE_BYTES
+    ]
+
+
+def _nbytes(arrays: list[tuple[str, tuple[int, ...]]]) -> float:
+    return sum(math.prod(s) * DTYPE_BYTES[dt] for dt, s in arrays)
+
+
+def shape_bytes(text: str) -> float:
+    """Bytes of every array shape written in ``text`` (e.g. ``(f32[2,3], bf16[4])``)."""
+    return _nbytes(_arrays(text))
+
+
+def _first_group(attrs: str, n_devices: int) -> tuple[int, ...]:
+    """The partition ids of the collective's first replica group."""
+    m = _MESH_GROUPS.search(attrs)
+    if m:
+        axes = [kv.split("=") for kv in m[1].split(",")]
+        names = [k.strip().strip("'") for k, _ in axes]
+        ids = np.arange(math.prod(int(v) for _, v in axes)).reshape([int(v) for _, v in axes])
+        chosen = [names.index(a.strip().strip("'")) for a in m[2].split(",")]
+        index = tuple(slice(None) if i in chosen else 0 for i in range(len(names)))
+        return tuple(int(x) for x in ids[index].ravel())
+    m = _IOTA_GROUPS.search(attrs)
+    if m:
+        dims = [int(x) for x in m[1].split(",")]
+        tail = attrs[m.end() :]
+        t = re.match(r"\[([0-9,]+)\](T\(([0-9,]+)\))?", tail)
+        ids = np.arange(math.prod(dims))
+        if t:
+            ids = ids.reshape([int(x) for x in t[1].split(",")])
+            if t[3]:
+                ids = ids.transpose([int(x) for x in t[3].split(",")])
+        return tuple(int(x) for x in ids.reshape(dims)[0])
+    m = _LIST_GROUPS.search(attrs)
+    if m:
+        return tuple(int(x) for x in m[1].split(",") if x)
+    return tuple(range(n_devices))  # replica_groups={} : all devices
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """One collective instruction (see the module docstring)."""
+
+    name: str
+    kind: str  # one of KINDS, or "<kind> (DCN)" for a cross-slice megascale transfer
+    dtype: str  # element type of the result (the first one, for a combined collective)
+    shapes: tuple[tuple[int, ...], ...]  # result arrays (several for a combined collective)
+    bytes: int  # bytes of the result arrays, one execution
+    count: int  # executions per program run (product of enclosing loops' trip counts)
+    exact: bool  # False when an enclosing loop's trip count is unknown (counted once)
+    op_name: str  # the JAX op that produced it (metadata)
+    computation: str
+    members: tuple[int, ...]  # partition ids of the first replica group
+    buffer_bytes: float  # S: the full buffer of the ring-algorithm count
+
+    @property
+    def total_bytes(self) -> int:
+        """Result bytes per program run: ``bytes * count``."""
+        return self.bytes * self.count
+
+    @property
+    def group(self) -> int:
+        return len(self.members)
+
+    @property
+    def wire_bytes(self) -> float:
+        """Bytes one device sends per execution (ring algorithm)."""
+        n = self.group
+        if n <= 1:
+            return 0.0
+        if self.kind.startswith("all-reduce"):
+            return 2 * self.buffer_bytes * (n - 1) / n
+        if self.kind.startswith("collective-permute"):
+            return self.buffer_bytes
+        return self.buffer_bytes * (n - 1) / n
+
+
+def _split_computations(hlo: str) -> tuple[dict[str, list[str]], str]:
+    comps: dict[str, list[str]] = {}
+    entry = ""
+    current = None
+    for line in hlo.splitlines():
+        m = _COMP.match(line)
+        if m:
+            current = m[2]
+            comps[current] = []
+            if m[1]:
+                entry = current
+            continue
+        if line.startswith("}"):
+            current = None
+        elif current is not None:
+            comps[current].append(line)
+    if not entry:
+        raise ValueError("not an HLO module's text: no ENTRY computation found")
+    return comps, entry
+
+
+def _trip_count(comps: dict[str, list[str]], line: str) -> int | None:
+    """Trip count of a ``while``: ``known_trip_count``, else the ``i < N`` bound of the loop
+    condition (``lax.scan`` counts from 0 by 1); None when neither is there."""
+    m = _TRIP.search(line)
+    if m:
+        return int(m[1])
+    c = _COND.search(line)
+    cond = comps.get(c[1], []) if c else []
+    bounds = [int(x) for ln in cond for x in _CONST.findall(ln)]
+    if not any("direction=LT" in ln for ln in cond) or not bounds:
+        return None
+    return max(bounds)
+
+
+def _multiplicities(
+    comps: dict[str, list[str]], entry: str
+) -> tuple[dict[str, int], dict[str, bool]]:
+    """How many times one run executes each computation (while bodies x their trip counts),
+    and whether every enclosing trip count was known."""
+    edges: dict[str, list[tuple[str, int, bool]]] = defaultdict(list)
+    for name, lines in comps.items():
+        for line in lines:
+            trip, known = 1, True
+            if " while(" in line:
+                t = _trip_count(comps, line)
+                trip, known = (t, True) if t is not None else (1, False)
+            for key, callee in _CALLS.findall(line):
+                loop = key in ("body", "condition")
+                edges[name].append((callee, trip if loop else 1, known or not loop))
+            for group in _BRANCHES.findall(line):
+                for callee in group.split(","):
+                    if callee.strip():
+                        edges[name].append((callee.strip().lstrip("%"), 1, True))
+    # computations form a DAG: accumulate in topological order from the entry
+    order: list[str] = []
+    seen: set[str] = set()
+
+    def visit(c: str) -> None:
+        if c in seen:
+            return
+        seen.add(c)
+        for callee, _, _ in edges.get(c, ()):
+            visit(callee)
+        order.append(c)
+
+    visit(entry)
+    mult: dict[str, int] = defaultdict(int)
+    exact: dict[str, bool] = defaultdict(lambda: True)
+    mult[entry] = 1
+    for c in reversed(order):
+        for callee, factor, known in edges.get(c, ()):
+            mult[callee] += mult[c] * factor
+            exact[callee] = exact[callee] and exact[c] and known
+    return mult, exact
+
+
+def _result_arrays(kind: str, op: str, out_type: str) -> list[tuple[str, tuple[int, ...]]]:
+    """The result arrays of a collective (an async ``-start``'s tuple also holds operands)."""
+    arrays = _arrays(out_type)
+    if not (op.endswith("-start") and out_type.startswith("(")):
+        return arrays
+    if kind == "collective-permute":
+        return arrays[:1]
+    if kind == "all-reduce":
+        return arrays  # all-reduce-start's tuple holds the results only
+    return arrays[len(arrays) // 2 :]  # (operands..., results...)
+
+
+def collectives(hlo: str, n_devices: int | None = None, n_slices: int = 1) -> list[Collective]:
+    """Every collective of the optimized HLO module ``hlo`` with its per-run execution count
+    (cross-slice DCN transfers as ``"<kind> (DCN)"``, ``members`` = the slices). ``n_devices``:
+    the devices of ``replica_groups={}`` (default: the module's ``num_partitions``)."""
+    comps, entry = _split_computations(hlo)
+    if n_devices is None:
+        m = _PARTITIONS.search(hlo.split("\n", 1)[0])
+        n_devices = int(m[1]) if m else 1
+    mult, exact = _multiplicities(comps, entry)
+    found = []
+    for comp, lines in comps.items():
+        count = mult.get(comp, 0)
+        if not count:
+            continue
+        for line in lines:
+            m = _INST.match(line)
+            if not m:
+                continue
+            name, out_type, op, rest = m.groups()
+            meta = _OP_NAME.search(rest)
+            common = dict(
+                name=name, count=count, exact=exact[comp], computation=comp,
+                op_name=meta[1] if meta else "",
+            )  # fmt: skip
+            if op == "send" and "xla_megascale_runtime" in rest:
+                r = _RENDEZVOUS.search(rest)
+                base = next((k for k in KINDS if r and r[1].startswith(k)), "all-reduce")
+                arrays = _arrays(out_type)[:1]
+                payload = _nbytes(arrays)
+                if base == "all-gather":
+                    payload *= n_slices  # S: the gathered buffer (the device sends S (n-1)/n)
+                found.append(
+                    Collective(
+                        kind=f"{base} (DCN)",
+                        dtype=arrays[0][0] if arrays else "",
+                        shapes=tuple(s for _, s in arrays),
+                        bytes=math.ceil(_nbytes(arrays)),
+                        members=tuple(range(n_slices)),
+                        buffer_bytes=payload,
+                        **common,
+                    )  # fmt: skip
+                )
+                continue
+            kind = next((k for k in KINDS if op in (k, f"{k}-start")), None)
+            if kind is None:
+                continue
+            arrays = _result_arrays(kind, op, out_type)
+            if not arrays:
+                continue
+            out_bytes = _nbytes(arrays)
+            members = _first_group(rest, n_devices)
+            buffer = out_bytes
+            if kind == "all-reduce" and comp.startswith("all-reduce-scatter"):
+                kind = "reduce-scatter"  # the full input is all-reduce's operand/result
+            elif kind == "reduce-scatter":
+                buffer = out_bytes * len(members)  # S is the input: n times the output
+            found.append(
+                Collective(
+                    kind=kind,
+                    dtype=arrays[0][0],
+                    shapes=tuple(s for _, s in arrays),
+                    bytes=math.ceil(out_bytes),
+                    members=members,
+                    buffer_bytes=buffer,
+                    **common,
+                )  # fmt: skip
+            )
+    return found
+
+
+def collective_bytes(
+    hlo: str,
+    kind: str | None = "all-gather",
+    where: Callable[[Collective], bool] | None = None,
+) -> int:
+    """Result bytes per program run of the collectives of ``kind`` (``None``: all kinds) that
+    pass ``where``; e.g. ``collective_bytes(text, where=lambda c: c.dtype == "u8")``."""
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"kind={kind!r}: choose one of {KINDS} or None")
+    return sum(
+        c.total_bytes
+        for c in collectives(hlo)
+        if (kind is None or c.kind == kind) and (where is None or where(c))
+    )
+
+
+def summarize(
+    found: list[Collective], slice_of: Sequence[int] | None = None
+) -> dict[str, dict[str, float]]:
+    """``{kind: {"count": executions per step, "bytes": bytes sent per device per step}}``;
+    with ``slice_of`` (partition id -> TPU slice), collectives whose group spans several slices
+    are keyed ``"<kind> (DCN)"``."""
+    out: dict[str, dict[str, float]] = {}
+    for c in found:
+        key = c.kind
+        if slice_of is not None and len({slice_of[i] for i in c.members}) > 1:
+            key = c.kind if "DCN" in c.kind else f"{c.kind} (DCN)"
+        row = out.setdefault(key, {"count": 0, "bytes": 0.0})
+        row["count"] += c.count
+        row["bytes"] += c.wire_bytes * c.count
+    return out
