@@ -62,7 +62,7 @@ def _say(msg: str) -> None:
 
 
 def run(cfg: Any, *, prompt: str, max_new_tokens: int, eval_batch: int, progress: bool) -> dict:
-    """Steps 1-6 for a resolved :class:`paretoq_jax.train.config.RunConfig`; returns the table."""
+    """Steps 1-6 for a resolved :class:`paretoq_jax.run.config.RunConfig`; returns the table."""
     import jax
     from flax import nnx
 
@@ -74,8 +74,8 @@ def run(cfg: Any, *, prompt: str, max_new_tokens: int, eval_batch: int, progress
     from paretoq_jax.io import load_pretrained, load_tokenizer
     from paretoq_jax.io.packed import load_packed
     from paretoq_jax.quant import resolve
-    from paretoq_jax.train.loop import resolve_model_path, train
-    from paretoq_jax.train.metrics import read_metrics
+    from paretoq_jax.run import read_metrics, resolve_model_path
+    from paretoq_jax.train import train
 
     spec = resolve(cfg.model.bits, cfg.model.method)
     if spec is None:
@@ -206,7 +206,7 @@ def _main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from paretoq_jax.config import load_config
-    from paretoq_jax.train.config import RunConfig
+    from paretoq_jax.run.config import RunConfig
 
     path = Path(args.config) if args.config else default_config_path()
     cfg = load_config(RunConfig, path, args.overrides)

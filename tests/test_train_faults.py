@@ -17,10 +17,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-import paretoq_jax.train.checkpoint as ck
+import paretoq_jax.run.checkpoint as ck
 from paretoq_jax.config import load_config
+from paretoq_jax.run.metrics import read_metrics
 from paretoq_jax.train import RunConfig, train
-from paretoq_jax.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -41,7 +41,7 @@ def _overrides(run: Path, cache: Path) -> list[str]:
 # a wrapped Checkpointer.save), then ``main(argv)``.
 _LAUNCH = """
 import os, signal, sys, time
-import paretoq_jax.train.checkpoint as ck
+import paretoq_jax.run.checkpoint as ck
 import paretoq_jax.train.loop as loop
 sleep_s, kill_at, kill_delay = float(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 if sleep_s:

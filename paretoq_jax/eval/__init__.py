@@ -16,6 +16,14 @@ from typing import Any
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from paretoq_jax.config import load_config
+from paretoq_jax.io import load_pretrained, load_tokenizer
+from paretoq_jax.io.packed import is_packed_export, load_packed
+from paretoq_jax.run.checkpoint import Checkpointer
+from paretoq_jax.run.config import RunConfig
+from paretoq_jax.run.restore import load_run as restore_run
+from paretoq_jax.sharding import shard_model
+
 from .multiple_choice import encode_pair, evaluate_mc, load_mc, score_choices
 from .perplexity import block_windows, perplexity, strided_windows
 from .scoring import score_windows
@@ -48,16 +56,12 @@ def load_run(
 ) -> tuple[Any, Any]:
     """``(model, tokenizer)`` of a training run: the model the run's ``config.yaml`` describes,
     holding the parameters of checkpoint ``step`` (default: the latest complete one); see
-    :func:`paretoq_jax.train.restore.load_run`."""
-    from paretoq_jax.train.restore import load_run as restore_run
-
+    :func:`paretoq_jax.run.restore.load_run`."""
     model, tokenizer, _, _ = restore_run(run_dir, step, mesh=mesh)
     return model, tokenizer
 
 
 def _load_pretrained(path: str, *, bits=None, method=None, mesh=None, dtype=jnp.float32):
-    from paretoq_jax.io import load_pretrained, load_tokenizer
-
     model = load_pretrained(path, 16 if bits is None else bits, method, dtype, mesh)
     return model, load_tokenizer(path)
 
@@ -72,17 +76,11 @@ def _load_run(path: str, *, bits=None, method=None, mesh=None, dtype=None):
 
 
 def _is_packed(p: Path) -> bool:
-    from paretoq_jax.io.packed import is_packed_export
-
     return is_packed_export(p)
 
 
 def _load_packed(path: str, *, bits=None, method=None, mesh=None, dtype=jnp.float32):
     """A packed export as a float model holding exactly its dequantized codes."""
-    from paretoq_jax.io import load_tokenizer
-    from paretoq_jax.io.packed import load_packed
-    from paretoq_jax.sharding import shard_model
-
     if bits is not None or method is not None:
         raise ValueError(f"{path} is a packed export with its own bits; drop --bits/--method")
     model = load_packed(path, mode="dequantize", dtype=dtype)
@@ -132,10 +130,6 @@ def describe_model(path: str | Path, bits=None, method=None) -> dict[str, Any]:
     kind = next((name for name, pred, _ in LOADERS if pred(p)), "unknown")
     info: dict[str, Any] = {"model": str(path), "kind": kind, "bits": bits, "method": method}
     if kind == "training run directory":
-        from paretoq_jax.config import load_config
-        from paretoq_jax.train.checkpoint import Checkpointer
-        from paretoq_jax.train.config import RunConfig
-
         cfg = load_config(RunConfig, p / "config.yaml")
         ckpt = Checkpointer(p / "checkpoints", async_save=False)
         try:

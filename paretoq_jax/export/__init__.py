@@ -23,8 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from paretoq_jax.errors import ParetoQError
+from paretoq_jax.io import save_pretrained
+from paretoq_jax.io.gguf_writer import FLOAT_TYPES, QTYPE_NAMES, write_gguf
+from paretoq_jax.io.packed import quantized_weights, save_packed
 from paretoq_jax.models import Llama
 from paretoq_jax.outputs import OutputError, atomic_output, check_output
+from paretoq_jax.run.restore import load_run as restore_run
 
 __all__ = ["FORMATS", "ExportError", "export_model", "export_run", "load_run"]
 
@@ -41,8 +45,6 @@ def _check_format(fmt: str) -> None:
 
 
 def _check_options(ternary: str = "2bit", gguf_qtype: str | None = None, float_type: str = "f32"):
-    from paretoq_jax.io.gguf_writer import FLOAT_TYPES, QTYPE_NAMES
-
     if ternary not in ("2bit", "base3"):
         raise ExportError(f"ternary={ternary!r}: choose '2bit' or 'base3'")
     if gguf_qtype is not None and gguf_qtype.upper() not in QTYPE_NAMES:
@@ -75,9 +77,7 @@ def check_export_out(
 
 def load_run(run_dir: str | Path, step: int | None = None) -> tuple[Llama, Any, Any, int]:
     """``(model, tokenizer, run_config, step)`` of ``RUN_DIR`` at checkpoint ``step`` (default:
-    the latest complete one); see :func:`paretoq_jax.train.restore.load_run`."""
-    from paretoq_jax.train.restore import load_run as restore_run
-
+    the latest complete one); see :func:`paretoq_jax.run.restore.load_run`."""
     try:
         return restore_run(run_dir, step)
     except FileNotFoundError as e:
@@ -105,8 +105,6 @@ def export_model(
     :func:`paretoq_jax.outputs.check_output` (an export never goes into, over or above a
     training run or what it was read from; ``force`` replaces only an earlier export).
     """
-    from paretoq_jax.io.packed import quantized_weights
-
     _check_format(fmt)
     _check_options(ternary, gguf_qtype, float_type)
     out = Path(out)
@@ -118,16 +116,10 @@ def export_model(
         raise ExportError(str(e)) from None
     with atomic_output(out, output_kind_of(fmt), directory=fmt != "gguf", **where) as tmp:
         if fmt == "packed":
-            from paretoq_jax.io.packed import save_packed
-
             save_packed(model, tmp, tokenizer=tokenizer, ternary=ternary)
         elif fmt == "hf":
-            from paretoq_jax.io import save_pretrained
-
             save_pretrained(model, tmp, tokenizer=tokenizer)
         else:
-            from paretoq_jax.io.gguf_writer import write_gguf
-
             write_gguf(
                 model, tmp, tokenizer=tokenizer, qtype=gguf_qtype, float_type=float_type,
                 output_kind=output_kind_of(fmt),

@@ -16,7 +16,7 @@ from paretoq_jax.sharding import Rules
 
 __all__ = [
     "CheckpointError",
-    "load_config",
+    "load_model_config",
     "load_pretrained",
     "load_tokenizer",
     "save_pretrained",
@@ -94,7 +94,7 @@ def load_pretrained(
     raise CheckpointError(f"{p}: expected an HF model folder or a .gguf file")
 
 
-def load_config(path: str | Path) -> LlamaConfig:
+def load_model_config(path: str | Path) -> LlamaConfig:
     """The :class:`LlamaConfig` of an HF folder (``config.json``) or a ``.gguf`` file's metadata,
     without reading any weights."""
     p = _resolve(path)

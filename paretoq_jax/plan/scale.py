@@ -49,7 +49,7 @@ def plan_config(
 ) -> dict[str, Any]:
     """Find the smallest v5p slice for ``path`` at ``bits``; cache the result as JSON."""
     from paretoq_jax.config import load_config
-    from paretoq_jax.train.config import RunConfig
+    from paretoq_jax.run.config import RunConfig
 
     from .core import HBMError, plan
 

@@ -21,6 +21,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from paretoq_jax.run.metrics import read_metrics
+
 __all__ = ["CURVE_KEYS", "curve_of", "curve_from_file", "mean_codes_changed", "software"]
 
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "gguf", "ml_dtypes")
@@ -53,8 +55,6 @@ def curve_of(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 def curve_from_file(metrics_jsonl: str | Path) -> list[dict[str, Any]]:
     """:func:`curve_of` the rows of a run's ``metrics.jsonl`` (empty when there is none)."""
-    from paretoq_jax.train.metrics import read_metrics
-
     return curve_of(read_metrics(metrics_jsonl))
 
 

@@ -57,7 +57,7 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=20")
     args = parser.parse_args(argv)
 
-    from paretoq_jax.train.config import RunConfig
+    from paretoq_jax.run.config import RunConfig
 
     cfg = load_config(RunConfig, args.config, args.overrides)
     init_distributed(args.distributed)

@@ -15,33 +15,31 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
 from paretoq_jax.config import save_config, to_dict
+from paretoq_jax.data import BatchIterator, Prefetcher, PreparedBlocks, build_splits
 from paretoq_jax.errors import ParetoQError
 from paretoq_jax.eval.perplexity import validation_perplexity
-from paretoq_jax.models import resolve_rules
 from paretoq_jax.outputs import check_run_dir
 from paretoq_jax.parallel import code_gather
+from paretoq_jax.run.build import build_mesh, build_model, load_tokenizer, param_shardings
+from paretoq_jax.run.checkpoint import Checkpointer, check_resume_config
+from paretoq_jax.run.config import RunConfig
+from paretoq_jax.run.optim import make_optimizer, make_schedule
+from paretoq_jax.run.state import abstract_state, init_state, state_shardings
 from paretoq_jax.runtime import HeapGuard, release_free_memory
 
-from .checkpoint import Checkpointer, abstract_like, check_resume_config
-from .config import RunConfig
 from .metrics import MetricsWriter, QuantStats
-from .optim import make_optimizer, make_schedule
-from .step import TrainStep, make_train_step, state_shardings
+from .step import TrainStep, make_train_step
 
 __all__ = [
     "train",
     "NonFiniteLossError",
-    "compute_dtype",
-    "build_mesh",
-    "build_model",
-    "model_factory",
     "make_step_for",
+    "build_trainer",
 ]
 
 
@@ -55,119 +53,6 @@ class NonFiniteLossError(ParetoQError, RuntimeError):
     """The loss or gradient norm became NaN/inf; the run stopped without saving."""
 
     exit_code = 3
-
-
-def compute_dtype(name: str, backend: str | None = None) -> Any:
-    """``auto``: bfloat16 on GPU/TPU, float32 on CPU (``backend``: default the running one)."""
-    if name == "auto":
-        backend = backend or jax.default_backend()
-        return jnp.bfloat16 if backend in ("gpu", "cuda", "rocm", "tpu") else jnp.float32
-    return jnp.dtype(name)
-
-
-def build_mesh(cfg: RunConfig, devices: list | None = None) -> jax.sharding.Mesh:
-    """``Mesh(data, fsdp, tensor)`` over all devices of all processes (-1 fills the rest);
-    ``devices``: another device list (e.g. compile-only TPU devices of ``paretoq_jax.plan``)."""
-    from paretoq_jax.sharding import make_mesh
-
-    sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
-    n = jax.device_count() if devices is None else len(devices)
-    if -1 in sizes:
-        known = math.prod(s for s in sizes if s != -1)
-        if n % known:
-            raise ValueError(f"{n} devices cannot be split into a mesh with fixed axes {sizes}")
-        sizes[sizes.index(-1)] = n // known
-    if math.prod(sizes) != n:
-        raise ValueError(
-            f"mesh data x fsdp x tensor = {sizes} uses {math.prod(sizes)} devices but "
-            f"{n} are available; set mesh.data/fsdp/tensor so the product is {n} (or -1)"
-        )
-    return make_mesh(*sizes, devices=devices)
-
-
-# ``model.path: asset:NAME``: a real checkpoint fetched through pip by ``paretoq_jax.assets``.
-_ASSETS = {"smollm2-135m": "smollm2_gguf"}
-
-
-def resolve_model_path(path: str) -> str:
-    """``asset:NAME`` -> the cached local file; anything else unchanged."""
-    if not path.startswith("asset:"):
-        return path
-    name = path.removeprefix("asset:")
-    if name not in _ASSETS:
-        raise ValueError(f"unknown model asset {name!r} in model.path; known: {sorted(_ASSETS)}")
-    from paretoq_jax import assets
-
-    return str(getattr(assets, _ASSETS[name])())
-
-
-def model_factory(
-    cfg: RunConfig, *, teacher: bool = False, backend: str | None = None, config: Any = None
-) -> Callable[[], nnx.Module]:
-    """The constructor of ``build_model``'s model with random weights: the same architecture,
-    QAT specs, dtypes, remat / scan and sharding names (``load_pretrained`` builds the same
-    module and fills in the weights). ``nnx.eval_shape`` of it is the abstract model.
-    ``backend`` picks ``model.dtype: auto`` for another platform; ``config`` replaces the
-    ``LlamaConfig`` read from ``model.path``."""
-    from paretoq_jax.models import Llama
-
-    bits = 32 if teacher else cfg.model.bits
-    method = None if teacher else cfg.model.method
-    if config is None:
-        from paretoq_jax.io import load_config
-
-        path = resolve_model_path((cfg.model.teacher if teacher else None) or cfg.model.path)
-        config = load_config(path)  # config.json of a folder, or a .gguf's metadata
-    dtype = compute_dtype(cfg.model.dtype, backend)
-    rules = resolve_rules(bits, method)
-    return lambda: Llama(
-        config, quant=rules, dtype=dtype, param_dtype=jnp.float32,
-        rngs=nnx.Rngs(cfg.train.seed), remat=cfg.model.remat, scan_layers=cfg.model.scan_layers,
-    )  # fmt: skip
-
-
-def build_model(cfg: RunConfig, mesh: jax.sharding.Mesh, *, teacher: bool = False) -> nnx.Module:
-    """The model with float32 master weights, sharded over ``mesh``.
-
-    ``teacher``: the frozen float teacher for distillation (``model.teacher`` or the pretrained
-    weights at ``model.path``, unquantized).
-    """
-    bits = 32 if teacher else cfg.model.bits
-    method = None if teacher else cfg.model.method
-    path = resolve_model_path((cfg.model.teacher if teacher else None) or cfg.model.path)
-    dtype = compute_dtype(cfg.model.dtype)
-    if cfg.model.init == "random" and not teacher:
-        model = init_random_model(model_factory(cfg), mesh)
-    else:
-        from paretoq_jax.io import load_pretrained
-
-        model = load_pretrained(
-            path, bits, method, dtype=dtype, mesh=mesh, param_dtype=jnp.float32,
-            remat=cfg.model.remat, scan_layers=cfg.model.scan_layers,
-            scale_init="paretoq" if teacher else cfg.model.scale_init,
-        )  # fmt: skip
-    if not teacher:  # FSDP gathers packed integer codes instead of float kernels
-        mode = code_gather.gather_mode(cfg.mesh.gather_codes)
-        code_gather.configure(model, mesh, "off" if mode == "off" else "auto")
-    return model
-
-
-def init_random_model(make: Callable[[], nnx.Module], mesh: jax.sharding.Mesh) -> nnx.Module:
-    """Random init directly into the shardings: each device computes only its own shards (no
-    full copy on one device; correct on multi-host meshes)."""
-    from paretoq_jax.sharding import DEFAULT_RULES, model_shardings
-
-    abstract = nnx.eval_shape(make)
-    shardings = model_shardings(abstract, mesh, DEFAULT_RULES)
-    state = jax.jit(lambda: nnx.state(make()), out_shardings=shardings)()
-    return nnx.merge(nnx.graphdef(abstract), state)
-
-
-def _load_tokenizer(cfg: RunConfig):
-    """``model.tokenizer``, else the tokenizer of the model folder / GGUF file."""
-    from paretoq_jax.io import load_tokenizer
-
-    return load_tokenizer(resolve_model_path(cfg.model.tokenizer or cfg.model.path))
 
 
 def tree_bytes(tree: Any) -> tuple[int, int]:
@@ -223,7 +108,7 @@ def make_step_for(
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = make_optimizer(tcfg)
     params = nnx.to_pure_dict(params)
-    shardings = state_shardings(mesh, _param_shardings(model, mesh), tx, params)
+    shardings = state_shardings(mesh, param_shardings(model, mesh), tx, params)
     teacher_args: dict[str, Any] = {}
     if tcfg.uses_teacher:
         if teacher is None:
@@ -232,27 +117,13 @@ def make_step_for(
         teacher_args = dict(
             teacher_graphdef=t_graphdef,
             teacher_rest=t_rest,
-            teacher_shardings=_param_shardings(teacher, mesh),
+            teacher_shardings=param_shardings(teacher, mesh),
         )
     step_fn = make_train_step(
         graphdef, rest, tx, mesh, shardings, grad_accum=tcfg.grad_accum,
         distill=tcfg.distill, layer_weight=tcfg.distill_layers, **teacher_args,
     )  # fmt: skip
     return step_fn, tx
-
-
-def _param_shardings(model: nnx.Module, mesh: jax.sharding.Mesh) -> Any:
-    """Pure dict of the shardings of ``model``'s parameters: a concrete array's own, else
-    (abstract model) the one its logical axis names give on ``mesh``."""
-    from paretoq_jax.sharding import DEFAULT_RULES, variable_sharding
-
-    def one(v: nnx.Variable) -> Any:
-        own = getattr(v.get_value(), "sharding", None)
-        return own if own is not None else variable_sharding(v, mesh, DEFAULT_RULES)
-
-    state = nnx.state(model, nnx.Param)
-    shardings = jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return nnx.to_pure_dict(shardings)
 
 
 def build_trainer(
@@ -262,14 +133,8 @@ def build_trainer(
     tcfg = cfg.train
     teacher = build_model(cfg, mesh, teacher=True) if tcfg.uses_teacher else None
     step_fn, tx = make_step_for(cfg, mesh, model, teacher)
-    shardings = step_fn.state_shardings
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    state = {
-        "params": params,
-        "opt_state": jax.jit(tx.init, out_shardings=shardings["opt_state"])(params),
-        "step": jax.jit(lambda: jnp.zeros((), jnp.int32), out_shardings=shardings["step"])(),
-        "rng": jax.jit(lambda: jax.random.PRNGKey(tcfg.seed), out_shardings=shardings["rng"])(),
-    }
+    state = init_state(params, tx, step_fn.state_shardings, tcfg.seed)
     teacher_params = None
     if teacher is not None:
         teacher_params = nnx.to_pure_dict(nnx.state(teacher, nnx.Param))
@@ -284,8 +149,6 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     Raises ``NonFiniteLossError`` when the loss or gradient norm becomes non-finite (nothing is
     saved for that step; earlier checkpoints stay intact).
     """
-    from paretoq_jax.data import BatchIterator, Prefetcher, PreparedBlocks, build_splits
-
     run_dir = Path(cfg.run_dir)
     is_main = jax.process_index() == 0
     if is_main:
@@ -299,7 +162,7 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         save_config(dataclasses.replace(cfg, train=once), run_dir / "config.yaml")
 
     mesh = build_mesh(cfg)
-    tokenizer = _load_tokenizer(cfg)
+    tokenizer = load_tokenizer(cfg)
     train_blocks, val_blocks = build_splits(cfg.data, tokenizer)
     tcfg = cfg.train
     n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -324,7 +187,9 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
                         async_save=cfg.checkpoint.async_save)  # fmt: skip
     # The newest checkpoint that reads back intact; unreadable newer ones are kept aside.
     restored = ckpt.restore_latest(
-        abstract_like(state, shardings), set_aside=True, log=print if is_main else None
+        abstract_state(state["params"], step_fn.tx, shardings),
+        set_aside=True,
+        log=print if is_main else None,
     )
     start, data_state = 0, None
     if restored is not None:

@@ -27,16 +27,9 @@ from tqdm.auto import tqdm
 from paretoq_jax import quant
 from paretoq_jax.models import QuantLinear
 from paretoq_jax.quant import QuantSpec
+from paretoq_jax.run.metrics import read_metrics
 
-__all__ = ["MetricsWriter", "QuantStats", "quantized_kernels", "read_metrics"]
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """All rows of a ``metrics.jsonl``."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+__all__ = ["MetricsWriter", "QuantStats", "quantized_kernels"]
 
 
 class MetricsWriter:
