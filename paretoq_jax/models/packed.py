@@ -24,7 +24,7 @@ __all__ = ["PackedCodes", "PackedLinear", "linear_codes", "packed_linears", "to_
 
 Array = jax.Array
 
-_codes_and_scale = jax.jit(quant.quantize_dequantize_codes, static_argnums=2)
+_codes_and_scale = jax.jit(quant.export_codes, static_argnums=2)
 
 
 def linear_codes(lin: QuantLinear) -> tuple[Array, Array]:
