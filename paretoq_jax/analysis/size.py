@@ -88,16 +88,15 @@ def model_size(model, *, float_bits: int = 16) -> ModelSize:
     """
     from flax import nnx
 
-    from paretoq_jax.models import QuantLinear
+    from paretoq_jax.models.linears import quant_linears
 
     quantized, counted = [], set()
-    for _, m in nnx.iter_modules(model):
-        if isinstance(m, QuantLinear) and m.spec is not None:
-            k = m.kernel[...]
-            quantized.append((int(k.size), int(k.size // k.shape[-2]), m.spec))
-            counted.add(id(m.kernel))
-            if m.scale is not None:
-                counted.add(id(m.scale))
+    for m in quant_linears(model).values():
+        k = m.kernel[...]
+        quantized.append((int(k.size), int(k.size // k.shape[-2]), m.spec))
+        counted.add(id(m.kernel))
+        if m.scale is not None:
+            counted.add(id(m.scale))
     float_params = sum(
         int(v[...].size) for _, v in nnx.iter_graph(model)
         if isinstance(v, nnx.Param) and id(v) not in counted

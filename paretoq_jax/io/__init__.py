@@ -12,7 +12,7 @@ from jax.sharding import Mesh
 
 from paretoq_jax.io.hf import CheckpointError, load_hf, save_hf
 from paretoq_jax.models import Llama, LlamaConfig, QuantRules, resolve_rules
-from paretoq_jax.sharding import Rules
+from paretoq_jax.sharding import ShardingRules
 
 __all__ = [
     "CheckpointError",
@@ -50,7 +50,7 @@ def load_pretrained(
     method: str | None = None,
     dtype=jnp.float32,
     mesh: Mesh | None = None,
-    rules: Rules | None = None,
+    rules: ShardingRules | None = None,
     quant_rules: QuantRules | None = None,
     *,
     param_dtype=None,
@@ -63,7 +63,7 @@ def load_pretrained(
     ``bits``/``method`` set ParetoQ's rule (every decoder projection quantized; 16 = float);
     ``quant_rules`` overrides it. ``dtype`` is the compute dtype (parameters are stored in
     ``param_dtype``, default ``dtype``). With ``mesh``, parameters are placed sharded by the
-    logical-axis ``rules`` (default ``paretoq_jax.sharding.DEFAULT_RULES``) as they are read.
+    logical-axis ``rules`` (default ``paretoq_jax.sharding.DEFAULT_SHARDING_RULES``) as they are read.
     ``scale_init``: how learned scales start (``paretoq`` or ``mse``) unless the checkpoint
     holds scales for the same quantizer.
     """

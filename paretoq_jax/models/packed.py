@@ -19,6 +19,7 @@ from flax import nnx
 
 from paretoq_jax import quant
 from paretoq_jax.models.layers import QuantLinear
+from paretoq_jax.models.linears import quant_linears
 
 __all__ = ["PackedCodes", "PackedLinear", "linear_codes", "packed_linears", "to_packed_model"]
 
@@ -148,11 +149,7 @@ def to_packed_model(
     (``spec=None``) are left alone.
     """
     model = nnx.clone(model)
-    targets = [
-        (p, m)
-        for p, m in nnx.iter_modules(model)
-        if isinstance(m, QuantLinear) and m.spec is not None
-    ]
+    targets = list(quant_linears(model).items())
     if not targets:
         raise ValueError(
             "the model has no quantized linear layers (its quantization rules are empty or "

@@ -19,7 +19,12 @@ from paretoq_jax.io import load_model_config, load_pretrained
 from paretoq_jax.io import load_tokenizer as _tokenizer_at
 from paretoq_jax.models import Llama, resolve_rules
 from paretoq_jax.parallel import code_gather
-from paretoq_jax.sharding import DEFAULT_RULES, make_mesh, model_shardings, variable_sharding
+from paretoq_jax.sharding import (
+    DEFAULT_SHARDING_RULES,
+    make_mesh,
+    model_shardings,
+    variable_sharding,
+)
 
 from .config import RunConfig
 
@@ -124,7 +129,7 @@ def init_random_model(make: Callable[[], nnx.Module], mesh: jax.sharding.Mesh) -
     """Random init directly into the shardings: each device computes only its own shards (no
     full copy on one device; correct on multi-host meshes)."""
     abstract = nnx.eval_shape(make)
-    shardings = model_shardings(abstract, mesh, DEFAULT_RULES)
+    shardings = model_shardings(abstract, mesh, DEFAULT_SHARDING_RULES)
     state = jax.jit(lambda: nnx.state(make()), out_shardings=shardings)()
     return nnx.merge(nnx.graphdef(abstract), state)
 
@@ -140,7 +145,7 @@ def param_shardings(model: nnx.Module, mesh: jax.sharding.Mesh) -> Any:
 
     def one(v: nnx.Variable) -> Any:
         own = getattr(v.get_value(), "sharding", None)
-        return own if own is not None else variable_sharding(v, mesh, DEFAULT_RULES)
+        return own if own is not None else variable_sharding(v, mesh, DEFAULT_SHARDING_RULES)
 
     state = nnx.state(model, nnx.Param)
     shardings = jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -37,7 +37,7 @@ from typing import Any
 from flax import nnx
 
 from paretoq_jax.analysis import model_size
-from paretoq_jax.config import from_dict, load_yaml, to_dict
+from paretoq_jax.config import from_dict, load_yaml, set_dotted, to_dict
 from paretoq_jax.data import build_splits
 from paretoq_jax.errors import ParetoQError
 from paretoq_jax.quant import resolve
@@ -126,29 +126,18 @@ def claim(cell_dir: Path) -> Iterator[bool]:
         os.close(fd)
 
 
-def _set_dotted(data: dict, key: str, value: Any) -> None:
-    node = data
-    parts = key.split(".")
-    for p in parts[:-1]:
-        nxt = node.get(p)
-        if not isinstance(nxt, dict):
-            nxt = node[p] = {}
-        node = nxt
-    node[parts[-1]] = value
-
-
 def cell_config(spec: SweepSpec, cell: Cell, run_dir: Path):
     """``(RunConfig, steps)`` of a cell: the base config, the shared then the cell's overrides,
     ``run_dir``. A cell with ``train.steps=0`` is validated with ``steps=1`` (the trainer needs at
     least one step) and ``steps`` is returned as 0: it is evaluated, not trained."""
     data = copy.deepcopy(load_yaml(spec.train_config))
     for key, value in {**spec.overrides, **cell.overrides}.items():
-        _set_dotted(data, key, value)
-    _set_dotted(data, "run_dir", str(run_dir))
+        set_dotted(data, key, value, replace=True)
+    set_dotted(data, "run_dir", str(run_dir))
     steps = int(data.get("train", {}).get("steps", 1))
     if steps == 0:
-        _set_dotted(data, "train.steps", 1)
-        _set_dotted(data, "train.warmup_steps", 0)
+        set_dotted(data, "train.steps", 1, replace=True)
+        set_dotted(data, "train.warmup_steps", 0, replace=True)
     return from_dict(RunConfig, data), steps
 
 
