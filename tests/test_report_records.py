@@ -1,4 +1,4 @@
-"""The quickstart's results record: config as run, metrics curve, software (report.records)."""
+"""The quickstart's results record: config as run, metrics curve, software (run.records)."""
 
 from __future__ import annotations
 

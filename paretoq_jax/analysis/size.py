@@ -18,6 +18,9 @@ import dataclasses
 import math
 from collections.abc import Iterable
 
+from flax import nnx
+
+from paretoq_jax.models.linears import quant_linears
 from paretoq_jax.quant import QuantSpec
 
 __all__ = ["ModelSize", "bits_per_weight", "model_size_bits", "model_size"]
@@ -86,10 +89,6 @@ def model_size(model, *, float_bits: int = 16) -> ModelSize:
     float projections, biases) is a float parameter. Learned scale parameters are not counted
     twice: they are the scales.
     """
-    from flax import nnx
-
-    from paretoq_jax.models.linears import quant_linears
-
     quantized, counted = [], set()
     for m in quant_linears(model).values():
         k = m.kernel[...]

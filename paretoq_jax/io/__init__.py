@@ -10,6 +10,7 @@ from pathlib import Path
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from paretoq_jax.io.gguf import _reader, gguf_config, gguf_tokenizer, load_gguf
 from paretoq_jax.io.hf import CheckpointError, load_hf, save_hf
 from paretoq_jax.models import Llama, LlamaConfig, QuantRules, resolve_rules
 from paretoq_jax.sharding import ShardingRules
@@ -84,8 +85,6 @@ def load_pretrained(
         scale_init=scale_init,
     )
     if p.is_file() and p.suffix == ".gguf":
-        from paretoq_jax.io.gguf import load_gguf
-
         return load_gguf(p, **kwargs)
     if p.is_dir():
         if not (p / "config.json").exists():
@@ -99,8 +98,6 @@ def load_model_config(path: str | Path) -> LlamaConfig:
     without reading any weights."""
     p = _resolve(path)
     if p.is_file() and p.suffix == ".gguf":
-        from paretoq_jax.io.gguf import _reader, gguf_config
-
         return gguf_config(_reader(p), p)
     return LlamaConfig.from_json(p)
 
@@ -115,8 +112,6 @@ def load_tokenizer(path: str | Path):
     """The HF ``PreTrainedTokenizerFast`` of an HF folder, or rebuilt from a GGUF's metadata."""
     p = _resolve(path)
     if p.is_file() and p.suffix == ".gguf":
-        from paretoq_jax.io.gguf import gguf_tokenizer
-
         return gguf_tokenizer(p)
     from transformers import AutoTokenizer
 

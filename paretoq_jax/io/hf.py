@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from paretoq_jax import quant
 from paretoq_jax.errors import ParetoQError
 from paretoq_jax.io.mapping import HF_IGNORED, hf_tensors, hf_to_model, model_to_hf
 from paretoq_jax.models import Llama, LlamaConfig, QuantRules
@@ -156,8 +157,6 @@ def assemble_model(
     (``saved_rules``); otherwise ``scale_init`` of the loaded kernel: ``paretoq`` (ParetoQ's
     ``init_scale``) or ``mse`` (``quant.mse_scale``, the least-squares scale).
     """
-    from paretoq_jax import quant
-
     if scale_init not in quant.SCALE_INITS:
         raise ValueError(f"scale_init {scale_init!r} is not one of {sorted(quant.SCALE_INITS)}")
     abstract = nnx.eval_shape(

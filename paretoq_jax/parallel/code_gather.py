@@ -29,7 +29,10 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from paretoq_jax import quant
+from paretoq_jax.models.linears import quant_linears
 from paretoq_jax.sharding import ShardingRules, variable_sharding
+
+from . import hlo
 
 __all__ = [
     "GATHER_MODES",
@@ -273,8 +276,6 @@ def configure(
     ``on``: the same, but raises if no linear would gather codes (e.g. ``fsdp = 1``), so a run
     asking for it does not silently train without it.
     """
-    from paretoq_jax.models.linears import quant_linears
-
     mode = gather_mode(mode)
     count = 0
     for module in quant_linears(model, quantized=False).values():
@@ -301,9 +302,6 @@ def weight_gather_bytes(
     gathers) and ``floats`` (float all-gathers shaped like a gathered quantized kernel, one
     layer's or the whole stack's: the plain path's weight traffic; ``float_weights`` counts
     their elements, so ``2 * float_weights`` is that traffic in bf16)."""
-    from paretoq_jax.models.linears import quant_linears
-    from paretoq_jax.parallel import hlo
-
     shapes = set()
     for m in quant_linears(model).values():
         plan = plan_for(m.kernel, mesh, rules)

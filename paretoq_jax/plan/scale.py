@@ -18,6 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from paretoq_jax.config import load_config
+from paretoq_jax.run.config import RunConfig
+
 from .chips import CHIPS
 from .table import gib
 
@@ -48,9 +51,6 @@ def plan_config(
     path: str, bits: str, results: Path, *, flops: bool, topologies: list[str] | None = None
 ) -> dict[str, Any]:
     """Find the smallest v5p slice for ``path`` at ``bits``; cache the result as JSON."""
-    from paretoq_jax.config import load_config
-    from paretoq_jax.run.config import RunConfig
-
     from .core import HBMError, plan
 
     out_file = results / f"{Path(path).stem}-{bits}bit.json"

@@ -10,7 +10,7 @@ Layout of a sweep directory::
     SWEEP_DIR/cells/NAME/.lock      flock held while a process works on the cell
     SWEEP_DIR/cells/NAME/result.json  the done marker and the cell's result row (atomic rename):
                                     final metrics, the config as run and the metrics curve
-                                    (``paretoq_jax.report.records``)
+                                    (``paretoq_jax.run.records``)
     SWEEP_DIR/results.json / results.csv  all finished cells' rows
 """
 
@@ -41,10 +41,10 @@ from paretoq_jax.config import from_dict, load_yaml, set_dotted, to_dict
 from paretoq_jax.data import build_splits
 from paretoq_jax.errors import ParetoQError
 from paretoq_jax.quant import resolve
-from paretoq_jax.report.records import curve_from_file, software
 from paretoq_jax.run.build import build_mesh, load_tokenizer
 from paretoq_jax.run.config import RunConfig
 from paretoq_jax.run.metrics import read_metrics
+from paretoq_jax.run.records import curve_from_file, software
 from paretoq_jax.train import NonFiniteLossError, train
 
 from . import evaluate as ev
@@ -191,7 +191,7 @@ def run_cell(spec: SweepSpec, cell: Cell, index: int, cell_dir: Path, *, progres
         saved = to_dict(cfg)
         saved["train"]["steps"] = 0  # evaluated as initialized (validated with steps=1)
         (cell_dir / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
-    # the committed-results record: the config as run and the metrics curve (report.records)
+    # the committed-results record: the config as run and the metrics curve (run.records)
     row["config"] = to_dict(cfg) if steps else saved
     row["curve"] = curve_from_file(cell_dir / "metrics.jsonl") if steps else []
     row["software"] = software()

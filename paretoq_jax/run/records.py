@@ -17,11 +17,16 @@ committed, say so in ``provenance`` (see ``docs/sweeps.md``).
 from __future__ import annotations
 
 import math
+import os
+import platform
 from collections.abc import Iterable, Mapping
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from paretoq_jax.run.metrics import read_metrics
+import jax
+
+from .metrics import read_metrics
 
 __all__ = ["CURVE_KEYS", "curve_of", "curve_from_file", "mean_codes_changed", "software"]
 
@@ -60,12 +65,6 @@ def curve_from_file(metrics_jsonl: str | Path) -> list[dict[str, Any]]:
 
 def software() -> dict[str, Any]:
     """Python, the numerics packages' versions, the JAX backend and device count, CPU count."""
-    import os
-    import platform
-    from importlib import metadata
-
-    import jax
-
     out: dict[str, Any] = {"python": platform.python_version()}
     for name in _PACKAGES:
         try:
