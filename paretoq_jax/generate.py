@@ -258,7 +258,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--bits", default=None, help="quantize a float checkpoint (RTN) at load")
     p.add_argument("--method", default=None, help="quantizer method with --bits")
     args = p.parse_args(argv)
-    from paretoq_jax.eval import load_model
+    from paretoq_jax.run.load import load_model
 
     model, tokenizer = load_model(args.model, bits=args.bits, method=args.method)
     texts = generate(
