@@ -2,7 +2,7 @@
 
 ``plan(cfg, topology)`` builds what ``python -m paretoq_jax.train`` would run (the model with its
 QAT specs, the distillation teacher, AdamW, the shardings, remat / scan, gradient accumulation:
-``train.loop.model_factory`` and ``train.loop.make_step_for``) from ``nnx.eval_shape`` shapes only,
+``run.build.model_factory`` and ``train.loop.make_step_for``) from ``nnx.eval_shape`` shapes only,
 compiles it for compile-only TPU devices (``jax.experimental.topologies``) and reads:
 
 - memory: ``compiled.memory_analysis()`` per device (arguments, outputs, temporaries), and the
