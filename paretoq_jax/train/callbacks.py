@@ -98,12 +98,15 @@ def evaluation(cfg: RunConfig, model: nnx.Module, val_blocks: Sized, mesh: Any) 
     return evaluation
 
 
-def quant_statistics(stats: QuantStats, every: int, start: int) -> Callback:
+def quant_statistics(model: nnx.Module, every: int, start: int) -> Callback:
     """On logging steps ``every`` steps apart and the first step of this segment: ``quant``,
-    the per-projection statistics of ``QuantStats``."""
+    the per-projection statistics of ``QuantStats`` (``every <= 0``: never)."""
+    stats = QuantStats(model) if every > 0 else None
 
     def quant_statistics(end: StepEnd) -> None:
-        if end.row is not None and (end.step % every == 0 or end.step == start + 1):
+        if stats is None or end.row is None:
+            return
+        if end.step % every == 0 or end.step == start + 1:
             end.row["quant"] = stats(end.state["params"])
 
     return quant_statistics

@@ -32,7 +32,7 @@ from paretoq_jax.runtime import release_free_memory
 
 from . import callbacks as cb
 from .callbacks import Callback
-from .metrics import MetricsWriter, QuantStats
+from .metrics import MetricsWriter
 from .step import TrainStep, make_train_step
 
 __all__ = [
@@ -128,23 +128,13 @@ def train(
     tokenizer = load_tokenizer(cfg)
     train_blocks, val_blocks = build_splits(cfg.data, tokenizer)
     tcfg = cfg.train
-    n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if tcfg.batch_size % (n_batch_shards * tcfg.grad_accum):
-        raise ValueError(
-            f"train.batch_size={tcfg.batch_size} must be divisible by mesh.data x mesh.fsdp x "
-            f"train.grad_accum = {n_batch_shards} x {tcfg.grad_accum}"
-        )
-
+    _check_batch_split(cfg, mesh)
     model = build_model(cfg, mesh)
     code_gather.configure(model, mesh, cfg.mesh.gather_codes)  # `on` fails if nothing gathers
     state, step_fn, teacher_params = build_trainer(cfg, mesh, model)
     shardings = step_fn.state_shardings
 
-    total, on_dev = tree_bytes({"params": state["params"], "opt": state["opt_state"]})
-    memory = {"state_bytes_total": total, "state_bytes_device0": on_dev}
-    if is_main:
-        print(f"[train] params + optimizer state: {total / 2**20:.1f} MiB in all, "
-              f"{on_dev / 2**20:.1f} MiB on device 0 (mesh {dict(mesh.shape)})")  # fmt: skip
+    memory = _state_memory(state, mesh, is_main)
     ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep,
                         async_save=cfg.checkpoint.async_save)  # fmt: skip
     # The newest checkpoint that reads back intact; unreadable newer ones are kept aside.
@@ -158,17 +148,7 @@ def train(
         start, state, meta = restored
         data_state = meta["data"]
 
-    it = BatchIterator(
-        train_blocks,
-        tcfg.batch_size,
-        seed=tcfg.seed,
-        shuffle=cfg.data.shuffle,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        state=data_state,
-    )
-    if isinstance(train_blocks, PreparedBlocks):  # chunk reads run ahead on a thread
-        it = Prefetcher(it)
+    it = _batch_iterator(cfg, train_blocks, data_state)
     writer = MetricsWriter(
         run_dir, total_steps=tcfg.steps, start_step=start, enabled=is_main,
         progress=progress, tensorboard=tcfg.tensorboard,
@@ -183,14 +163,13 @@ def train(
     after_step = [
         cb.log_row(cfg, make_schedule(tcfg), writer),
         cb.evaluation(cfg, model, val_blocks, mesh),
-        *([cb.quant_statistics(QuantStats(model), tcfg.quant_stats_every, start)]
-          if tcfg.quant_stats_every > 0 else []),
+        cb.quant_statistics(model, tcfg.quant_stats_every, start),
         cb.write_row(writer),
         cb.checkpointing(cfg, save),
         cb.heap_guard(start),
         *callbacks,
         signals,
-    ]  # fmt: skip
+    ]
     tokens_per_step = tcfg.batch_size * cfg.data.train_len
     extra = (teacher_params,) if tcfg.uses_teacher else ()
     loss, step = float("nan"), start
@@ -228,6 +207,40 @@ def train(
         "interrupted": signals.interrupted,
         **memory,
     }
+
+
+def _check_batch_split(cfg: RunConfig, mesh: jax.sharding.Mesh) -> None:
+    tcfg = cfg.train
+    n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if tcfg.batch_size % (n_batch_shards * tcfg.grad_accum):
+        raise ValueError(
+            f"train.batch_size={tcfg.batch_size} must be divisible by mesh.data x mesh.fsdp x "
+            f"train.grad_accum = {n_batch_shards} x {tcfg.grad_accum}"
+        )
+
+
+def _state_memory(state: dict, mesh: jax.sharding.Mesh, is_main: bool) -> dict[str, int]:
+    """Bytes of parameters + optimizer state in all and on device 0 (printed by process 0)."""
+    total, on_dev = tree_bytes({"params": state["params"], "opt": state["opt_state"]})
+    if is_main:
+        print(f"[train] params + optimizer state: {total / 2**20:.1f} MiB in all, "
+              f"{on_dev / 2**20:.1f} MiB on device 0 (mesh {dict(mesh.shape)})")  # fmt: skip
+    return {"state_bytes_total": total, "state_bytes_device0": on_dev}
+
+
+def _batch_iterator(cfg: RunConfig, train_blocks: Any, data_state: dict | None) -> Any:
+    """This process's share of the shuffled training batches, from ``data_state`` on (resume);
+    prepared (zarr) blocks are read ahead on a thread (close it when done)."""
+    it = BatchIterator(
+        train_blocks,
+        cfg.train.batch_size,
+        seed=cfg.train.seed,
+        shuffle=cfg.data.shuffle,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        state=data_state,
+    )
+    return Prefetcher(it) if isinstance(train_blocks, PreparedBlocks) else it
 
 
 def _prepare_run_dir(cfg: RunConfig, is_main: bool) -> None:
