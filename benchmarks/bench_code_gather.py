@@ -48,8 +48,9 @@ def main() -> None:
     from paretoq_jax import hlo
     from paretoq_jax.config import load_config
     from paretoq_jax.parallel import code_gather
-    from paretoq_jax.train.config import RunConfig
-    from paretoq_jax.train.loop import build_mesh, build_model, build_trainer
+    from paretoq_jax.run.build import build_mesh, build_model
+    from paretoq_jax.run.config import RunConfig
+    from paretoq_jax.train.loop import build_trainer
 
     d, f, t = (int(x) for x in args.mesh.split(","))
     base = ["run_dir=/tmp/bench_code_gather", f"mesh.data={d}", f"mesh.fsdp={f}",

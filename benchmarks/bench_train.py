@@ -39,8 +39,9 @@ def main() -> None:
     args = p.parse_args()
 
     from paretoq_jax.config import load_config
-    from paretoq_jax.train.config import RunConfig
-    from paretoq_jax.train.loop import build_mesh, build_model, build_trainer
+    from paretoq_jax.run.build import build_mesh, build_model
+    from paretoq_jax.run.config import RunConfig
+    from paretoq_jax.train.loop import build_trainer
 
     cfg = load_config(RunConfig, args.config, args.overrides)
     mesh = build_mesh(cfg)

@@ -1,7 +1,7 @@
 """paretoq_jax: extremely low-bit quantization-aware training (ParetoQ) in JAX / Flax NNX.
 
 Top-level conveniences (imported lazily, so ``import paretoq_jax`` stays cheap):
-``load_pretrained``, ``save_pretrained``, ``load_tokenizer``, ``load_config``.
+``load_pretrained``, ``save_pretrained``, ``load_tokenizer``, ``load_model_config``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ _LAZY = {
     "load_pretrained": "paretoq_jax.io",
     "save_pretrained": "paretoq_jax.io",
     "load_tokenizer": "paretoq_jax.io",
-    "load_config": "paretoq_jax.io",
+    "load_model_config": "paretoq_jax.io",
 }
 
 __all__ = ["__version__", *_LAZY]

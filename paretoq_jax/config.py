@@ -35,6 +35,7 @@ __all__ = [
     "load_yaml",
     "parse_overrides",
     "apply_overrides",
+    "set_dotted",
     "save_config",
     "valid_keys",
 ]
@@ -287,14 +288,25 @@ def parse_overrides(items: Sequence[str]) -> dict:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
-        node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{item}' conflicts with an earlier override of '{p}'")
-        node[parts[-1]] = value
+        set_dotted(out, key, value, what=f"override '{item}'")
     return out
+
+
+def set_dotted(
+    data: dict, key: str, value: Any, *, replace: bool = False, what: str | None = None
+) -> None:
+    """``data[a][b][c] = value`` for ``key = "a.b.c"``, creating missing levels. A level that
+    holds something other than a mapping is replaced by one with ``replace``, else a
+    ``ConfigError`` names it (``what``: how to call ``key`` in that error)."""
+    node = data
+    parts = key.split(".")
+    for p in parts[:-1]:
+        if p not in node or (replace and not isinstance(node[p], dict)):
+            node[p] = {}
+        elif not isinstance(node[p], dict):
+            raise ConfigError(f"{what or repr(key)} conflicts with an earlier value of '{p}'")
+        node = node[p]
+    node[parts[-1]] = value
 
 
 def apply_overrides(data: Mapping, items: Sequence[str]) -> dict:

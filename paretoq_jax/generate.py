@@ -24,8 +24,11 @@ import numpy as np
 from flax import nnx
 
 from paretoq_jax.cli import run_cli
+from paretoq_jax.io import load_tokenizer
+from paretoq_jax.io.packed import is_packed_export, load_packed
 from paretoq_jax.models.decode import forward_cached, init_cache, materialize_quantized
 from paretoq_jax.models.llama import Llama
+from paretoq_jax.run.load import load_model
 
 __all__ = [
     "SamplingConfig",
@@ -294,11 +297,7 @@ def load_for_generation(
     (:func:`~paretoq_jax.io.packed.load_packed` ``mode="packed"``; an int8 embedding stays
     int8) unless ``dequantize``, which loads it as a float model holding exactly its weights
     (as evaluation does: bit-identical logits, slower decoding). Anything else goes through
-    :func:`paretoq_jax.eval.load_model`."""
-    from paretoq_jax.eval import load_model
-    from paretoq_jax.io import load_tokenizer
-    from paretoq_jax.io.packed import is_packed_export, load_packed
-
+    :func:`paretoq_jax.run.load.load_model`."""
     if is_packed_export(path) and not dequantize:
         if bits is not None or method is not None:
             raise ValueError(f"{path} is a packed export with its own bits; drop --bits/--method")

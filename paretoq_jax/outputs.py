@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from paretoq_jax import __version__
 from paretoq_jax.errors import OutputError
 
 __all__ = [
@@ -251,8 +252,6 @@ def _check_parent_writable(p: Path, what: str) -> None:
 
 
 def marker_text(kind: str, extra: dict | None = None) -> str:
-    from paretoq_jax import __version__
-
     data = {"kind": kind, "tool": f"paretoq_jax {__version__}", "created": time.time()}
     return json.dumps({**data, **(extra or {})}, indent=1) + "\n"
 

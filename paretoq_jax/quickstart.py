@@ -12,7 +12,7 @@ On a fresh CPU machine, with the embedded default (``configs/quickstart.yaml``):
    the packed model (computing from the packed integer codes);
 6. prints a table: perplexity (float / RTN / QAT), file sizes, tokens/s; and writes it to
    ``RUN_DIR/quickstart.json`` with the config as run, the metrics curve and the software it
-   ran on (``paretoq_jax.report.records``): the file the README's quickstart table is generated
+   ran on (``paretoq_jax.run.records``): the file the README's quickstart table is generated
    from (``reports/quickstart/quickstart.json``).
 
 Overrides are the training config's dotted keys (``model.bits=3 train.steps=50
@@ -30,9 +30,25 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
+from flax import nnx
+
 from paretoq_jax.cli import run_cli
-from paretoq_jax.config import ConfigError
+from paretoq_jax.config import ConfigError, load_config, to_dict
+from paretoq_jax.data import build_splits
+from paretoq_jax.eval import load_run
+from paretoq_jax.eval.perplexity import perplexity
+from paretoq_jax.export import check_export_out, export_model
+from paretoq_jax.generate import generate
+from paretoq_jax.io import load_pretrained, load_tokenizer
+from paretoq_jax.io.packed import load_packed
 from paretoq_jax.outputs import atomic_write_text, check_run_dir
+from paretoq_jax.quant import resolve
+from paretoq_jax.run import read_metrics, resolve_model_path
+from paretoq_jax.run.config import RunConfig
+from paretoq_jax.run.records import curve_from_file, software
+from paretoq_jax.runtime import reexec_with_malloc_tunables
+from paretoq_jax.train import train
 
 __all__ = ["main", "run", "record", "table", "default_config_path", "plain_qat_reference"]
 
@@ -94,21 +110,7 @@ def _say(msg: str) -> None:
 
 
 def run(cfg: Any, *, prompt: str, max_new_tokens: int, eval_batch: int, progress: bool) -> dict:
-    """Steps 1-6 for a resolved :class:`paretoq_jax.train.config.RunConfig`; returns the table."""
-    import jax
-    from flax import nnx
-
-    from paretoq_jax.data import build_splits
-    from paretoq_jax.eval import load_run
-    from paretoq_jax.eval.perplexity import perplexity
-    from paretoq_jax.export import check_export_out, export_model
-    from paretoq_jax.generate import generate
-    from paretoq_jax.io import load_pretrained, load_tokenizer
-    from paretoq_jax.io.packed import load_packed
-    from paretoq_jax.quant import resolve
-    from paretoq_jax.train.loop import resolve_model_path, train
-    from paretoq_jax.train.metrics import read_metrics
-
+    """Steps 1-6 for a resolved :class:`paretoq_jax.run.config.RunConfig`; returns the table."""
     spec = resolve(cfg.model.bits, cfg.model.method)
     if spec is None:
         raise ConfigError("the quickstart compares a quantized model: set model.bits to 1-4")
@@ -195,9 +197,6 @@ def run(cfg: Any, *, prompt: str, max_new_tokens: int, eval_batch: int, progress
 def record(cfg: Any, run_dir: Path) -> dict[str, Any]:
     """What makes the quickstart's numbers reproducible: ``config`` (the run's whole config),
     ``curve`` (its metrics curve) and ``software`` (versions, platform, CPU count)."""
-    from paretoq_jax.config import to_dict
-    from paretoq_jax.report.records import curve_from_file, software
-
     return {
         "config": to_dict(cfg),
         "curve": curve_from_file(run_dir / "metrics.jsonl"),
@@ -250,9 +249,6 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50")
     args = ap.parse_args(argv)
 
-    from paretoq_jax.config import load_config
-    from paretoq_jax.train.config import RunConfig
-
     path = Path(args.config) if args.config else default_config_path()
     cfg = load_config(RunConfig, path, args.overrides)
     run(cfg, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
@@ -261,7 +257,5 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from paretoq_jax.runtime import reexec_with_malloc_tunables
-
     reexec_with_malloc_tunables()
     sys.exit(main())

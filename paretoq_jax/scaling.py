@@ -16,10 +16,16 @@ float runs go on, and QAT cells whose start exists can run meanwhile.
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 from pathlib import Path
 
+from paretoq_jax.cli import run_cli
+from paretoq_jax.config import read_yaml
 from paretoq_jax.errors import ParetoQError
+from paretoq_jax.io import save_pretrained
+from paretoq_jax.run.restore import checkpoint_steps, load_run
 
 __all__ = ["export_float_starts", "main", "start_name"]
 
@@ -40,12 +46,6 @@ def export_float_starts(
 ) -> list[Path]:
     """Export each float cell's checkpoints at ``steps`` to ``sweep_dir/hf``; the folders
     written now (existing ones are left as they are)."""
-    import os
-    import shutil
-
-    from paretoq_jax.config import read_yaml
-    from paretoq_jax.io import save_pretrained
-    from paretoq_jax.train.restore import checkpoint_steps, load_run
 
     sweep_dir = Path(sweep_dir)
     cells = sweep_dir / "cells"
@@ -73,7 +73,6 @@ def export_float_starts(
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m paretoq_jax.scaling export SWEEP_DIR [--steps ...]``."""
-    from paretoq_jax.cli import run_cli
 
     return run_cli(_main, argv)
 

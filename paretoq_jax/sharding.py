@@ -1,7 +1,7 @@
 """Logical axis names -> mesh axes (`data`, `fsdp`, `tensor`), meshes, and placing a model.
 
 Every parameter of :mod:`paretoq_jax.models` names its axes ('layers', 'embed', 'vocab', 'heads',
-'kv_heads', 'mlp', 'norm') in its ``out_sharding`` metadata. One table, ``DEFAULT_RULES``, maps
+'kv_heads', 'mlp', 'norm') in its ``out_sharding`` metadata. One table, ``DEFAULT_SHARDING_RULES``, maps
 each logical name to a mesh axis (or ``None``: replicated). A dimension whose size the mesh axis
 does not divide is replicated instead, so any model works on any mesh.
 
@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis -> mesh axis (or tuple of mesh axes, or None = replicated).
-DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
+DEFAULT_SHARDING_RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": ("data", "fsdp"),  # activations: the batch is split over data and fsdp
     "length": None,
     "layers": None,  # stacked layers stay whole on each device (scan slices them)
@@ -36,7 +36,7 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "norm": None,
 }
 
-Rules = Mapping[str, str | tuple[str, ...] | None]
+ShardingRules = Mapping[str, str | tuple[str, ...] | None]
 
 
 def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
@@ -83,12 +83,12 @@ def _device_grid(shape: tuple[int, int, int], devices: list) -> np.ndarray:
 def logical_to_spec(
     names: Sequence[str | None],
     mesh: Mesh,
-    rules: Rules | None = None,
+    rules: ShardingRules | None = None,
     shape: Sequence[int] | None = None,
 ) -> PartitionSpec:
     """PartitionSpec for logical axis ``names``; with ``shape``, axes the mesh does not divide
     (and mesh axes already used by an earlier dimension) are replicated."""
-    rules = DEFAULT_RULES if rules is None else rules
+    rules = DEFAULT_SHARDING_RULES if rules is None else rules
     used: set[str] = set()
     spec = []
     for i, name in enumerate(names):
@@ -107,7 +107,9 @@ def logical_to_spec(
     return PartitionSpec(*spec)
 
 
-def constrain(x: jax.Array, names: Sequence[str | None], rules: Rules | None = None) -> jax.Array:
+def constrain(
+    x: jax.Array, names: Sequence[str | None], rules: ShardingRules | None = None
+) -> jax.Array:
     """``x`` with the sharding of its logical axis ``names`` on the ambient mesh (set by the
     train / eval steps with ``jax.sharding.use_abstract_mesh``); unchanged without one."""
     mesh = jax.sharding.get_abstract_mesh()
@@ -119,14 +121,16 @@ def constrain(x: jax.Array, names: Sequence[str | None], rules: Rules | None = N
 def logical_to_sharding(
     names: Sequence[str | None],
     mesh: Mesh,
-    rules: Rules | None = None,
+    rules: ShardingRules | None = None,
     shape: Sequence[int] | None = None,
 ) -> NamedSharding:
     """NamedSharding on ``mesh`` for logical axis ``names`` (see ``logical_to_spec``)."""
     return NamedSharding(mesh, logical_to_spec(names, mesh, rules, shape))
 
 
-def variable_sharding(var: nnx.Variable, mesh: Mesh, rules: Rules | None = None) -> NamedSharding:
+def variable_sharding(
+    var: nnx.Variable, mesh: Mesh, rules: ShardingRules | None = None
+) -> NamedSharding:
     """The sharding of one model variable from its ``out_sharding`` logical names."""
     names = var.get_metadata().get("out_sharding") or (None,) * var.ndim
     if len(names) != var.ndim:
@@ -134,7 +138,7 @@ def variable_sharding(var: nnx.Variable, mesh: Mesh, rules: Rules | None = None)
     return logical_to_sharding(names, mesh, rules, var.shape)
 
 
-def model_shardings(model: nnx.Module, mesh: Mesh, rules: Rules | None = None) -> nnx.State:
+def model_shardings(model: nnx.Module, mesh: Mesh, rules: ShardingRules | None = None) -> nnx.State:
     """An ``nnx.State`` (same structure as ``nnx.state(model)``) of NamedShardings."""
     state = nnx.state(model)
     return jax.tree.map(
@@ -144,7 +148,7 @@ def model_shardings(model: nnx.Module, mesh: Mesh, rules: Rules | None = None) -
     )
 
 
-def shard_model(model: nnx.Module, mesh: Mesh, rules: Rules | None = None) -> nnx.State:
+def shard_model(model: nnx.Module, mesh: Mesh, rules: ShardingRules | None = None) -> nnx.State:
     """Places every parameter of ``model`` on ``mesh`` (in place) and returns the shardings
     (an ``nnx.State`` of NamedShardings, usable as jit in/out shardings of ``nnx.state(model)``)."""
     shardings = model_shardings(model, mesh, rules)

@@ -116,8 +116,9 @@ def _loss(graphdef, params, rest, tokens):
 
 def train_case(case: dict) -> dict:
     from paretoq_jax.config import load_config
+    from paretoq_jax.run.build import build_mesh, build_model
     from paretoq_jax.train import RunConfig
-    from paretoq_jax.train.loop import build_mesh, build_model, build_trainer
+    from paretoq_jax.train.loop import build_trainer
 
     d, f, t = case["mesh"]
     base = [

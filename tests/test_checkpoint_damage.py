@@ -13,8 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from paretoq_jax.config import load_config
-from paretoq_jax.train import RunConfig, train
-from paretoq_jax.train.checkpoint import (
+from paretoq_jax.run.checkpoint import (
     Checkpointer,
     CheckpointRestoreError,
     ResumeConfigError,
@@ -22,7 +21,8 @@ from paretoq_jax.train.checkpoint import (
     check_resume_config,
     state_checksum,
 )
-from paretoq_jax.train.metrics import read_metrics
+from paretoq_jax.run.metrics import read_metrics
+from paretoq_jax.train import RunConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -48,7 +48,8 @@ def reference(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def abstract(reference):
     """The trainer's abstract state (shapes, dtypes, shardings) for this config."""
-    from paretoq_jax.train.loop import build_mesh, build_model, build_trainer
+    from paretoq_jax.run.build import build_mesh, build_model
+    from paretoq_jax.train.loop import build_trainer
 
     run, cache = reference
     cfg = load_config(RunConfig, TINY, _overrides(run, cache))
@@ -187,7 +188,7 @@ def test_resume_with_state_changing_config_is_refused(tmp_path, reference):
 
 def test_load_run_reads_the_newest_intact_checkpoint(tmp_path, reference, capsys):
     """eval / export / generate (load_run) skip a damaged newest checkpoint, leaving it."""
-    from paretoq_jax.train.restore import load_run
+    from paretoq_jax.run.restore import load_run
 
     run_ref, _ = reference
     run = tmp_path / "run"

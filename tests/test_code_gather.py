@@ -21,7 +21,7 @@ import pytest
 
 from paretoq_jax import hlo, quant
 from paretoq_jax.parallel import code_gather
-from paretoq_jax.train.config import MeshConfig
+from paretoq_jax.run.config import MeshConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = Path(__file__).with_name("code_gather_child.py")

@@ -13,8 +13,8 @@ import pytest
 from paretoq_jax.config import load_config
 from paretoq_jax.data.prepare import PrepareOptions, prepare
 from paretoq_jax.io import load_tokenizer
+from paretoq_jax.run.metrics import read_metrics
 from paretoq_jax.train import RunConfig, train
-from paretoq_jax.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"

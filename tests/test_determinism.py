@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from paretoq_jax.config import load_config
+from paretoq_jax.run.metrics import read_metrics
 from paretoq_jax.train import RunConfig, train
-from paretoq_jax.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"

@@ -17,7 +17,7 @@ from safetensors.numpy import load_file, save_file
 from paretoq_jax import quant
 from paretoq_jax.io import (
     CheckpointError,
-    load_config,
+    load_model_config,
     load_pretrained,
     load_tokenizer,
     save_pretrained,
@@ -123,8 +123,8 @@ def test_gguf_f32_matches_transformers(tmp_path):
     ids, ref = ids_and_ref(GQA)
     model = load_pretrained(path)
     assert not model.config.tie_word_embeddings
-    assert load_config(path) == model.config
-    want, got = LlamaConfig.from_json(GQA), load_config(path)
+    assert load_model_config(path) == model.config
+    want, got = LlamaConfig.from_json(GQA), load_model_config(path)
     for key in (
         "vocab_size",
         "hidden_size",

@@ -208,11 +208,11 @@ def test_check_output_refuses_symlinked_ways_into_a_run(run, tmp_path):
 
 
 _SLOW_LAUNCH = """
-import sys, time
-import paretoq_jax.train.loop as loop
-loop._after_step_hook = lambda step: time.sleep(0.5)  # so the signal lands mid-run
-from paretoq_jax.train.__main__ import main
-sys.exit(main(sys.argv[1:]))
+import functools, sys, time
+import paretoq_jax.train.__main__ as cli
+# so the signal lands mid-run
+cli.train = functools.partial(cli.train, callbacks=[lambda end: time.sleep(0.5)])
+sys.exit(cli.main(sys.argv[1:]))
 """
 
 

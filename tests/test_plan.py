@@ -17,7 +17,7 @@ import pytest
 from paretoq_jax import hlo
 from paretoq_jax.config import load_config
 from paretoq_jax.models.config import LlamaConfig
-from paretoq_jax.train.config import RunConfig
+from paretoq_jax.run.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -218,18 +218,16 @@ CONSTRAINT_SCRIPT = """
 import jax, jax.numpy as jnp
 from flax import nnx
 from paretoq_jax.config import load_config
-from paretoq_jax.train.config import RunConfig
-from paretoq_jax.train.loop import build_mesh, make_step_for, model_factory
+from paretoq_jax.run.config import RunConfig
+from paretoq_jax.run.build import build_mesh, model_factory
+from paretoq_jax.run.state import abstract_state
+from paretoq_jax.train.loop import make_step_for
 cfg = load_config(RunConfig, {tiny!r}, ["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=4"])
 mesh = build_mesh(cfg)
 model = nnx.eval_shape(model_factory(cfg))
 step, tx = make_step_for(cfg, mesh, model)
 params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-shapes = dict(params=params, opt_state=jax.eval_shape(tx.init, params),
-              step=jax.ShapeDtypeStruct((), jnp.int32),
-              rng=jax.eval_shape(lambda: jax.random.PRNGKey(0)))
-state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                     shapes, step.state_shardings)
+state = abstract_state(params, tx, step.state_shardings)
 tokens = jax.ShapeDtypeStruct((8, 64), jnp.int32, sharding=step.batch_sharding)
 print(step.fn.lower(state, {{"tokens": tokens}}).as_text())
 """

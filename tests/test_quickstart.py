@@ -13,7 +13,7 @@ from paretoq_jax.config import load_config
 from paretoq_jax.io import load_tokenizer, save_pretrained
 from paretoq_jax.models import Llama, LlamaConfig
 from paretoq_jax.quickstart import default_config_path, plain_qat_reference, run, table
-from paretoq_jax.train.config import RunConfig
+from paretoq_jax.run.config import RunConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,8 +11,8 @@ from flax import nnx
 
 from paretoq_jax import quant
 from paretoq_jax.models import Llama, LlamaConfig, resolve_rules
+from paretoq_jax.run.metrics import read_metrics
 from paretoq_jax.train import RunConfig
-from paretoq_jax.train.metrics import read_metrics
 from paretoq_jax.train.step import layer_reconstruction
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ import pytest
 from paretoq_jax.report.__main__ import main
 from paretoq_jax.report.published import REPORTS_DIR, check_report, figure_version, report_dirs
 from paretoq_jax.report.readme import BLOCK, README, blocks, update_readme
-from paretoq_jax.report.records import curve_of
+from paretoq_jax.run.records import curve_of
 
 COMMITTED = report_dirs()
 

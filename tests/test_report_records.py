@@ -1,4 +1,4 @@
-"""The quickstart's results record: config as run, metrics curve, software (report.records)."""
+"""The quickstart's results record: config as run, metrics curve, software (run.records)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 from paretoq_jax.config import load_config
 from paretoq_jax.quickstart import record
 from paretoq_jax.report.readme import quickstart_block
-from paretoq_jax.train.config import RunConfig
+from paretoq_jax.run.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -125,10 +125,10 @@ def test_export_float_starts_writes_each_reached_checkpoint_once(tmp_path):
 
     from paretoq_jax.config import load_config
     from paretoq_jax.io import load_pretrained
+    from paretoq_jax.run.config import RunConfig
+    from paretoq_jax.run.restore import load_run
     from paretoq_jax.scaling import export_float_starts
     from paretoq_jax.train import train
-    from paretoq_jax.train.config import RunConfig
-    from paretoq_jax.train.restore import load_run
 
     root = Path(__file__).resolve().parent.parent
 

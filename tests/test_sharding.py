@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from paretoq_jax.sharding import DEFAULT_RULES, logical_to_spec, make_mesh, shard_model
+from paretoq_jax.sharding import DEFAULT_SHARDING_RULES, logical_to_spec, make_mesh, shard_model
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -36,7 +36,7 @@ def test_logical_to_spec_table_and_divisibility():
     assert logical_to_spec(("heads", "mlp"), mesh) == P("tensor", None)
     with pytest.raises(ValueError, match="no sharding rule"):
         logical_to_spec(("nonsense",), mesh)
-    custom = {**DEFAULT_RULES, "embed": None}
+    custom = {**DEFAULT_SHARDING_RULES, "embed": None}
     assert logical_to_spec(("embed", "mlp"), mesh, custom) == P(None, "tensor")
 
 

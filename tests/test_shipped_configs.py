@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from paretoq_jax.config import load_config, to_dict
+from paretoq_jax.run.metrics import read_metrics
 from paretoq_jax.train import RunConfig, train
-from paretoq_jax.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "tests" / "fixtures" / "corpus"

@@ -14,18 +14,13 @@ from flax import nnx
 
 from paretoq_jax.config import ConfigError, load_config
 from paretoq_jax.models import Llama, LlamaConfig, resolve_rules
+from paretoq_jax.run.checkpoint import Checkpointer
+from paretoq_jax.run.metrics import read_metrics
+from paretoq_jax.run.optim import make_optimizer, make_schedule
+from paretoq_jax.run.state import init_state, state_shardings
 from paretoq_jax.sharding import make_mesh, shard_model
 from paretoq_jax.train import NonFiniteLossError, RunConfig, TrainConfig, train
-from paretoq_jax.train.checkpoint import Checkpointer
-from paretoq_jax.train.metrics import read_metrics
-from paretoq_jax.train.optim import make_optimizer, make_schedule
-from paretoq_jax.train.step import (
-    make_train_step,
-    split_batch,
-    state_shardings,
-    token_kl_sum,
-    token_nll_sum,
-)
+from paretoq_jax.train.step import make_train_step, split_batch, token_kl_sum, token_nll_sum
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -93,8 +88,7 @@ def _tiny_state(accum: int, grad_clip: float = 1.0, bits: float = 2):
                        schedule="constant")  # fmt: skip
     tx = make_optimizer(tcfg)
     shardings = state_shardings(mesh, jax.tree.map(lambda x: x.sharding, params), tx, params)
-    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-             "rng": jax.random.PRNGKey(0)}  # fmt: skip
+    state = init_state(params, tx, shardings, seed=0)
     return make_train_step(graphdef, rest, tx, mesh, shardings, grad_accum=accum), state
 
 
@@ -111,8 +105,7 @@ def _tiny_distill_state(accum: int):
     params, t_params = nnx.to_pure_dict(params), nnx.to_pure_dict(t_params)
     tx = make_optimizer(TrainConfig(steps=4, lr=1e-3, batch_size=4, grad_accum=accum))
     shardings = state_shardings(mesh, jax.tree.map(lambda x: x.sharding, params), tx, params)
-    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-             "rng": jax.random.PRNGKey(0)}  # fmt: skip
+    state = init_state(params, tx, shardings, seed=0)
     step = make_train_step(
         graphdef, rest, tx, mesh, shardings, grad_accum=accum, teacher_graphdef=t_graphdef,
         teacher_rest=t_rest, teacher_shardings=jax.tree.map(lambda x: x.sharding, t_params),
@@ -298,7 +291,7 @@ def test_distillation_from_saved_float_teacher(tmp_path):
 
 def test_weight_decay_mask_covers_kernels_and_embedding_only():
     """Decay: projection kernels and the token embedding; never norms or learned scales."""
-    from paretoq_jax.train.optim import decay_mask
+    from paretoq_jax.run.optim import decay_mask
 
     config = LlamaConfig.from_json(ROOT / "configs/models/tiny-llama")
     model = Llama(config, quant=resolve_rules(2), rngs=nnx.Rngs(0))

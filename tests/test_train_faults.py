@@ -17,10 +17,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-import paretoq_jax.train.checkpoint as ck
+import paretoq_jax.run.checkpoint as ck
 from paretoq_jax.config import load_config
+from paretoq_jax.run.metrics import read_metrics
 from paretoq_jax.train import RunConfig, train
-from paretoq_jax.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -37,15 +37,15 @@ def _overrides(run: Path, cache: Path) -> list[str]:
     ]
 
 
-# The CLI in a subprocess with fault hooks injected (paretoq_jax.train.loop._after_step_hook,
-# a wrapped Checkpointer.save), then ``main(argv)``.
+# The CLI in a subprocess with fault hooks injected (a callback of ``train`` sleeping after every
+# step, a wrapped Checkpointer.save), then ``main(argv)``.
 _LAUNCH = """
-import os, signal, sys, time
-import paretoq_jax.train.checkpoint as ck
-import paretoq_jax.train.loop as loop
+import functools, os, signal, sys, time
+import paretoq_jax.run.checkpoint as ck
+import paretoq_jax.train.__main__ as cli
 sleep_s, kill_at, kill_delay = float(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 if sleep_s:
-    loop._after_step_hook = lambda step: time.sleep(sleep_s)
+    cli.train = functools.partial(cli.train, callbacks=[lambda end: time.sleep(sleep_s)])
 if kill_at:
     save = ck.Checkpointer.save
     def killing_save(self, step, state, meta):
@@ -54,8 +54,7 @@ if kill_at:
             time.sleep(kill_delay)
             os.kill(os.getpid(), signal.SIGKILL)
     ck.Checkpointer.save = killing_save
-from paretoq_jax.train.__main__ import main
-sys.exit(main(sys.argv[4:]))
+sys.exit(cli.main(sys.argv[4:]))
 """
 
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from paretoq_jax.config import load_config
+from paretoq_jax.run.metrics import read_metrics
 from paretoq_jax.train import RunConfig, train
-from paretoq_jax.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from paretoq_jax.config import load_config
+from paretoq_jax.run.metrics import read_metrics
 from paretoq_jax.train import RunConfig, train
-from paretoq_jax.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -24,7 +24,7 @@ _CHILD = """
 import json, sys
 from paretoq_jax.config import load_config
 from paretoq_jax.train import RunConfig, train
-from paretoq_jax.train.metrics import read_metrics
+from paretoq_jax.run.metrics import read_metrics
 base, meshes = sys.argv[1], json.loads(sys.argv[2])
 out = {}
 for d, f, t in meshes:

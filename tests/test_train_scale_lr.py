@@ -10,10 +10,11 @@ import pytest
 from flax import nnx
 
 from paretoq_jax.config import load_config
-from paretoq_jax.train.config import RunConfig
-from paretoq_jax.train.loop import build_mesh, build_model, train
-from paretoq_jax.train.optim import make_optimizer, scale_labels
-from paretoq_jax.train.restore import load_run
+from paretoq_jax.run.build import build_mesh, build_model
+from paretoq_jax.run.config import RunConfig
+from paretoq_jax.run.optim import make_optimizer, scale_labels
+from paretoq_jax.run.restore import load_run
+from paretoq_jax.train.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,8 +13,8 @@ from flax import nnx
 from paretoq_jax.config import load_config
 from paretoq_jax.eval.perplexity import perplexity, perplexity_from_loss, validation_perplexity
 from paretoq_jax.models import Llama, LlamaConfig
+from paretoq_jax.run.metrics import read_metrics
 from paretoq_jax.train import RunConfig, train
-from paretoq_jax.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,8 +39,8 @@ def test_trainer_sweep_and_eval_report_the_same_validation_perplexity(tmp_path):
 
     from paretoq_jax.data import build_splits
     from paretoq_jax.io import save_pretrained
+    from paretoq_jax.run.restore import load_run
     from paretoq_jax.sweep.evaluate import validation_loss
-    from paretoq_jax.train.restore import load_run
 
     config = LlamaConfig.from_json(ROOT / "configs/models/tiny-llama")
     base = Llama(config, rngs=nnx.Rngs(3), scan_layers=False)

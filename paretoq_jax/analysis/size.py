@@ -18,6 +18,9 @@ import dataclasses
 import math
 from collections.abc import Iterable
 
+from flax import nnx
+
+from paretoq_jax.models.linears import quant_linears
 from paretoq_jax.quant import QuantSpec
 
 __all__ = ["ModelSize", "bits_per_weight", "model_size_bits", "model_size"]
@@ -86,18 +89,13 @@ def model_size(model, *, float_bits: int = 16) -> ModelSize:
     float projections, biases) is a float parameter. Learned scale parameters are not counted
     twice: they are the scales.
     """
-    from flax import nnx
-
-    from paretoq_jax.models import QuantLinear
-
     quantized, counted = [], set()
-    for _, m in nnx.iter_modules(model):
-        if isinstance(m, QuantLinear) and m.spec is not None:
-            k = m.kernel[...]
-            quantized.append((int(k.size), int(k.size // k.shape[-2]), m.spec))
-            counted.add(id(m.kernel))
-            if m.scale is not None:
-                counted.add(id(m.scale))
+    for m in quant_linears(model).values():
+        k = m.kernel[...]
+        quantized.append((int(k.size), int(k.size // k.shape[-2]), m.spec))
+        counted.add(id(m.kernel))
+        if m.scale is not None:
+            counted.add(id(m.scale))
     float_params = sum(
         int(v[...].size) for _, v in nnx.iter_graph(model)
         if isinstance(v, nnx.Param) and id(v) not in counted

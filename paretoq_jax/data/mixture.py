@@ -29,7 +29,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from paretoq_jax.cli import run_cli
+
 from .config import DataError
+from .corpora import DEFAULT_CORPORA, default_corpus
 
 __all__ = ["MIXTURE_SOURCES", "build_mixture", "chunk_text", "is_held_out", "train_bpe"]
 
@@ -70,7 +73,6 @@ def is_held_out(seed: int, source: str, doc: int, chunk: int, fraction: float) -
 def _chunks(
     sources: Sequence[str], chunk_chars: int, cache_dir: str | Path | None
 ) -> Iterator[tuple[str, int, int, str, str]]:
-    from .corpora import default_corpus
 
     for source in sources:
         with open(default_corpus(cache_dir, name=source), encoding="utf-8") as f:
@@ -128,7 +130,6 @@ def build_mixture(
     cache_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Build (or find, when built with the same inputs) the mixture in ``out``; its manifest."""
-    from .corpora import DEFAULT_CORPORA
 
     unknown = [s for s in sources if s not in DEFAULT_CORPORA]
     if unknown or not sources:
@@ -194,7 +195,6 @@ def build_mixture(
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m paretoq_jax.data.mixture --out DEST [options]``."""
-    from paretoq_jax.cli import run_cli
 
     return run_cli(_main, argv)
 

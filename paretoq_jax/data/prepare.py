@@ -44,6 +44,8 @@ from typing import Any
 
 import numpy as np
 
+from paretoq_jax.cli import run_cli
+
 from .config import DataError
 from .prepared import (
     FORMAT,
@@ -715,8 +717,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """The CLI under the common error boundary (``docs/cli.md``)."""
-    from paretoq_jax.cli import run_cli
-
     return run_cli(_main, argv)
 
 

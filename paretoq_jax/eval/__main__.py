@@ -20,7 +20,10 @@ import jax
 import numpy as np
 
 from paretoq_jax.cli import run_cli
+from paretoq_jax.data import DataConfig, build_splits, cached_token_stream, resolve_source
 from paretoq_jax.outputs import JSON_KIND_KEY, atomic_write_text, check_output
+from paretoq_jax.runtime import reexec_with_malloc_tunables
+from paretoq_jax.sharding import make_mesh
 
 __all__ = ["main", "eval_tokens"]
 
@@ -37,8 +40,6 @@ def eval_tokens(
     """Tokens to evaluate, through ``paretoq_jax.data`` (same sources, tokenization and cache
     as training): ``split="all"``: the whole corpus as one stream; ``"val"`` / ``"train"``: the
     blocks of ``build_splits`` with the last ``val_blocks`` blocks held out (the anchors' split)."""
-    from paretoq_jax.data import DataConfig, build_splits, cached_token_stream, resolve_source
-
     cfg = DataConfig(path=data, text_field=text_field, seq_len=seq_len, val_blocks=val_blocks)
     if split == "all":
         stream = cached_token_stream(
@@ -87,8 +88,6 @@ def _main(argv: Sequence[str] | None = None) -> int:
     for path in args.mc:
         if not Path(path).is_file():
             raise FileNotFoundError(f"no multiple-choice file at {path} (--mc)")
-
-    from paretoq_jax.sharding import make_mesh
 
     from . import describe_model, evaluate_mc, load_model, perplexity
 
@@ -144,7 +143,5 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from paretoq_jax.runtime import reexec_with_malloc_tunables
-
     reexec_with_malloc_tunables()
     raise SystemExit(main())

@@ -23,8 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from paretoq_jax.errors import ParetoQError
+from paretoq_jax.io import save_pretrained
+from paretoq_jax.io.gguf_writer import FLOAT_TYPES, QTYPE_NAMES, write_gguf
+from paretoq_jax.io.packed import quantized_weights, save_packed
 from paretoq_jax.models import Llama
 from paretoq_jax.outputs import OutputError, atomic_output, check_output
+from paretoq_jax.run.restore import load_run as restore_run
 
 __all__ = ["FORMATS", "ExportError", "export_model", "export_run", "load_run"]
 
@@ -46,8 +50,6 @@ def _check_options(
     float_type: str = "f32",
     packed_embed: str = "float",
 ):
-    from paretoq_jax.io.gguf_writer import FLOAT_TYPES, QTYPE_NAMES
-
     if ternary not in ("2bit", "base3"):
         raise ExportError(f"ternary={ternary!r}: choose '2bit' or 'base3'")
     if gguf_qtype is not None and gguf_qtype.upper() not in QTYPE_NAMES:
@@ -82,9 +84,7 @@ def check_export_out(
 
 def load_run(run_dir: str | Path, step: int | None = None) -> tuple[Llama, Any, Any, int]:
     """``(model, tokenizer, run_config, step)`` of ``RUN_DIR`` at checkpoint ``step`` (default:
-    the latest complete one); see :func:`paretoq_jax.train.restore.load_run`."""
-    from paretoq_jax.train.restore import load_run as restore_run
-
+    the latest complete one); see :func:`paretoq_jax.run.restore.load_run`."""
     try:
         return restore_run(run_dir, step)
     except FileNotFoundError as e:
@@ -115,8 +115,6 @@ def export_model(
     :func:`paretoq_jax.outputs.check_output` (an export never goes into, over or above a
     training run or what it was read from; ``force`` replaces only an earlier export).
     """
-    from paretoq_jax.io.packed import quantized_weights
-
     _check_format(fmt)
     _check_options(ternary, gguf_qtype, float_type, packed_embed)
     out = Path(out)
@@ -128,16 +126,10 @@ def export_model(
         raise ExportError(str(e)) from None
     with atomic_output(out, output_kind_of(fmt), directory=fmt != "gguf", **where) as tmp:
         if fmt == "packed":
-            from paretoq_jax.io.packed import save_packed
-
             save_packed(model, tmp, tokenizer=tokenizer, ternary=ternary, embed=packed_embed)
         elif fmt == "hf":
-            from paretoq_jax.io import save_pretrained
-
             save_pretrained(model, tmp, tokenizer=tokenizer)
         else:
-            from paretoq_jax.io.gguf_writer import write_gguf
-
             write_gguf(
                 model, tmp, tokenizer=tokenizer, qtype=gguf_qtype, float_type=float_type,
                 output_kind=output_kind_of(fmt),

@@ -25,14 +25,16 @@ import numpy as np
 from flax import nnx
 
 from paretoq_jax import quant
+from paretoq_jax.assets import smollm2_gguf
+from paretoq_jax.io.gguf import _reader, gguf_config
+from paretoq_jax.io.gguf_writer import write_gguf
+from paretoq_jax.io.packed import quantized_weights, save_packed
 from paretoq_jax.models import Llama, LlamaConfig, QuantRules
 
 __all__ = ["measure", "main"]
 
 
 def _smollm2_config() -> LlamaConfig:
-    from paretoq_jax.assets import smollm2_gguf
-    from paretoq_jax.io.gguf import _reader, gguf_config
 
     path = smollm2_gguf()
     return gguf_config(_reader(path), path)
@@ -54,9 +56,6 @@ def measure(config: LlamaConfig, bits_list=(1, 1.58, 2, 3, 4)) -> list[dict]:
     """One row per (bits, format) with measured and theoretical sizes in bytes."""
     from gguf import GGML_QUANT_SIZES, GGUFReader
     from safetensors import safe_open
-
-    from paretoq_jax.io.gguf_writer import write_gguf
-    from paretoq_jax.io.packed import quantized_weights, save_packed
 
     rows = []
     tokenizer = _FakeTokenizer(config.vocab_size)

@@ -10,13 +10,14 @@ from pathlib import Path
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from paretoq_jax.io.gguf import _reader, gguf_config, gguf_tokenizer, load_gguf
 from paretoq_jax.io.hf import CheckpointError, load_hf, save_hf
 from paretoq_jax.models import Llama, LlamaConfig, QuantRules, resolve_rules
-from paretoq_jax.sharding import Rules
+from paretoq_jax.sharding import ShardingRules
 
 __all__ = [
     "CheckpointError",
-    "load_config",
+    "load_model_config",
     "load_pretrained",
     "load_tokenizer",
     "save_pretrained",
@@ -50,7 +51,7 @@ def load_pretrained(
     method: str | None = None,
     dtype=jnp.float32,
     mesh: Mesh | None = None,
-    rules: Rules | None = None,
+    rules: ShardingRules | None = None,
     quant_rules: QuantRules | None = None,
     *,
     param_dtype=None,
@@ -63,7 +64,7 @@ def load_pretrained(
     ``bits``/``method`` set ParetoQ's rule (every decoder projection quantized; 16 = float);
     ``quant_rules`` overrides it. ``dtype`` is the compute dtype (parameters are stored in
     ``param_dtype``, default ``dtype``). With ``mesh``, parameters are placed sharded by the
-    logical-axis ``rules`` (default ``paretoq_jax.sharding.DEFAULT_RULES``) as they are read.
+    logical-axis ``rules`` (default ``paretoq_jax.sharding.DEFAULT_SHARDING_RULES``) as they are read.
     ``scale_init``: how learned scales start (``paretoq`` or ``mse``) unless the checkpoint
     holds scales for the same quantizer.
     """
@@ -84,8 +85,6 @@ def load_pretrained(
         scale_init=scale_init,
     )
     if p.is_file() and p.suffix == ".gguf":
-        from paretoq_jax.io.gguf import load_gguf
-
         return load_gguf(p, **kwargs)
     if p.is_dir():
         if not (p / "config.json").exists():
@@ -94,13 +93,11 @@ def load_pretrained(
     raise CheckpointError(f"{p}: expected an HF model folder or a .gguf file")
 
 
-def load_config(path: str | Path) -> LlamaConfig:
+def load_model_config(path: str | Path) -> LlamaConfig:
     """The :class:`LlamaConfig` of an HF folder (``config.json``) or a ``.gguf`` file's metadata,
     without reading any weights."""
     p = _resolve(path)
     if p.is_file() and p.suffix == ".gguf":
-        from paretoq_jax.io.gguf import _reader, gguf_config
-
         return gguf_config(_reader(p), p)
     return LlamaConfig.from_json(p)
 
@@ -115,8 +112,6 @@ def load_tokenizer(path: str | Path):
     """The HF ``PreTrainedTokenizerFast`` of an HF folder, or rebuilt from a GGUF's metadata."""
     p = _resolve(path)
     if p.is_file() and p.suffix == ".gguf":
-        from paretoq_jax.io.gguf import gguf_tokenizer
-
         return gguf_tokenizer(p)
     from transformers import AutoTokenizer
 

@@ -28,6 +28,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from paretoq_jax.io.gguf_quants import DEFAULT_QTYPE, encode_tensor
 from paretoq_jax.io.mapping import GGUF_NORM, GGUF_PROJ, GGUF_TABLE, model_to_hf
+from paretoq_jax.io.packed import quantized_weights
 from paretoq_jax.models import Llama
 from paretoq_jax.models.layers import rope_inv_freq
 from paretoq_jax.models.packed import linear_codes
@@ -225,8 +226,6 @@ def write_gguf(
     Returns:
       ``{gguf tensor name: ggml type name}``.
     """
-    from paretoq_jax.io.packed import quantized_weights
-
     c = model.config
     if c.architecture not in GGUF_ARCH:
         raise ValueError(f"no GGUF architecture for {c.architecture}")

@@ -26,10 +26,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from paretoq_jax import quant
 from paretoq_jax.errors import ParetoQError
 from paretoq_jax.io.mapping import HF_IGNORED, hf_tensors, hf_to_model, model_to_hf
-from paretoq_jax.models import Llama, LlamaConfig, QuantLinear, QuantRules
-from paretoq_jax.sharding import Rules, variable_sharding
+from paretoq_jax.models import Llama, LlamaConfig, QuantRules
+from paretoq_jax.models.linears import named, quant_linears
+from paretoq_jax.sharding import ShardingRules, variable_sharding
 
 SCALES_FILE = "quant_scales.safetensors"
 CONFIG_KEY = "paretoq"
@@ -135,14 +137,6 @@ def _flat_params(model: nnx.Module) -> dict[str, nnx.Variable]:
     }
 
 
-def _quant_linears(model: nnx.Module) -> dict[str, QuantLinear]:
-    return {
-        ".".join(map(str, path)): m
-        for path, m in nnx.iter_modules(model)
-        if isinstance(m, QuantLinear)
-    }
-
-
 def assemble_model(
     config: LlamaConfig,
     source: TensorSource,
@@ -152,7 +146,7 @@ def assemble_model(
     dtype=jnp.float32,
     param_dtype=jnp.float32,
     mesh: Mesh | None = None,
-    rules: Rules | None = None,
+    rules: ShardingRules | None = None,
     transform: Callable[[str, np.ndarray], np.ndarray] | None = None,
     scale_init: str = "paretoq",
     **model_kwargs,
@@ -163,8 +157,6 @@ def assemble_model(
     (``saved_rules``); otherwise ``scale_init`` of the loaded kernel: ``paretoq`` (ParetoQ's
     ``init_scale``) or ``mse`` (``quant.mse_scale``, the least-squares scale).
     """
-    from paretoq_jax import quant
-
     if scale_init not in quant.SCALE_INITS:
         raise ValueError(f"scale_init {scale_init!r} is not one of {sorted(quant.SCALE_INITS)}")
     abstract = nnx.eval_shape(
@@ -248,7 +240,7 @@ def assemble_model(
         del buf
 
     # 3. Scales: kept from a QAT checkpoint with the same settings, else ParetoQ's init.
-    for path, linear in _quant_linears(abstract).items():
+    for path, linear in named(quant_linears(abstract, quantized=False)).items():
         if linear.scale is None:
             continue
         kernel = values[f"{path}.kernel"]
@@ -288,7 +280,7 @@ def _read_scales(source: TensorSource, path: str, shape, layers: int) -> np.ndar
     return out
 
 
-def _place(buf: np.ndarray, var: nnx.Variable, mesh: Mesh | None, rules: Rules | None):
+def _place(buf: np.ndarray, var: nnx.Variable, mesh: Mesh | None, rules: ShardingRules | None):
     if mesh is None:
         return jnp.asarray(buf)
     return jax.device_put(buf, variable_sharding(var, mesh, rules))
@@ -324,7 +316,7 @@ def load_hf(
     dtype=jnp.float32,
     param_dtype=jnp.float32,
     mesh: Mesh | None = None,
-    rules: Rules | None = None,
+    rules: ShardingRules | None = None,
     **model_kwargs,
 ) -> Llama:
     """Loads an HF folder (``config.json`` + safetensors, sharded index too)."""
@@ -350,7 +342,7 @@ def save_hf(model: Llama, out_dir: str | Path, *, tokenizer=None, dtype=None) ->
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     params = _flat_params(model)
-    linears = _quant_linears(model)
+    linears = named(quant_linears(model, quantized=False))
     layers = model.config.num_hidden_layers
     tensors: dict[str, np.ndarray] = {}
     scales: dict[str, np.ndarray] = {}

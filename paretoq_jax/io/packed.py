@@ -37,6 +37,7 @@ from paretoq_jax import quant
 from paretoq_jax.io.hf import CheckpointError
 from paretoq_jax.io.mapping import hf_tensors, model_to_hf
 from paretoq_jax.models import Llama, LlamaConfig, QuantLinear, QuantRules
+from paretoq_jax.models.linears import named, quant_linears
 from paretoq_jax.models.packed import (
     EMBED_TYPES,
     Int8Embedding,
@@ -85,11 +86,7 @@ def quantized_weights(model: Llama) -> dict[str, QuantLinear]:
     Raises ``ValueError`` when there are none (a float checkpoint) or when a learned-scale
     quantizer has no scale or a non-finite one.
     """
-    found = {
-        ".".join(map(str, p)): m
-        for p, m in nnx.iter_modules(model)
-        if isinstance(m, QuantLinear) and m.spec is not None
-    }
+    found = named(quant_linears(model))
     if not found:
         raise ValueError(
             "the checkpoint is not quantized (bits 16/32, no quantization rules): there are no "
@@ -323,9 +320,7 @@ def load_packed(
     rules = QuantRules.from_list(qc["quant_rules"])
     ternary = qc["ternary"]
     quantized = {}
-    for p, m in nnx.iter_modules(abstract):
-        if not isinstance(m, QuantLinear):
-            continue
+    for p, m in quant_linears(abstract, quantized=False).items():
         mpath = ".".join(map(str, p))
         spec_path = f"layers.0.{mpath[len('layers.') :]}" if mpath.startswith("layers.") else mpath
         spec = rules.spec_for(spec_path)

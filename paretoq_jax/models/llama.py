@@ -24,6 +24,7 @@ from paretoq_jax.models.layers import (
     rope_cos_sin,
     rope_inv_freq,
 )
+from paretoq_jax.models.linears import PROJECTIONS
 from paretoq_jax.models.rules import QuantRules
 from paretoq_jax.sharding import constrain
 
@@ -33,16 +34,6 @@ Array = jax.Array
 # split over the batch only (replicated over ``tensor``), the logits also over the vocabulary.
 HIDDEN = ("batch", "length", None)
 LOGITS = ("batch", "length", "vocab")
-
-PROJECTIONS = {
-    "q_proj": "self_attn.q_proj",
-    "k_proj": "self_attn.k_proj",
-    "v_proj": "self_attn.v_proj",
-    "o_proj": "self_attn.o_proj",
-    "gate_proj": "mlp.gate_proj",
-    "up_proj": "mlp.up_proj",
-    "down_proj": "mlp.down_proj",
-}
 
 
 def layer_specs(config: LlamaConfig, rules: QuantRules) -> dict:

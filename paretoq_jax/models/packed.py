@@ -19,6 +19,7 @@ from flax import nnx
 
 from paretoq_jax import quant
 from paretoq_jax.models.layers import QuantLinear
+from paretoq_jax.models.linears import quant_linears
 
 __all__ = [
     "Int8Embedding",
@@ -34,7 +35,7 @@ Array = jax.Array
 
 EMBED_TYPES = ("float", "int8")  # how a packed model stores its token embedding / tied head
 
-_codes_and_scale = jax.jit(quant.quantize_dequantize_codes, static_argnums=2)
+_codes_and_scale = jax.jit(quant.export_codes, static_argnums=2)
 
 
 def linear_codes(lin: QuantLinear) -> tuple[Array, Array]:
@@ -234,11 +235,7 @@ def to_packed_model(
     (``spec=None``) are left alone.
     """
     model = nnx.clone(model)
-    targets = [
-        (p, m)
-        for p, m in nnx.iter_modules(model)
-        if isinstance(m, QuantLinear) and m.spec is not None
-    ]
+    targets = list(quant_linears(model).items())
     if not targets:
         raise ValueError(
             "the model has no quantized linear layers (its quantization rules are empty or "

@@ -28,8 +28,9 @@ from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from paretoq_jax import quant
-from paretoq_jax.sharding import Rules, variable_sharding
+from paretoq_jax import hlo, quant
+from paretoq_jax.models.linears import quant_linears
+from paretoq_jax.sharding import ShardingRules, variable_sharding
 
 __all__ = [
     "GATHER_MODES",
@@ -235,7 +236,9 @@ def gathered_fake_quant(
     return _gathered(w, quant.effective_scale(w, scale, spec), spec, plan)
 
 
-def plan_for(kernel: nnx.Variable, mesh: Mesh, rules: Rules | None = None) -> CodeGather | None:
+def plan_for(
+    kernel: nnx.Variable, mesh: Mesh, rules: ShardingRules | None = None
+) -> CodeGather | None:
     """The :class:`CodeGather` of a kernel ``(..., in, out)`` placed by ``rules`` on ``mesh``;
     ``None`` when no gathered mesh axis splits it (nothing to gather)."""
     spec = variable_sharding(kernel, mesh, rules).spec
@@ -261,7 +264,7 @@ def configure(
     model: nnx.Module,
     mesh: Mesh | None,
     mode: GatherMode | bool = "auto",
-    rules: Rules | None = None,
+    rules: ShardingRules | None = None,
 ) -> int:
     """Make every quantized linear of ``model`` gather packed codes (``mode`` auto / on) or float
     kernels (off, or ``mesh=None``) under ``mesh``; in place. Returns how many gather codes.
@@ -271,13 +274,9 @@ def configure(
     ``on``: the same, but raises if no linear would gather codes (e.g. ``fsdp = 1``), so a run
     asking for it does not silently train without it.
     """
-    from paretoq_jax.models.layers import QuantLinear
-
     mode = gather_mode(mode)
     count = 0
-    for _, module in nnx.iter_modules(model):
-        if not isinstance(module, QuantLinear):
-            continue
+    for module in quant_linears(model, quantized=False).values():
         plan = None
         if mode != "off" and mesh is not None and module.spec is not None:
             plan = plan_for(module.kernel, mesh, rules)
@@ -294,20 +293,15 @@ def configure(
 
 
 def weight_gather_bytes(
-    hlo_text: str, model: nnx.Module, mesh: Mesh, rules: Rules | None = None
+    hlo_text: str, model: nnx.Module, mesh: Mesh, rules: ShardingRules | None = None
 ) -> dict[str, int]:
     """Per-step bytes of the all-gathers that feed ``model``'s quantized linears in a compiled
     step's HLO text: ``codes`` (uint8, from this module), ``scales`` (this module's float
     gathers) and ``floats`` (float all-gathers shaped like a gathered quantized kernel, one
     layer's or the whole stack's: the plain path's weight traffic; ``float_weights`` counts
     their elements, so ``2 * float_weights`` is that traffic in bf16)."""
-    from paretoq_jax import hlo
-    from paretoq_jax.models.layers import QuantLinear
-
     shapes = set()
-    for _, m in nnx.iter_modules(model):
-        if not isinstance(m, QuantLinear) or m.spec is None:
-            continue
+    for m in quant_linears(model).values():
         plan = plan_for(m.kernel, mesh, rules)
         if plan is None:
             continue

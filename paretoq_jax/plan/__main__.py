@@ -45,7 +45,7 @@ def _main(argv: list[str] | None = None) -> int:
 
     from paretoq_jax.config import load_config
     from paretoq_jax.plan import format_plan, plan
-    from paretoq_jax.train.config import RunConfig
+    from paretoq_jax.run.config import RunConfig
 
     if args.out:  # checked before the (minutes-long) compile
         check_output(args.out, "plan", directory=False, force=args.force)

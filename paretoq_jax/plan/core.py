@@ -2,7 +2,7 @@
 
 ``plan(cfg, topology)`` builds what ``python -m paretoq_jax.train`` would run (the model with its
 QAT specs, the distillation teacher, AdamW, the shardings, remat / scan, gradient accumulation:
-``train.loop.model_factory`` and ``train.loop.make_step_for``) from ``nnx.eval_shape`` shapes only,
+``run.build.model_factory`` and ``train.loop.make_step_for``) from ``nnx.eval_shape`` shapes only,
 compiles it for compile-only TPU devices (``jax.experimental.topologies``) and reads:
 
 - memory: ``compiled.memory_analysis()`` per device (arguments, outputs, temporaries), and the
@@ -32,8 +32,15 @@ from flax import nnx
 
 from paretoq_jax import hlo
 from paretoq_jax.errors import ParetoQError
+from paretoq_jax.io import load_model_config
 from paretoq_jax.models.config import LlamaConfig
-from paretoq_jax.train.config import RunConfig
+from paretoq_jax.parallel import code_gather
+from paretoq_jax.run.build import build_mesh, model_factory, param_shardings
+from paretoq_jax.run.checkpoint import abstract_like
+from paretoq_jax.run.config import RunConfig
+from paretoq_jax.run.state import abstract_state
+from paretoq_jax.sharding import num_slices
+from paretoq_jax.train.loop import make_step_for
 
 from .chips import Chip, chip_for
 
@@ -118,9 +125,7 @@ def architecture(path: str) -> LlamaConfig:
     if local.exists():
         return LlamaConfig.from_json(local)
     if Path(path).exists():
-        from paretoq_jax.io import load_config
-
-        return load_config(path)
+        return load_model_config(path)
     raise PlanError(
         f"no architecture for model.path={path!r}: not a local folder or file, and no "
         f"{local}. Add the model's config.json there (or point model.path at a folder with one)."
@@ -136,8 +141,6 @@ def _abstract_args(
 ):
     """``(jitted step, abstract args, optimizer, abstract state, quantized linears that gather
     packed codes)`` with NamedShardings."""
-    from paretoq_jax.parallel import code_gather
-    from paretoq_jax.train.loop import make_step_for, model_factory
 
     model = nnx.eval_shape(model_factory(cfg, backend=backend, config=arch))
     # as `train` does: under FSDP the quantized linears gather packed codes (mesh.gather_codes)
@@ -149,29 +152,15 @@ def _abstract_args(
         )
     step, tx = make_step_for(cfg, mesh, model, teacher)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    shapes = {
-        "params": params,
-        "opt_state": jax.eval_shape(tx.init, params),
-        "step": jax.ShapeDtypeStruct((), jnp.int32),
-        "rng": jax.eval_shape(lambda: jax.random.PRNGKey(0)),
-    }
-    state = _with_shardings(shapes, step.state_shardings)
+    state = abstract_state(params, tx, step.state_shardings)
     tokens = jax.ShapeDtypeStruct(
         (cfg.train.batch_size, cfg.data.train_len), jnp.int32, sharding=step.batch_sharding
     )
     args: list[Any] = [state, {"tokens": tokens}]
     if teacher is not None:
-        from paretoq_jax.train.loop import _param_shardings
-
         t_params = nnx.to_pure_dict(nnx.state(teacher, nnx.Param))
-        args.append(_with_shardings(t_params, _param_shardings(teacher, mesh)))
+        args.append(abstract_like(t_params, param_shardings(teacher, mesh)))
     return step.fn, args, tx, state, gathering
-
-
-def _with_shardings(shapes: Any, shardings: Any) -> Any:
-    return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
-    )
 
 
 def _device_bytes(tree: Any) -> float:
@@ -294,9 +283,6 @@ def plan(
 ) -> dict[str, Any]:
     """Compile ``cfg``'s train step for ``topology`` x ``slices``; returns the plan as a dict
     (see ``docs/scale.md``). Raises ``HBMError`` when it does not fit."""
-    from paretoq_jax.parallel import code_gather
-    from paretoq_jax.sharding import num_slices
-    from paretoq_jax.train.loop import build_mesh
 
     chip = chip_for(topology)
     on_gpu = topology.split(":")[0].lower() in GPU_TARGETS

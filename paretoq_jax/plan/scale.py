@@ -18,6 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from paretoq_jax.config import load_config
+from paretoq_jax.run.config import RunConfig
+
 from .chips import CHIPS
 from .table import gib
 
@@ -62,9 +65,6 @@ def plan_config(
 ) -> dict[str, Any]:
     """Find the smallest ``chip`` slice (``SLICES``) for ``path`` at ``bits``; cache the
     result as JSON."""
-    from paretoq_jax.config import load_config
-    from paretoq_jax.train.config import RunConfig
-
     from .core import HBMError, plan
 
     suffix = "" if chip == "v5p" else f"-{chip}"  # v5p: the page's main table
@@ -121,7 +121,7 @@ def plan_gather(
     cached as the JSON that ``python -m paretoq_jax.plan --out`` writes."""
     from paretoq_jax.config import load_config
     from paretoq_jax.outputs import JSON_KIND_KEY
-    from paretoq_jax.train.config import RunConfig
+    from paretoq_jax.run.config import RunConfig
 
     from .core import plan
 

@@ -8,12 +8,12 @@ Public API (used by the rest of the project): ``fake_quant``, ``init_scale``, ``
 from .ops import (
     SCALE_INITS,
     effective_scale,
+    export_codes,
     fake_quant,
     fake_quant_vjp,
     from_codes,
     init_scale,
     mse_scale,
-    quantize_dequantize_codes,
     to_codes,
     train_codes,
 )
@@ -52,7 +52,7 @@ __all__ = [
     "mse_scale",
     "SCALE_INITS",
     "parse_bits",
-    "quantize_dequantize_codes",
+    "export_codes",
     "resolve",
     "to_codes",
     "train_codes",

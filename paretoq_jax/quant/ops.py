@@ -4,23 +4,41 @@ Shapes: ``w`` is a Flax kernel ``(..., in, out)`` and ``scale`` is ``(..., out)`
 scale per output channel (leading axes, if any, are stacked layers). The math is that of
 ``docs/quantizers.md``; the table of constants lives in :mod:`paretoq_jax.quant.spec`.
 
-Forward (ParetoQ Eq. 2 for SEQ; LSQ, Esser et al. 2020; elastic binary, ParetoQ Sec. 3)::
+With ``a = max(alpha, 1e-5)``, ``x = W / a``, ``c = 0.99`` and ``N = in * out`` (the element count
+of one matrix), ``Qn = -2^(b-1)``, ``Qp = 2^(b-1) - 1``:
 
-    a = max(alpha, 1e-5);  x = W / a;  Wq = a * level(x)
+=======  ==========  =========================================  ==================  =============
+method   bits        forward ``Wq``                             scale ``a``         ``s``
+=======  ==========  =========================================  ==================  =============
+elastic  1           ``a * sign(x)``: elastic binary (Sec. 3)   learned             1/sqrt(N)
+seq      1.58, 2-4   ``a * (round(n*clip(x,-c,c) - z) + z)/n``  learned             1/sqrt(N)
+                     SEQ (ParetoQ Eq. 2; 1.58: n=1.5, z=0;
+                     2: n=2, z=0.5; see spec._TABLE)
+lsq      1.58, 2-4   ``a * clamp(round(x), Qn, Qp)``: LSQ       learned             1/sqrt(N*Qp)
+absmean  all         LSQ's grid (1 bit: sign)                   kappa * mean|W|     no gradient
+minmax   all         LSQ's grid (1 bit: sign)                   max|W| / Qp         no gradient
+=======  ==========  =========================================  ==================  =============
+
+``s`` is the scale gradient's factor (``QuantSpec.scale_grad_qp``). Learned scales start at
+``init_scale``: ``mean|W|`` (elastic), ``max|W|`` (seq), ``max|W| / Qp`` (lsq).
+``method: null`` picks ParetoQ's choice: elastic (1 bit), seq (1.58, 2), lsq (3, 4); LSQ is
+Esser et al. 2020.
 
 Backward (straight-through estimator; ``g = dL/dWq``, sums over the input dimension)::
 
     dL/dW     = g * [lo <= x <= hi]
     dL/dalpha = s * sum_in g * t,   t = t_lo (x < lo) | t_hi (x > hi) | level(x) - x (inside)
-    s = 1 / sqrt(N * Qp)   (LSQ)   or   1 / sqrt(N)   (SEQ, elastic binary);  N = in * out
 
-Elastic binary uses ``t = sign(W)`` everywhere.
+Elastic binary uses ``t = sign(W)`` everywhere. Ternary SEQ's ``t`` outside the range is
+``-1 / +1``, not its outermost levels ``-2/3 / +2/3`` (the reference implementation's
+saturation quirk, kept for parity).
 """
 
 from __future__ import annotations
 
 import math
 from functools import partial
+from typing import TypeAlias
 
 import jax
 import jax.numpy as jnp
@@ -37,10 +55,13 @@ __all__ = [
     "effective_scale",
     "to_codes",
     "from_codes",
-    "quantize_dequantize_codes",
+    "export_codes",
 ]
 
 Array = jax.Array
+Bits: TypeAlias = float | str | QuantSpec
+"""A bit-width as ``parse_bits`` takes it (1, 1.58 or "ternary", 2, 3, 4; 16 / 32: no
+quantization), or an already resolved ``QuantSpec`` (then ``method`` is ignored)."""
 
 
 def _compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
@@ -51,18 +72,18 @@ def _compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
 def _codes(x: Array, spec: QuantSpec) -> Array:
     """Integer code ``k`` (as floats) of ``x = W / a`` on the spec's grid (training convention:
     ``sign(0) = 0`` at 1 bit)."""
-    if spec.grid == "sign":
+    if spec.grid == "sign":  # elastic binary (ParetoQ Sec. 3): k = sign(x)
         return jnp.sign(x)
-    if spec.grid == "seq":
+    if spec.grid == "seq":  # SEQ (ParetoQ Eq. 2): k = round(n * clip(x, -c, c) - z)
         return jnp.round(spec.n * jnp.clip(x, spec.lo, spec.hi) - spec.z)
-    return jnp.clip(jnp.round(x), spec.qmin, spec.qmax)
+    return jnp.clip(jnp.round(x), spec.qmin, spec.qmax)  # LSQ: k = clamp(round(x), Qn, Qp)
 
 
 def _level(k: Array, spec: QuantSpec) -> Array:
     """The level ``(k + z) / n`` of code ``k`` in units of ``a``."""
-    if spec.grid == "seq":
+    if spec.grid == "seq":  # SEQ: (k + z) / n, e.g. 2 bits: +-1/4, +-3/4
         return (k + spec.z) / spec.n
-    return k
+    return k  # elastic binary (+-1) and LSQ (Qn..Qp): the code itself
 
 
 def _clamped(scale: Array, dtype: jnp.dtype) -> Array:
@@ -97,14 +118,14 @@ def _ste_grads(w: Array, scale: Array, g: Array, spec: QuantSpec) -> tuple[Array
     g = g.astype(dt)
     below, above = x < spec.lo, x > spec.hi
     dw = jnp.where(below | above, 0, g)
-    if spec.grid == "sign":
+    if spec.grid == "sign":  # elastic binary: t = sign(W), clipped or not
         t = jnp.sign(x)
-    else:
+    else:  # SEQ / LSQ: the saturated level outside (ternary: +-1, its quirk), Q(x) - x inside
         t = jnp.where(
             below, spec.t_lo, jnp.where(above, spec.t_hi, _level(_codes(x, spec), spec) - x)
         )
-    n = w.shape[-2] * w.shape[-1]
-    s = 1.0 / math.sqrt(n * spec.grad_factor_qp)
+    numel = w.shape[-2] * w.shape[-1]  # N: the element count of one matrix
+    s = 1.0 / math.sqrt(numel * spec.scale_grad_qp)  # LSQ: 1/sqrt(N*Qp); SEQ, binary: 1/sqrt(N)
     dscale = s * jnp.sum(g * t, axis=-2)
     return dw.astype(w.dtype), dscale.astype(scale.dtype)
 
@@ -120,11 +141,11 @@ def _statistic(w: Array, spec: QuantSpec) -> Array:
     return stat * (spec.kappa / spec.init_div)
 
 
-def _spec(bits, method) -> QuantSpec | None:
+def _spec(bits: Bits, method: str | None) -> QuantSpec | None:
     return bits if isinstance(bits, QuantSpec) else resolve(bits, method)
 
 
-def effective_scale(w: Array, scale: Array, bits, method: str | None = None) -> Array:
+def effective_scale(w: Array, scale: Array, bits: Bits, method: str | None = None) -> Array:
     """The scale ``a`` the forward actually uses: ``max(scale, 1e-5)`` for learned methods; the
     statistic of ``w`` (clamped likewise) for ``absmean`` / ``minmax``."""
     spec = _spec(bits, method)
@@ -136,7 +157,7 @@ def effective_scale(w: Array, scale: Array, bits, method: str | None = None) -> 
     return _clamped(jax.lax.stop_gradient(_statistic(w, spec)), dt)
 
 
-def fake_quant(w: Array, scale: Array | None, bits, method: str | None = None) -> Array:
+def fake_quant(w: Array, scale: Array | None, bits: Bits, method: str | None = None) -> Array:
     """Quantize-dequantize a kernel ``w (..., in, out)`` with per-channel ``scale (..., out)``.
 
     Returns an array of ``w``'s shape and dtype, differentiable w.r.t. ``w`` and ``scale`` by the
@@ -163,7 +184,7 @@ def fake_quant(w: Array, scale: Array | None, bits, method: str | None = None) -
 
 
 def fake_quant_vjp(
-    w: Array, scale: Array, g: Array, bits, method: str | None = None
+    w: Array, scale: Array, g: Array, bits: Bits, method: str | None = None
 ) -> tuple[Array, Array]:
     """The straight-through backward of :func:`fake_quant`: ``(dL/dW, dL/dscale)`` for the
     cotangent ``g = dL/dWq`` (module docstring). ``scale`` is the scale the forward divided by
@@ -175,7 +196,7 @@ def fake_quant_vjp(
     return _ste_grads(w, scale, g, spec)
 
 
-def train_codes(w: Array, scale: Array, bits, method: str | None = None) -> Array:
+def train_codes(w: Array, scale: Array, bits: Bits, method: str | None = None) -> Array:
     """Integer codes ``k`` (int8) of the training forward for the scale ``scale`` (the learned
     scale, or the effective scale of absmean / minmax): ``from_codes(train_codes(w, a), a,
     dtype=w.dtype)`` equals ``fake_quant``'s forward bit for bit. Unlike :func:`to_codes` a weight
@@ -189,7 +210,7 @@ def train_codes(w: Array, scale: Array, bits, method: str | None = None) -> Arra
     return _codes(x, spec).astype(jnp.int8)
 
 
-def init_scale(w: Array, bits, method: str | None = None) -> Array:
+def init_scale(w: Array, bits: Bits, method: str | None = None) -> Array:
     """ParetoQ's scale init per output channel, shape ``(..., out)``, in ``w``'s float dtype
     (at least f32): ``mean|W|`` (1 bit), ``max|W|`` (SEQ), ``max|W| / Qp`` (LSQ, minmax),
     ``kappa * mean|W|`` (absmean)."""
@@ -200,7 +221,7 @@ def init_scale(w: Array, bits, method: str | None = None) -> Array:
 
 
 def mse_scale(
-    w: Array, bits, method: str | None = None, *, grid: int = 50, refine: int = 10
+    w: Array, bits: Bits, method: str | None = None, *, grid: int = 50, refine: int = 10
 ) -> Array:
     """Per-channel scale minimizing the weight error ``sum_in (W - Q(W))^2`` (not in the paper).
 
@@ -246,7 +267,7 @@ SCALE_INITS = {"paretoq": init_scale, "mse": mse_scale}
 """``model.scale_init`` -> the function computing a learned method's initial scale."""
 
 
-def to_codes(w: Array, scale: Array | None, bits, method: str | None = None) -> Array:
+def to_codes(w: Array, scale: Array | None, bits: Bits, method: str | None = None) -> Array:
     """Integer codes ``k`` (int8, ``w``'s shape) such that ``from_codes`` reproduces the forward.
 
     At 1 bit a weight of exactly 0 maps to +1 (export convention; the training forward gives 0).
@@ -261,7 +282,11 @@ def to_codes(w: Array, scale: Array | None, bits, method: str | None = None) -> 
 
 
 def from_codes(
-    codes: Array, scale: Array, bits, method: str | None = None, dtype=jnp.float32
+    codes: Array,
+    scale: Array,
+    bits: Bits,
+    method: str | None = None,
+    dtype: jnp.dtype = jnp.float32,
 ) -> Array:
     """Dequantize integer codes: ``a * (k + z) / n`` with ``a = max(scale, 1e-5)``.
 
@@ -275,7 +300,10 @@ def from_codes(
     return (a * _level(codes.astype(dt), spec)).astype(dtype)
 
 
-def quantize_dequantize_codes(w: Array, scale: Array | None, bits, method: str | None = None):
-    """``(codes, effective_scale)`` for export: everything needed to rebuild the weight."""
+def export_codes(
+    w: Array, scale: Array | None, bits: Bits, method: str | None = None
+) -> tuple[Array, Array]:
+    """``(to_codes, effective_scale)``: the integer codes and the scale an export stores,
+    everything needed to rebuild the weight (``from_codes``)."""
     spec = _spec(bits, method)
     return to_codes(w, scale, spec), effective_scale(w, scale, spec)

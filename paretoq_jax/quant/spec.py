@@ -90,7 +90,8 @@ class QuantSpec:
       lo, hi: the range of ``x = W / a`` inside which the weight gradient passes (STE).
       t_lo, t_hi: the scale-gradient term ``t`` below ``lo`` / above ``hi``.
       qmin, qmax: the range of the integer code ``k``.
-      grad_factor_qp: the scale-gradient factor is ``1 / sqrt(N * grad_factor_qp)``.
+      scale_grad_qp: the scale gradient's factor is ``s = 1 / sqrt(N * scale_grad_qp)``:
+        ``Qp`` for LSQ (Esser et al. 2020), 1 for SEQ and elastic binary (``1 / sqrt(N)``).
       scale_rule: ``"learned"``, ``"absmean"`` or ``"minmax"``.
       init: ``"mean"`` or ``"max"``: the per-channel statistic of ``|W|`` that inits the scale.
       init_div: the scale init is that statistic divided by ``init_div`` (times ``kappa``).
@@ -108,7 +109,7 @@ class QuantSpec:
     t_hi: float
     qmin: int
     qmax: int
-    grad_factor_qp: float
+    scale_grad_qp: float
     scale_rule: str
     init: str
     init_div: float
@@ -178,22 +179,22 @@ def resolve(bits: float | int | str, method: str | None = None) -> QuantSpec | N
     if name == "elastic":
         return QuantSpec(
             **common, grid="sign", n=1.0, z=0.0, lo=-1.0, hi=1.0, t_lo=-1.0, t_hi=1.0,
-            qmin=-1, qmax=1, grad_factor_qp=1.0, scale_rule="learned", init="mean", init_div=1.0,
+            qmin=-1, qmax=1, scale_grad_qp=1.0, scale_rule="learned", init="mean", init_div=1.0,
         )  # fmt: skip
     if name == "seq":
         return QuantSpec(
             **common, grid="seq", n=seq_n, z=seq_z, lo=-CLIP, hi=CLIP, t_lo=-seq_t, t_hi=seq_t,
-            qmin=qn, qmax=qp, grad_factor_qp=1.0, scale_rule="learned", init="max", init_div=1.0,
+            qmin=qn, qmax=qp, scale_grad_qp=1.0, scale_rule="learned", init="max", init_div=1.0,
         )  # fmt: skip
     # Integer grid: lsq (learned), absmean and minmax (statistics, recomputed every step).
     if b == 1:  # only absmean/minmax reach here: a 1-bit integer grid is the sign grid.
         return QuantSpec(
             **common, grid="sign", n=1.0, z=0.0, lo=-1.0, hi=1.0, t_lo=-1.0, t_hi=1.0,
-            qmin=-1, qmax=1, grad_factor_qp=1.0, scale_rule=name, init="mean", init_div=1.0,
+            qmin=-1, qmax=1, scale_grad_qp=1.0, scale_rule=name, init="mean", init_div=1.0,
         )  # fmt: skip
     return QuantSpec(
         **common, grid="int", n=1.0, z=0.0, lo=float(qn), hi=float(qp), t_lo=float(qn),
-        t_hi=float(qp), qmin=qn, qmax=qp, grad_factor_qp=float(qp),
+        t_hi=float(qp), qmin=qn, qmax=qp, scale_grad_qp=float(qp),
         scale_rule="learned" if name == "lsq" else name,
         init="mean" if name == "absmean" else "max",
         init_div=1.0 if name == "absmean" else float(qp),

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from paretoq_jax.analysis import pareto_frontier
+from paretoq_jax.run.records import curve_from_file
+from paretoq_jax.sweep.runner import collect_results, write_json_atomic, write_table
 
 from . import figures as F
 
@@ -21,10 +23,6 @@ def load_rows(sweep_dir: Path) -> list[dict]:
     """The finished cells' rows: the cells' ``result.json`` files, else ``results.json`` (a
     committed report folder). A row without its metrics ``curve`` (written before rows carried
     one) gets it from the cell's ``metrics.jsonl`` when that is there."""
-    from paretoq_jax.sweep.runner import collect_results
-
-    from .records import curve_from_file
-
     sweep_dir = Path(sweep_dir)
     rows = collect_results(sweep_dir)
     if not rows and (sweep_dir / "results.json").is_file():
@@ -299,7 +297,6 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
     ``out`` defaults to ``SWEEP_DIR/report``, or to ``SWEEP_DIR`` itself when that is a report
     folder (:func:`is_report_dir`): a committed report regenerates in place, byte for byte.
     """
-    from paretoq_jax.sweep.runner import write_json_atomic, write_table
 
     sweep_dir = Path(sweep_dir)
     if out is None:

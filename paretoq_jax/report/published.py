@@ -1,7 +1,7 @@
 """The committed reports (``reports/*/``) and their byte-for-byte check.
 
 A report folder holds its inputs, ``results.json`` (one row per cell: final metrics, the
-config as run, the metrics curve; ``paretoq_jax.report.records``) and ``sweep.yaml``, and what
+config as run, the metrics curve; ``paretoq_jax.run.records``) and ``sweep.yaml``, and what
 ``python -m paretoq_jax.report`` makes of them: ``report.md``, ``results.csv`` and SVG figures.
 :func:`check_report` rebuilds a folder in a temporary directory and compares every file.
 """

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from paretoq_jax.cli import EXIT_SIGNAL_BASE, run_cli
 from paretoq_jax.outputs import MARKER, check_output, marker_text
+from paretoq_jax.runtime import reexec_with_malloc_tunables
 
 from .runner import cell_config, run_cells, write_json_atomic, write_results
 from .spec import SweepError, expand, load_sweep, parse_shard, select
@@ -107,7 +108,5 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from paretoq_jax.runtime import reexec_with_malloc_tunables
-
     reexec_with_malloc_tunables()
     sys.exit(main())

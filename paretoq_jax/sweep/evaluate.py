@@ -16,9 +16,12 @@ from flax import nnx
 
 from paretoq_jax import quant
 from paretoq_jax.analysis import TransitionStats, transition_stats
-from paretoq_jax.train.config import RunConfig
-from paretoq_jax.train.restore import checkpoint_steps as _run_checkpoint_steps
-from paretoq_jax.train.restore import restore_params, set_params
+from paretoq_jax.eval.perplexity import validation_perplexity
+from paretoq_jax.run.build import build_model
+from paretoq_jax.run.config import RunConfig
+from paretoq_jax.run.restore import checkpoint_steps as _run_checkpoint_steps
+from paretoq_jax.run.restore import restore_params, set_params
+from paretoq_jax.train.metrics import quantized_kernels
 
 __all__ = [
     "build_start_model",
@@ -38,15 +41,11 @@ def checkpoint_steps(cfg: RunConfig) -> list[int]:
 
 def build_start_model(cfg: RunConfig, mesh: jax.sharding.Mesh) -> nnx.Module:
     """The model exactly as the trainer builds it before its first step."""
-    from paretoq_jax.train.loop import build_model
-
     return build_model(cfg, mesh)
 
 
 def quantized_arrays(model: nnx.Module, params: dict) -> dict[str, tuple[Any, Any, Any]]:
     """``{path: (kernel, scale or None, spec)}`` for every quantized projection in ``params``."""
-    from paretoq_jax.train.metrics import quantized_kernels
-
     out = {}
     for path, spec in quantized_kernels(model).items():
         node = params
@@ -82,8 +81,6 @@ def movement(start: dict[str, tuple], end: dict[str, tuple]) -> TransitionStats:
 def validation_loss(model: nnx.Module, blocks: np.ndarray, batch_size: int) -> dict[str, float]:
     """``{"val_loss", "val_ppl", "val_tokens"}``: :func:`paretoq_jax.eval.perplexity.
     validation_perplexity`, the trainer's and ``eval``'s measure (same overflow: ``inf``)."""
-    from paretoq_jax.eval.perplexity import validation_perplexity
-
     if np.asarray(blocks).ndim != 2 or len(blocks) == 0:
         raise ValueError(
             "no validation blocks: set data.val_blocks (or data.val_path / data.val_fraction) "

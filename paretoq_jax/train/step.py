@@ -1,7 +1,7 @@
 """The train step: one ``jax.jit`` function, pure over pytrees, sharded over Mesh(data, fsdp, tensor).
 
-The train state is a plain dict ``{"params", "opt_state", "step", "rng"}`` of arrays (``params`` is
-the model's ``nnx.Param`` state as a pure dict, float32 master weights). The model is rebuilt from
+The train state is ``paretoq_jax.run.state``'s dict of arrays (``params`` is the model's
+``nnx.Param`` state as a pure dict, float32 master weights). The model is rebuilt from
 its ``graphdef`` inside the step (``nnx.merge``), so the jitted function takes and returns only
 arrays and can donate the state.
 
@@ -35,7 +35,6 @@ __all__ = [
     "split_batch",
     "TrainStep",
     "make_train_step",
-    "state_shardings",
 ]
 
 # The batch dimension is split over both data-parallel axes (FSDP is data parallel too).
@@ -135,36 +134,14 @@ def on_mesh(fn: Callable, mesh: Mesh) -> Callable:
     return wrapped
 
 
-def state_shardings(
-    mesh: Mesh, param_shardings: Any, tx: optax.GradientTransformation, params_shape: Any
-) -> dict[str, Any]:
-    """NamedShardings of the whole train state: optimizer moments follow their parameters."""
-    replicated = NamedSharding(mesh, P())
-    opt_shape = jax.eval_shape(tx.init, params_shape)
-    masked = optax.MaskedNode  # params that a multi_transform branch skips
-    opt_shardings = optax.tree_map_params(
-        tx,
-        lambda leaf, s: leaf if isinstance(leaf, masked) else s,
-        opt_shape,
-        param_shardings,
-        transform_non_params=lambda _: replicated,
-        is_leaf=lambda x: isinstance(x, (NamedSharding, masked)),
-    )
-    return {
-        "params": param_shardings,
-        "opt_state": opt_shardings,
-        "step": replicated,
-        "rng": replicated,
-    }
-
-
 @dataclasses.dataclass
 class TrainStep:
-    """The compiled step and the shardings it was built with."""
+    """The compiled step, the shardings it was built with and the optimizer it applies."""
 
     fn: Callable[..., tuple[dict, dict]]
     state_shardings: dict[str, Any]
     batch_sharding: NamedSharding
+    tx: optax.GradientTransformation
 
     def __call__(self, state: dict, batch: dict, *extra) -> tuple[dict, dict]:
         return self.fn(state, batch, *extra)
@@ -258,13 +235,7 @@ def make_train_step(
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         params = optax.apply_updates(params, updates)
-        rng, _ = jax.random.split(state["rng"])
-        new_state = {
-            "params": params,
-            "opt_state": opt_state,
-            "step": state["step"] + 1,
-            "rng": rng,
-        }
+        new_state = {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1}
         metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm, "tokens": count}
         return new_state, metrics
 
@@ -279,4 +250,4 @@ def make_train_step(
         out_shardings=(shardings, replicated),
         donate_argnums=0,
     )
-    return TrainStep(jitted, shardings, batch_sharding)
+    return TrainStep(jitted, shardings, batch_sharding, tx)

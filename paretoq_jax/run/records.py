@@ -17,9 +17,16 @@ committed, say so in ``provenance`` (see ``docs/sweeps.md``).
 from __future__ import annotations
 
 import math
+import os
+import platform
 from collections.abc import Iterable, Mapping
+from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+import jax
+
+from .metrics import read_metrics
 
 __all__ = ["CURVE_KEYS", "curve_of", "curve_from_file", "mean_codes_changed", "software"]
 
@@ -53,19 +60,11 @@ def curve_of(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 def curve_from_file(metrics_jsonl: str | Path) -> list[dict[str, Any]]:
     """:func:`curve_of` the rows of a run's ``metrics.jsonl`` (empty when there is none)."""
-    from paretoq_jax.train.metrics import read_metrics
-
     return curve_of(read_metrics(metrics_jsonl))
 
 
 def software() -> dict[str, Any]:
     """Python, the numerics packages' versions, the JAX backend and device count, CPU count."""
-    import os
-    import platform
-    from importlib import metadata
-
-    import jax
-
     out: dict[str, Any] = {"python": platform.python_version()}
     for name in _PACKAGES:
         try:

@@ -9,22 +9,26 @@ shardings, so a restored model is the trained one bit for bit.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from paretoq_jax.train.config import RunConfig
+from paretoq_jax.config import load_config
+
+from .build import build_mesh, build_model, load_tokenizer
+from .checkpoint import Checkpointer, CheckpointRestoreError
+from .config import RunConfig
+from .optim import make_optimizer
+from .state import abstract_state, state_shardings
 
 __all__ = ["checkpoint_steps", "restore_params", "set_params", "load_run"]
 
 
 def checkpoint_steps(run_dir: str | Path) -> list[int]:
     """Steps of the complete checkpoints in ``run_dir/checkpoints`` (ascending)."""
-    from paretoq_jax.train.checkpoint import Checkpointer
-
     directory = Path(run_dir) / "checkpoints"
     if not directory.exists():
         return []
@@ -44,23 +48,10 @@ def restore_params(cfg: RunConfig, model: nnx.Module, mesh, step: int | None) ->
 def _restore(cfg: RunConfig, model: nnx.Module, mesh, step: int | None) -> tuple[int, dict]:
     """``(step, params)``; ``step=None``: the newest checkpoint that reads back intact (damaged
     newer ones are reported on stderr and left in place)."""
-    import sys
-
-    from paretoq_jax.train.checkpoint import Checkpointer, CheckpointRestoreError, abstract_like
-    from paretoq_jax.train.optim import make_optimizer
-    from paretoq_jax.train.step import state_shardings
-
-    _, params, _ = nnx.split(model, nnx.Param, ...)
-    params = nnx.to_pure_dict(params)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     tx = make_optimizer(cfg.train)
     shardings = state_shardings(mesh, jax.tree.map(lambda x: x.sharding, params), tx, params)
-    shapes = {
-        "params": params,
-        "opt_state": jax.eval_shape(tx.init, params),
-        "step": jax.ShapeDtypeStruct((), jnp.int32),
-        "rng": jax.eval_shape(lambda: jax.random.PRNGKey(0)),
-    }
-    abstract = abstract_like(shapes, shardings)
+    abstract = abstract_state(params, tx, shardings)
     ckpt = Checkpointer(Path(cfg.run_dir) / "checkpoints", async_save=False)
     try:
         if step is not None:
@@ -92,9 +83,6 @@ def load_run(
     Raises ``FileNotFoundError`` naming what is missing (no ``config.yaml``: not a run
     directory; no complete checkpoint; no checkpoint at ``step``).
     """
-    from paretoq_jax.config import load_config
-    from paretoq_jax.train.loop import _load_tokenizer, build_mesh, build_model
-
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise FileNotFoundError(
@@ -119,4 +107,4 @@ def load_run(
     model = build_model(shell, mesh)
     step, params = _restore(cfg, model, mesh, step)  # None: the newest intact checkpoint
     model = set_params(model, params)
-    return model, _load_tokenizer(cfg), cfg, step
+    return model, load_tokenizer(cfg), cfg, step

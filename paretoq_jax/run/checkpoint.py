@@ -35,8 +35,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+import yaml
+from jax.experimental import multihost_utils
 
+from paretoq_jax.config import from_dict, to_dict
 from paretoq_jax.errors import ParetoQError
+
+from .config import RunConfig
 
 __all__ = [
     "Checkpointer",
@@ -293,8 +298,6 @@ class Checkpointer:
                 if log is not None:
                     log(f"[checkpoint] kept the unreadable step {step} as {target}")
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices("paretoq_checkpoint_set_aside")
         self._manager.reload()
 
@@ -348,12 +351,6 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 def _saved_config(path: Path) -> dict[str, Any]:
     """The saved config as flat ``{dotted key: value}``, defaults filled in where it parses."""
-    import yaml
-
-    from paretoq_jax.config import from_dict, to_dict
-
-    from .config import RunConfig
-
     raw = yaml.safe_load(path.read_text()) or {}
     try:
         return _flatten(to_dict(from_dict(RunConfig, raw)))
@@ -369,8 +366,6 @@ def check_resume_config(cfg: Any, run_dir: str | Path) -> list[str]:
     `SAFE_TO_CHANGE` (bits, method, model, scale init, optimizer, data...): resuming would
     reinterpret the saved state or silently change the recipe. Nothing is written.
     """
-    from paretoq_jax.config import to_dict
-
     run = Path(run_dir)
     saved, ckpts = run / "config.yaml", run / "checkpoints"
     has_state = ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())

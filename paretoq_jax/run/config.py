@@ -86,7 +86,7 @@ class TrainConfig:
     quant_stats_every: int = 50
     tensorboard: bool = False
     # Resume even when keys that change what the checkpointed state means (bits, method, model,
-    # optimizer, data...) differ from RUN_DIR/config.yaml (train.checkpoint.check_resume_config).
+    # optimizer, data...) differ from RUN_DIR/config.yaml (run.checkpoint.check_resume_config).
     allow_config_change: bool = False
 
     def __post_init__(self) -> None:
