@@ -21,12 +21,22 @@ from paretoq_jax.run.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
+
+
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be imported (False also when its parent package is missing)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 needs_cuda_plugin = pytest.mark.skipif(
-    importlib.util.find_spec("jax_plugins.xla_cuda12") is None,
+    not _installed("jax_plugins.xla_cuda12"),
     reason="XLA's CUDA plugin is not installed: pip install -e '.[gpu-plan]' for GPU planning",
 )
 needs_libtpu = pytest.mark.skipif(
-    importlib.util.find_spec("libtpu") is None,
+    not _installed("libtpu"),
     reason="libtpu is not installed: pip install -e '.[tpu]' for the compile-only TPU tests",
 )
 

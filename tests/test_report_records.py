@@ -42,6 +42,11 @@ def test_quickstart_block_is_the_record(tmp_path):
     }  # fmt: skip
     text = quickstart_block(r)
     assert "| SmolLM2.gguf, 2-bit SEQ | value |" in text
-    assert "ParetoQ QAT, 180 steps of 2x256 tokens (92,160 tokens), lr 5e-4 | **812.3** |" in text
+    t, seq = cfg.train, cfg.data.train_len
+    tokens = t.steps * t.batch_size * seq
+    assert (
+        f"ParetoQ QAT, {t.steps} steps of {t.batch_size}x{seq} tokens ({tokens:,} tokens), lr "
+    ) in text
+    assert "| **812.3** |" in text
     assert "| 26.28 |" in text and "| 1.67e7 |" in text and "134.5 M" in text
     assert "85 tokens/s (6.7 s a step; 20 min of training, 22 min in all)" in text

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import matplotlib
 
+from paretoq_jax.outputs import MARKER
+
 from .build import build_report, is_report_dir
 
 __all__ = ["REPORTS_DIR", "report_dirs", "check_report", "figure_version"]
@@ -52,7 +54,8 @@ def check_report(folder: str | Path) -> tuple[list[str], list[str]]:
     with tempfile.TemporaryDirectory() as tmp:
         build_report(folder, tmp)
         made = {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
-    have = {p.name for p in folder.iterdir() if p.is_file()}
+    # the output marker (paretoq_jax.outputs) says what wrote the folder and when: not a report file
+    have = {p.name for p in folder.iterdir() if p.is_file() and p.name != MARKER}
     for name in sorted(have - set(made)):
         problems.append(f"{folder / name}: not generated from results.json (stale?)")
     for name, data in sorted(made.items()):
