@@ -65,24 +65,23 @@ def _llama_cpp_available() -> bool:
 SLOW = pytest.mark.slow  # the default run covers TQ1_0, Q2_K and Q4_0 once each
 
 
-@pytest.mark.parametrize("bits,qtype", [
-    pytest.param(1, None, marks=SLOW), pytest.param(1.58, None, marks=SLOW), (1.58, "TQ1_0"),
-    (2, None), pytest.param(2, "Q4_0", marks=SLOW), pytest.param(3, None, marks=SLOW), (4, None),
-])  # fmt: skip
-def test_llama_cpp_runs_gguf_export(bits, qtype, tmp_path):
+def _llama_cpp_model(tmp_path, bits: float, tie: bool, **export: object):
+    """A small quantized model whose logits are far from flat, its GGUF export, and llama.cpp's
+    logits for 24 random ids on that file: ``(model, path, ids, llama.cpp logits)``."""
     if not _llama_cpp_available():
         pytest.skip(
             "llama.cpp's C API is not importable: pip install --no-deps llama-cpp-cffi==0.4.20 cffi"
         )
     cfg = dataclasses.replace(
         LlamaConfig.from_json(TINY), hidden_size=256, intermediate_size=512, head_dim=64,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie,
     )  # fmt: skip
     model = Llama(cfg, quant=QuantRules.paretoq(bits), rngs=nnx.Rngs(0))
     model.embed_tokens[...] = model.embed_tokens[...] * 30  # logits far from flat
-    model.lm_head.kernel[...] = model.lm_head.kernel[...] * 30
+    if not tie:
+        model.lm_head.kernel[...] = model.lm_head.kernel[...] * 30
     path = export_model(model, "gguf", tmp_path / "m.gguf", tokenizer=load_tokenizer(TINY),
-                        gguf_qtype=qtype)  # fmt: skip
+                        **export)  # fmt: skip
     ids = np.random.RandomState(0).randint(3, cfg.vocab_size, 24).astype(np.int32)
     np.save(tmp_path / "ids.npy", ids)
     (tmp_path / "run.py").write_text(RUNNER)
@@ -92,7 +91,15 @@ def test_llama_cpp_runs_gguf_export(bits, qtype, tmp_path):
         env=dict(os.environ, PYTHONPATH=LLAMA_CPP), capture_output=True, text=True,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
-    got = np.load(tmp_path / "out.npy")
+    return model, path, ids, np.load(tmp_path / "out.npy")
+
+
+@pytest.mark.parametrize("bits,qtype", [
+    pytest.param(1, None, marks=SLOW), pytest.param(1.58, None, marks=SLOW), (1.58, "TQ1_0"),
+    (2, None), pytest.param(2, "Q4_0", marks=SLOW), pytest.param(3, None, marks=SLOW), (4, None),
+])  # fmt: skip
+def test_llama_cpp_runs_gguf_export(bits, qtype, tmp_path):
+    model, _, ids, got = _llama_cpp_model(tmp_path, bits, tie=False, gguf_qtype=qtype)
     ref = np.asarray(model(ids[None]))[0]
     rel = np.max(np.abs(got - ref)) / np.max(np.abs(ref))
     assert rel < 3e-3, rel  # docs/export.md: 1.1e-3 to 2.3e-3
@@ -102,30 +109,9 @@ def test_llama_cpp_runs_gguf_export(bits, qtype, tmp_path):
 def test_llama_cpp_runs_q8_0_token_embd(tmp_path):
     """``float_type="q8_0"`` (Q8_0 token_embd, also the tied output head): llama.cpp's logits
     agree with our reader's on the same file as closely as for F32 embeddings."""
-    if not _llama_cpp_available():
-        pytest.skip(
-            "llama.cpp's C API is not importable: pip install --no-deps llama-cpp-cffi==0.4.20 cffi"
-        )
     from paretoq_jax.io import load_pretrained
 
-    cfg = dataclasses.replace(
-        LlamaConfig.from_json(TINY), hidden_size=256, intermediate_size=512, head_dim=64,
-        tie_word_embeddings=True,
-    )  # fmt: skip
-    model = Llama(cfg, quant=QuantRules.paretoq(2), rngs=nnx.Rngs(0))
-    model.embed_tokens[...] = model.embed_tokens[...] * 30  # logits far from flat
-    path = export_model(model, "gguf", tmp_path / "m.gguf", tokenizer=load_tokenizer(TINY),
-                        float_type="q8_0")  # fmt: skip
-    ids = np.random.RandomState(0).randint(3, cfg.vocab_size, 24).astype(np.int32)
-    np.save(tmp_path / "ids.npy", ids)
-    (tmp_path / "run.py").write_text(RUNNER)
-    r = subprocess.run(
-        [sys.executable, str(tmp_path / "run.py"), str(path), str(tmp_path / "ids.npy"),
-         str(tmp_path / "out.npy")],
-        env=dict(os.environ, PYTHONPATH=LLAMA_CPP), capture_output=True, text=True,
-    )  # fmt: skip
-    assert r.returncode == 0, r.stderr[-2000:]
-    got = np.load(tmp_path / "out.npy")
+    _, path, ids, got = _llama_cpp_model(tmp_path, 2, tie=True, float_type="q8_0")
     ref = np.asarray(load_pretrained(path)(ids[None]))[0]
     rel = np.max(np.abs(got - ref)) / np.max(np.abs(ref))
     assert rel < 3e-3, rel
