@@ -24,8 +24,6 @@ import numpy as np
 from flax import nnx
 
 from paretoq_jax.cli import run_cli
-from paretoq_jax.io import load_tokenizer
-from paretoq_jax.io.packed import is_packed_export, load_packed
 from paretoq_jax.models.decode import forward_cached, init_cache, materialize_quantized
 from paretoq_jax.models.llama import Llama
 from paretoq_jax.run.load import load_model
@@ -211,11 +209,13 @@ def generate_tokens(
         )  # fmt: skip
         ran = int(ran)
         tokens = np.asarray(tokens)
+        chunk_logits = np.asarray(logits_buf) if return_logits else None  # one transfer
         for j in range(ran):
-            if return_logits and not done.all():
-                all_logits.append(np.asarray(logits_buf[:, j]))
-            if not done.all():
-                take(tokens[:, j])
+            if done.all():
+                break
+            if return_logits:
+                all_logits.append(chunk_logits[:, j])
+            take(tokens[:, j])
         left -= ran
     if return_logits:
         return out, np.stack(all_logits, axis=1)
@@ -293,16 +293,13 @@ def generate(
 def load_for_generation(
     path: str, *, bits: Any = None, method: str | None = None, dequantize: bool = False
 ) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` to generate with. A packed export computes from its packed codes
-    (:func:`~paretoq_jax.io.packed.load_packed` ``mode="packed"``; an int8 embedding stays
-    int8) unless ``dequantize``, which loads it as a float model holding exactly its weights
-    (as evaluation does: bit-identical logits, slower decoding). Anything else goes through
-    :func:`paretoq_jax.run.load.load_model`."""
-    if is_packed_export(path) and not dequantize:
-        if bits is not None or method is not None:
-            raise ValueError(f"{path} is a packed export with its own bits; drop --bits/--method")
-        return load_packed(path, mode="packed"), load_tokenizer(path)
-    return load_model(path, bits=bits, method=method)
+    """``(model, tokenizer)`` to generate with: :func:`paretoq_jax.run.load.load_model`, except
+    that a packed export computes from its packed codes (an int8 embedding stays int8) unless
+    ``dequantize``, which loads it as a float model holding exactly its weights (as evaluation
+    does: bit-identical logits, slower decoding)."""
+    return load_model(
+        path, bits=bits, method=method, packed_mode="dequantize" if dequantize else "packed"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

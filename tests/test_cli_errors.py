@@ -162,6 +162,7 @@ CASES: list[tuple[str, object, str]] = [
     # data.mixture, scaling (refused before any corpus is read)
     ("mixture", lambda w: ["--out", str(w["d"] / "foreign")], "not an unfinished mixture"),
     ("mixture", lambda w: ["--sources", "nope", "--out", str(w["d"] / "m1")], "unknown sources"),
+    ("mixture", lambda w: ["--out", str(w["run"] / "config.yaml")], "is a file"),
     ("scaling", lambda w: ["export", str(w["d"] / "nosweep")], "has no cells"),
     ("scaling", lambda w: ["export", str(w["d"]), "--steps", "a,b"], "--steps must be"),
     # quickstart (all refused before any asset is fetched or model loaded)

@@ -150,6 +150,8 @@ def build_mixture(
         "tokenizers": tokenizers.__version__,
     }
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file; give a new or empty folder (nothing was changed)")
     manifest_path = out / "manifest.json"
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())

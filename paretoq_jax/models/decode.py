@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from paretoq_jax.models.layers import QuantLinear
+from paretoq_jax.models.linears import quant_linears
 from paretoq_jax.models.llama import Llama
 
 Array = jax.Array
@@ -102,9 +102,8 @@ def materialize_quantized(model: Llama) -> Llama:
     token. Its forward equals the original's: ``Q(kernel)`` is what the original multiplies by.
     """
     model = nnx.clone(model)
-    for _, module in nnx.iter_modules(model):
-        if isinstance(module, QuantLinear) and module.spec is not None:
-            module.kernel[...] = jax.lax.stop_gradient(module.weight())
-            module.spec = None
-            module.scale = None
+    for module in quant_linears(model).values():
+        module.kernel[...] = jax.lax.stop_gradient(module.weight())
+        module.spec = None
+        module.scale = None
     return model

@@ -234,6 +234,8 @@ def to_packed_model(
     summed in another order: logits agree to float32 rounding, not bit for bit). Float linears
     (``spec=None``) are left alone.
     """
+    if embed not in EMBED_TYPES:
+        raise ValueError(f"embed={embed!r}: choose one of {EMBED_TYPES}")
     model = nnx.clone(model)
     targets = list(quant_linears(model).items())
     if not targets:
@@ -250,6 +252,4 @@ def to_packed_model(
             tile_rows=tile_rows,
         )  # fmt: skip
         set_module(model, path, new)
-    if embed not in EMBED_TYPES:
-        raise ValueError(f"embed={embed!r}: choose one of {EMBED_TYPES}")
     return int8_embeddings(model) if embed == "int8" else model

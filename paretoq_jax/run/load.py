@@ -41,12 +41,12 @@ def load_run(
     return model, tokenizer
 
 
-def _load_pretrained(path: str, *, bits=None, method=None, mesh=None, dtype=jnp.float32):
+def _load_pretrained(path: str, *, bits=None, method=None, mesh=None, dtype=jnp.float32, **_):
     model = load_pretrained(path, 16 if bits is None else bits, method, dtype, mesh)
     return model, load_tokenizer(path)
 
 
-def _load_run(path: str, *, bits=None, method=None, mesh=None, dtype=None):
+def _load_run(path: str, *, bits=None, method=None, mesh=None, dtype=None, **_):
     if bits is not None or method is not None:
         raise ValueError(
             f"{path} is a training run: its bits/method come from its config.yaml; drop --bits "
@@ -59,11 +59,14 @@ def _is_packed(p: Path) -> bool:
     return is_packed_export(p)
 
 
-def _load_packed(path: str, *, bits=None, method=None, mesh=None, dtype=jnp.float32):
-    """A packed export as a float model holding exactly its dequantized codes."""
+def _load_packed(
+    path: str, *, bits=None, method=None, mesh=None, dtype=jnp.float32, packed_mode="dequantize"
+):
+    """A packed export: by default a float model holding exactly its dequantized codes;
+    ``packed_mode="packed"`` computes from the packed codes (``io.packed.load_packed``)."""
     if bits is not None or method is not None:
         raise ValueError(f"{path} is a packed export with its own bits; drop --bits/--method")
-    model = load_packed(path, mode="dequantize", dtype=dtype)
+    model = load_packed(path, mode=packed_mode, dtype=dtype)
     if mesh is not None:
         shard_model(model, mesh)
     return model, load_tokenizer(path)
@@ -91,15 +94,19 @@ def load_model(
     method: str | None = None,
     mesh: Mesh | None = None,
     dtype=jnp.float32,
+    packed_mode: str = "dequantize",
 ) -> tuple[Any, Any]:
     """``(model, tokenizer)`` from a training run directory (latest checkpoint), a packed
     export, an HF folder, a ``.gguf`` file or a hub id. ``bits``/``method`` quantize a float
     checkpoint at load (round-to-nearest with the method's scale init); ``mesh`` places the
-    parameters sharded."""
+    parameters sharded; ``packed_mode`` is how a packed export loads (``"dequantize"``: float
+    weights, ``"packed"``: compute from the codes; other kinds ignore it)."""
     p = Path(path).expanduser()
     for _, predicate, loader in LOADERS:
         if predicate(p):
-            return loader(str(p), bits=bits, method=method, mesh=mesh, dtype=dtype)
+            return loader(
+                str(p), bits=bits, method=method, mesh=mesh, dtype=dtype, packed_mode=packed_mode
+            )
     kinds = ", ".join(name for name, _, _ in LOADERS)
     raise FileNotFoundError(f"cannot load a model from {str(path)!r}: expected one of {kinds}")
 
