@@ -16,7 +16,12 @@ N=${2:-1}
 PY=(nice -n 19 python)
 FLOAT=configs/sweeps/scaling-float.yaml
 QAT=configs/sweeps/scaling-qat.yaml
-[ -f data/mix-bpe2k/manifest.json ] || "${PY[@]}" -m paretoq_jax.data.mixture --out data/mix-bpe2k
+# The corpus mixture is built once: a second worker started beside the first waits on the lock
+# (it used to race the first and stop with "Directory not empty").
+mkdir -p runs
+[ -f data/mix-bpe2k/manifest.json ] ||
+  flock runs/.mix-bpe2k.lock sh -c '[ -f data/mix-bpe2k/manifest.json ] ||
+    exec "$@" -m paretoq_jax.data.mixture --out data/mix-bpe2k' sh "${PY[@]}"
 
 # Priority: size s1 and s2 float starts, then the QAT cells that decide the claims first.
 # FLOAT_CELLS (env): which float sizes this run pretrains, default all four (s3, s4: the frontier).
