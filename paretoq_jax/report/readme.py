@@ -19,6 +19,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from paretoq_jax.run.records import record_config
+
 from .build import _ok, findings, load_rows
 from .published import REPORTS_DIR
 
@@ -63,7 +65,7 @@ def _table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
 
 def quickstart_block(r: Mapping[str, Any]) -> str:
     """The quickstart's measured table from its ``quickstart.json``."""
-    c, sw = r["config"], r.get("software", {})
+    c, sw = record_config(r), r.get("software", {})
     t = c["train"]
     seq = c["data"].get("train_seq_len") or c["data"]["seq_len"]
     tokens = t["steps"] * t["batch_size"] * seq
@@ -78,7 +80,7 @@ def quickstart_block(r: Mapping[str, Any]) -> str:
             f"{lr(r['plain_qat']['lr'])}; not rerun: {r['plain_qat']['source']})",
             num(r["plain_qat"]["val_ppl"])]] if r.get("plain_qat") else []),
         [f"validation perplexity, ParetoQ QAT, {r['train_steps']} steps of {t['batch_size']}x{seq} "
-         f"tokens ({tokens:,} tokens), lr {lr(t['lr'])}"
+         f"tokens ({tokens:,} tokens), lr {lr(t['optimizer']['lr'])}"
          + (f", {r['recipe']}" if r.get("recipe") else ""), f"**{num(r['ppl_qat'])}**"],
         ["parameters", f"{r['params'] / 1e6:.1f} M"],
         ["size, bf16 (theory)", f"{r['bytes_bf16'] / _MIB:.1f} MiB"],
@@ -148,25 +150,27 @@ def findings_block(rows: Sequence[dict]) -> str:
 
 def _recipe(c: Mapping[str, Any]) -> str:
     m, d, t = c["model"], c["data"], c["train"]
+    opt, dist = t.get("optimizer", {}), t.get("distill", {})
     seq = d.get("train_seq_len") or d["seq_len"]
     if not t["steps"]:
         init = m.get("scale_init", "paretoq")
         return "round-to-nearest, no training" + (
             f", `model.scale_init: {init}`" if init != "paretoq" else ", ParetoQ scale init"
         )
-    parts = [f"{t['steps']} x {t['batch_size']}x{seq}", f"lr {lr(t['lr'])}"]
-    if t.get("warmup_steps"):
-        parts.append(f"warmup {t['warmup_steps']}")
-    if t.get("schedule") not in (None, "cosine"):
-        parts.append(f"{t['schedule']} schedule")
+    parts = [f"{t['steps']} x {t['batch_size']}x{seq}", f"lr {lr(opt['lr'])}"]
+    if opt.get("warmup_steps"):
+        parts.append(f"warmup {opt['warmup_steps']}")
+    if opt.get("schedule") not in (None, "cosine"):
+        parts.append(f"{opt['schedule']} schedule")
     if m.get("scale_init", "paretoq") != "paretoq":
         parts.append(f"`model.scale_init: {m['scale_init']}`")
-    if t.get("distill"):
+    # the committed reports name the keys as those runs wrote them (byte-identical rebuilds)
+    if dist.get("logits"):
         parts.append("distillation (`train.distill`)")
-    if t.get("distill_layers"):
-        parts.append(f"`train.distill_layers: {t['distill_layers']:g}`")
-    if t.get("scale_lr") is not None:
-        parts.append(f"scales at lr {lr(t['scale_lr'])} (`train.scale_lr`)")
+    if dist.get("layers"):
+        parts.append(f"`train.distill_layers: {dist['layers']:g}`")
+    if opt.get("scale_lr") is not None:
+        parts.append(f"scales at lr {lr(opt['scale_lr'])} (`train.scale_lr`)")
     return ", ".join(parts)
 
 
@@ -185,7 +189,7 @@ def recovery_block(rows: Sequence[dict], baseline: dict | None, anchors: Mapping
         where = " (smollm2-bits)" if r is baseline else ""
         body.append(
             [
-                _recipe(r["config"]) + where,
+                _recipe(record_config(r)) + where,
                 during,
                 f"**{num(r['val_ppl'])}**",
                 num(ref) if ref else "-",
@@ -199,7 +203,7 @@ def recovery_summary(rows: Sequence[dict], baseline: dict | None, anchors: Mappi
     """One sentence: the best recipe against plain QAT and the reference with distillation."""
     train = [r for r in rows if r["kind"] == "train" and _ok(r.get("val_ppl"))]
     best = min(train, key=lambda r: r["val_ppl"])
-    out = f"Best: **{num(best['val_ppl'])}** validation perplexity ({_recipe(best['config'])})"
+    out = f"Best: **{num(best['val_ppl'])}** validation perplexity ({_recipe(record_config(best))})"
     if baseline:
         out += f", {baseline['val_ppl'] / best['val_ppl']:.1f}x lower than plain QAT"
     ref = anchors.get("lr=0.0005,distill=true")
