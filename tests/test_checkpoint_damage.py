@@ -31,7 +31,7 @@ STEPS, EVERY = 6, 2
 
 def _overrides(run: Path, cache: Path, *extra: str) -> list[str]:
     return [f"run_dir={run}", f"data.cache_dir={cache}", f"train.steps={STEPS}",
-            f"checkpoint.every={EVERY}", "train.quant_stats_every=0", "train.eval_every=0",
+            f"checkpoint.every={EVERY}", "train.logging.quant_stats_every=0", "train.logging.eval_every=0",
             "checkpoint.async_save=false", *extra]  # fmt: skip
 
 
@@ -171,15 +171,20 @@ def test_resume_with_state_changing_config_is_refused(tmp_path, reference):
         train(changed, progress=False)
     assert (run / "config.yaml").read_bytes() == before
     safe = load_config(RunConfig, TINY, _overrides(run, cache, "train.steps=9",
-                                                   "train.log_every=3", "checkpoint.keep=5"))  # fmt: skip
+                                                   "train.logging.log_every=3", "checkpoint.keep=5"))  # fmt: skip
     keys = [c.split(":")[0] for c in check_resume_config(safe, run)]
-    assert keys == ["checkpoint.keep", "run_dir", "train.log_every", "train.steps"]  # copied
-    lr = load_config(RunConfig, TINY, _overrides(run, cache, "train.lr=0.5"))
-    with pytest.raises(ResumeConfigError, match="train.lr: 0.001 -> 0.5"):
+    assert keys == [
+        "checkpoint.keep",
+        "run_dir",
+        "train.logging.log_every",
+        "train.steps",
+    ]  # copied
+    lr = load_config(RunConfig, TINY, _overrides(run, cache, "train.optimizer.lr=0.5"))
+    with pytest.raises(ResumeConfigError, match="train.optimizer.lr: 0.001 -> 0.5"):
         check_resume_config(lr, run)
-    allowed = load_config(RunConfig, TINY, _overrides(run, cache, "train.lr=0.5",
+    allowed = load_config(RunConfig, TINY, _overrides(run, cache, "train.optimizer.lr=0.5",
                                                       "train.allow_config_change=true"))  # fmt: skip
-    assert "train.lr: 0.001 -> 0.5" in check_resume_config(allowed, run)
+    assert "train.optimizer.lr: 0.001 -> 0.5" in check_resume_config(allowed, run)
     fresh = tmp_path / "fresh"  # no checkpoints: nothing to reinterpret
     (fresh).mkdir()
     shutil.copy(run / "config.yaml", fresh / "config.yaml")
