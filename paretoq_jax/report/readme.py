@@ -21,7 +21,8 @@ from typing import Any
 
 from paretoq_jax.run.records import record_config
 
-from .build import _ok, findings, load_rows
+from .build import findings, load_rows
+from .numbers import finite, lr, markdown_table, num
 from .published import REPORTS_DIR
 
 __all__ = ["README", "blocks", "update_readme", "BLOCK"]
@@ -38,29 +39,6 @@ NO_QUICKSTART = (
     "runs/quickstart/quickstart.json reports/quickstart/` and `python -m paretoq_jax.report "
     "--readme`."
 )
-
-
-def num(x: Any) -> str:
-    """A measured number as the README writes it: ``1.67e7``, ``1,764``, ``836.5``, ``33.16``."""
-    if not _ok(x):
-        return "-"
-    if abs(x) >= 1e5:
-        mant, exp = f"{x:.3g}".split("e")
-        return f"{mant}e{int(exp)}"
-    if abs(x) >= 1000:
-        return f"{x:,.0f}"
-    return f"{x:.4g}"
-
-
-def lr(x: float) -> str:
-    """A learning rate as the configs write it: ``5e-4``, ``2e-5``, ``1e-3``."""
-    m, e = f"{x:.2e}".split("e")
-    return f"{m.rstrip('0').rstrip('.')}e{int(e)}"
-
-
-def _table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
 
 
 def quickstart_block(r: Mapping[str, Any]) -> str:
@@ -99,7 +77,7 @@ def quickstart_block(r: Mapping[str, Any]) -> str:
         f"{sw.get('python', '?')}); `reports/quickstart/quickstart.json` (config, loss curve, "
         "results)."
     )
-    return where + "\n\n" + _table([label, "value"], body)
+    return where + "\n\n" + markdown_table([label, "value"], body)
 
 
 def _by_name(rows: Sequence[dict]) -> dict[str, dict]:
@@ -140,12 +118,12 @@ def bits_block(rows: Sequence[dict], anchors: Mapping[str, float]) -> str:
         f"({len(train)} QAT cells; float: {num(fl[0]['val_ppl']) if fl else '-'}; the PyTorch "
         "reference's number in brackets):"
     )
-    return head + "\n\n" + _table(header, body)
+    return head + "\n\n" + markdown_table(header, body)
 
 
 def findings_block(rows: Sequence[dict]) -> str:
     """ParetoQ's findings as the report checks them on the committed cells."""
-    return _table(["claim", "verdict", "evidence"], [list(f) for f in findings(rows)])
+    return markdown_table(["claim", "verdict", "evidence"], [list(f) for f in findings(rows)])
 
 
 def _recipe(c: Mapping[str, Any]) -> str:
@@ -183,7 +161,9 @@ def recovery_block(rows: Sequence[dict], baseline: dict | None, anchors: Mapping
     cells = rtn + ([baseline] if baseline else []) + sorted(train, key=lambda r: -r["val_ppl"])
     body = []
     for r in cells:
-        vals = [(m["tokens"], m["val_ppl"]) for m in r.get("curve") or [] if _ok(m.get("val_ppl"))]
+        vals = [
+            (m["tokens"], m["val_ppl"]) for m in r.get("curve") or [] if finite(m.get("val_ppl"))
+        ]
         during = "; ".join(f"{t:,}: {num(v)}" for t, v in vals[:-1]) or "-"
         ref = anchors.get(r["name"])
         where = " (smollm2-bits)" if r is baseline else ""
@@ -196,12 +176,12 @@ def recovery_block(rows: Sequence[dict], baseline: dict | None, anchors: Mapping
             ]
         )
     header = ["recipe (2-bit SEQ)", "during training (tokens: val ppl)", "val ppl", "reference"]
-    return _table(header, body)
+    return markdown_table(header, body)
 
 
 def recovery_summary(rows: Sequence[dict], baseline: dict | None, anchors: Mapping) -> str:
     """One sentence: the best recipe against plain QAT and the reference with distillation."""
-    train = [r for r in rows if r["kind"] == "train" and _ok(r.get("val_ppl"))]
+    train = [r for r in rows if r["kind"] == "train" and finite(r.get("val_ppl"))]
     best = min(train, key=lambda r: r["val_ppl"])
     out = f"Best: **{num(best['val_ppl'])}** validation perplexity ({_recipe(record_config(best))})"
     if baseline:
