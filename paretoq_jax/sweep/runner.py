@@ -40,6 +40,7 @@ from paretoq_jax.analysis import model_size
 from paretoq_jax.config import from_dict, load_yaml, set_dotted, to_dict
 from paretoq_jax.data import build_splits
 from paretoq_jax.errors import ParetoQError
+from paretoq_jax.outputs import atomic_write_text
 from paretoq_jax.quant import resolve
 from paretoq_jax.run.build import build_mesh, load_tokenizer
 from paretoq_jax.run.config import RunConfig
@@ -83,10 +84,10 @@ class CellInterrupted(ParetoQError, RuntimeError):
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` via a temporary file and ``os.replace`` (never half-written)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=_json_default, allow_nan=True) + "\n")
-    os.replace(tmp, path)
+    """Write JSON to ``path`` (``outputs.atomic_write_text``: never half-written)."""
+    atomic_write_text(
+        path, json.dumps(data, indent=1, default=_json_default, allow_nan=True) + "\n"
+    )
 
 
 def _json_default(x: Any) -> Any:
@@ -400,6 +401,4 @@ def write_table(folder: Path, rows: list[dict]) -> None:
                 for c in cols
             ]
         )
-    tmp = Path(folder) / f".results.csv.{os.getpid()}.tmp"
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, Path(folder) / "results.csv")
+    atomic_write_text(Path(folder) / "results.csv", buf.getvalue())
