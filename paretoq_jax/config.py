@@ -20,6 +20,7 @@ their new place (:func:`migrate`) with one notice.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import sys
@@ -94,9 +95,9 @@ def _old_keys(cls: type, data: Mapping) -> list[str]:
 
 def migrate(cls: type, data: Mapping, source: str | Path | None = None) -> dict:
     """``data`` (a nested mapping for schema ``cls``) with every key the schema has moved
-    (``MOVED_KEYS``) at its new place; one notice on stderr naming them when ``source`` (the
-    file it came from) is given. Keys already at their new place are kept as they are."""
-    out, moved = _migrate(cls, data, "")
+    (``MOVED_KEYS``) at its new place (a copy: ``data`` is left as it is); one notice on stderr
+    naming them when ``source`` (the file it came from) is given."""
+    out, moved = _migrate(cls, copy.deepcopy(dict(data)), "")
     if moved and source is not None:
         print(
             f"note: {source} was written with old config keys; read as "

@@ -200,6 +200,7 @@ def test_a_run_saved_with_the_flat_train_keys_resumes_and_loads(tmp_path, refere
     """A run directory written before train.optimizer / distill / logging: the same config in
     the new keys resumes it (nothing reported changed); a changed lr is still refused under
     its new name; load_run (eval, export) reads it."""
+    from paretoq_jax.run.load import describe_model
     from paretoq_jax.run.restore import load_run
 
     run_ref, cache = reference
@@ -214,6 +215,8 @@ def test_a_run_saved_with_the_flat_train_keys_resumes_and_loads(tmp_path, refere
         check_resume_config(lr, run)
     _, _, cfg, step = load_run(run)
     assert step == STEPS and cfg.train.optimizer.lr == 1e-3
+    info = describe_model(run)  # what eval records about it
+    assert info["step"] == STEPS and info["bits"] == 2
     assert "train.lr -> train.optimizer.lr" in capsys.readouterr().err
 
 
