@@ -32,7 +32,8 @@ STEPS, EVERY = 6, 2
 
 def _overrides(run: Path, cache: Path, *extra: str) -> list[str]:
     return [f"run_dir={run}", f"data.cache_dir={cache}", f"train.steps={STEPS}",
-            f"checkpoint.every={EVERY}", "train.logging.quant_stats_every=0", "train.logging.eval_every=0",
+            f"checkpoint.every={EVERY}", "train.logging.quant_stats_every=0",
+            "train.logging.eval_every=0",
             "checkpoint.async_save=false", *extra]  # fmt: skip
 
 

@@ -220,7 +220,8 @@ def _start_train(run_dir: Path, cache: Path) -> subprocess.Popen:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     cmd = [sys.executable, "-c", _SLOW_LAUNCH, "--config", str(TINY), "--no-progress",
            f"run_dir={run_dir}", f"data.cache_dir={cache}", "train.steps=40",
-           "checkpoint.every=50", "train.logging.eval_every=0", "train.logging.quant_stats_every=0"]  # fmt: skip
+           "checkpoint.every=50", "train.logging.eval_every=0",
+           "train.logging.quant_stats_every=0"]  # fmt: skip
     return subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )

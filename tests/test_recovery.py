@@ -133,7 +133,8 @@ def test_blockwise_distillation_trains(tmp_path):
         cfg = load_config(RunConfig, ROOT / "configs/tiny.yaml", [
             f"run_dir={tmp_path / name}", f"data.cache_dir={tmp_path / 'cache'}",
             f"model.path={tmp_path / 'teacher'}", "model.init=pretrained", "train.steps=4",
-            "train.logging.quant_stats_every=0", "checkpoint.every=100", "train.distill.logits=true",
+            "train.logging.quant_stats_every=0", "checkpoint.every=100",
+            "train.distill.logits=true",
             "train.distill.layers=1.0", *overrides,
         ])  # fmt: skip
         train(cfg, progress=False)

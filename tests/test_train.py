@@ -209,7 +209,8 @@ def test_train_seq_len_trains_short_and_scores_the_usual_blocks(tmp_path):
     base = tiny_cfg(
         tmp_path, "train.steps=2", "train.logging.eval_every=2", "run_dir=" + str(tmp_path / "a")
     )
-    short = tiny_cfg(tmp_path, "train.steps=2", "train.logging.eval_every=2", "data.train_seq_len=32",
+    short = tiny_cfg(tmp_path, "train.steps=2", "train.logging.eval_every=2",
+                     "data.train_seq_len=32",
                      "run_dir=" + str(tmp_path / "b"))  # fmt: skip
     train(base, progress=False)
     train(short, progress=False)
@@ -250,7 +251,8 @@ def test_tiny_run_end_to_end(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
-    cfg = tiny_cfg(tmp_path, "train.steps=6", "train.optimizer.lr=1e30", "train.optimizer.grad_clip=0",
+    cfg = tiny_cfg(tmp_path, "train.steps=6", "train.optimizer.lr=1e30",
+                   "train.optimizer.grad_clip=0",
                    "checkpoint.every=1", "train.logging.quant_stats_every=0")  # fmt: skip
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss.*last good checkpoint is step"):
         train(cfg, progress=False)
@@ -289,7 +291,8 @@ def test_distillation_from_saved_float_teacher(tmp_path):
     tok = AutoTokenizer.from_pretrained(str(ROOT / "configs/models/tiny-llama"))
     save_pretrained(teacher, tmp_path / "teacher", tokenizer=tok)
     cfg = tiny_cfg(tmp_path, f"model.path={tmp_path / 'teacher'}", "model.init=pretrained",
-                   "train.distill.logits=true", "train.steps=4", "train.logging.quant_stats_every=0",
+                   "train.distill.logits=true", "train.steps=4",
+                   "train.logging.quant_stats_every=0",
                    "checkpoint.every=100")  # fmt: skip
     train(cfg, progress=False)
     losses = [r["loss"] for r in read_metrics(Path(cfg.run_dir) / "metrics.jsonl")]

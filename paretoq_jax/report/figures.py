@@ -258,7 +258,7 @@ def plot_loss_curves(curves: dict[str, dict], path: Path) -> Path:
 
 def plot_val_curves(curves: dict[str, dict], path: Path) -> Path:
     """Validation perplexity (log scale) against tokens seen, one line per cell that evaluated
-    during training (``train.eval_every``): how fast each recipe recovers per token."""
+    during training (``train.logging.eval_every``): how fast each recipe recovers per token."""
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     cmap = plt.get_cmap("tab10")
     cells = sorted((name, c) for name, c in curves.items() if c.get("val"))

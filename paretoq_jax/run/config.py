@@ -34,7 +34,8 @@ class ModelConfig:
     ``method``: quantizer (elastic, seq, lsq, absmean, minmax); null picks ParetoQ's choice.
     ``dtype``: compute dtype; ``auto`` is bfloat16 on GPU/TPU and float32 on CPU. Master
     weights and optimizer state are always float32.
-    ``teacher``: float teacher for ``train.distill`` (null: the float weights at ``path``).
+    ``teacher``: float teacher for ``train.distill`` (logits or layers; null: the float weights
+    at ``path``).
     ``scale_init``: initial learned scales: ``paretoq`` (the paper's statistic) or ``mse``
     (least-squares fit to the pretrained weights, ``quant.mse_scale``).
     """
