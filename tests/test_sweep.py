@@ -159,6 +159,8 @@ def test_sweep_eval_section_is_typed(tmp_path):
         load_sweep(_sweep(tmp_path, "eval: {batch_sise: 4}\n"))
     with pytest.raises(SweepError, match="'eval.max_val_blocks' must be an integer"):
         load_sweep(_sweep(tmp_path, "eval: {max_val_blocks: many}\n"))
+    empty = load_sweep(_sweep(tmp_path, "overrides:\neval:\ngrid: {model.bits: [2]}\n"))
+    assert empty.overrides == {} and empty.eval.batch_size is None
     with pytest.raises(SweepError, match="'set_when\\[0\\].set' is required"):
         load_sweep(_sweep(tmp_path, "set_when: [{when: {model.bits: 2}}]\n"))
 

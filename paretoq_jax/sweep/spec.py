@@ -174,7 +174,8 @@ def load_sweep(path: str | Path) -> SweepConfig:
             raise SweepError(
                 f"sweep file {path} needs 'train_config: PATH' (the base training config)"
             )
-        spec = from_dict(SweepConfig, data)
+        # a key left empty (``overrides:`` over commented-out lines) is its default
+        spec = from_dict(SweepConfig, {k: v for k, v in data.items() if v is not None})
     except ConfigError as e:
         msg = str(e).replace("config file", "sweep file", 1).replace("config key", "sweep key")
         raise SweepError(msg if str(path) in msg else f"sweep file {path}: {msg}") from None
