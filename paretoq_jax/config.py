@@ -10,12 +10,20 @@ rejected with the closest valid key::
 
 A YAML file may name a base file with ``base: other.yaml`` (relative to itself); its keys are
 merged under the file's own keys.
+
+A schema renames a key by listing it in a ``MOVED_KEYS: ClassVar[dict[str, str]]`` class attribute
+(old field name -> new dotted path below the class). User input with the old key is rejected
+with an error naming the new one; files an earlier version wrote (a run's saved
+``config.yaml``) are read with ``load_config(..., stored=True)``, which moves the old keys to
+their new place (:func:`migrate`) with one notice.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import sys
 import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -33,6 +41,8 @@ __all__ = [
     "to_dict",
     "load_config",
     "load_yaml",
+    "migrate",
+    "moved_keys",
     "parse_overrides",
     "apply_overrides",
     "set_dotted",
@@ -55,6 +65,61 @@ def valid_keys(cls: type, prefix: str = "") -> list[str]:
         if sub is not None:
             keys.extend(valid_keys(sub, key + "."))
     return keys
+
+
+def moved_keys(cls: type, prefix: str = "") -> dict[str, str]:
+    """Every renamed key of a dataclass schema and its sections: ``{old dotted key: new one}``."""
+    out = {f"{prefix}{old}": f"{prefix}{new}" for old, new in _moved(cls).items()}
+    for f, tp in _fields(cls):
+        sub = _dataclass_in(tp)
+        if sub is not None:
+            out.update(moved_keys(sub, f"{prefix}{f.name}."))
+    return out
+
+
+def _moved(cls: type) -> Mapping[str, str]:
+    return getattr(cls, "MOVED_KEYS", {})
+
+
+def _old_keys(cls: type, data: Mapping) -> list[str]:
+    """The keys of ``data`` that ``cls`` has moved: no longer a field, or a field that became a
+    section but holds a plain value (e.g. ``distill: true`` where ``distill`` is now a section)."""
+    fields = {f.name: tp for f, tp in _fields(cls)}
+    return [
+        k
+        for k in _moved(cls)
+        if k in data
+        and (k not in fields or (_dataclass_in(fields[k]) and not isinstance(data[k], Mapping)))
+    ]
+
+
+def migrate(cls: type, data: Mapping, source: str | Path | None = None) -> dict:
+    """``data`` (a nested mapping for schema ``cls``) with every key the schema has moved
+    (``MOVED_KEYS``) at its new place (a copy: ``data`` is left as it is); one notice on stderr
+    naming them when ``source`` (the file it came from) is given."""
+    out, moved = _migrate(cls, copy.deepcopy(dict(data)), "")
+    if moved and source is not None:
+        print(
+            f"note: {source} was written with old config keys; read as "
+            + ", ".join(f"{old} -> {new}" for old, new in moved),
+            file=sys.stderr,
+        )
+    return out
+
+
+def _migrate(cls: type, data: Mapping, prefix: str) -> tuple[dict, list[tuple[str, str]]]:
+    out = dict(data)
+    moved = [(k, _moved(cls)[k]) for k in _old_keys(cls, out)]
+    values = {new: out.pop(old) for old, new in moved}
+    for new, value in values.items():
+        set_dotted(out, new, value, replace=True)
+    done = [(prefix + old, prefix + new) for old, new in moved]
+    for f, tp in _fields(cls):
+        sub = _dataclass_in(tp)
+        if sub is not None and isinstance(out.get(f.name), Mapping):
+            out[f.name], more = _migrate(sub, out[f.name], f"{prefix}{f.name}.")
+            done += more
+    return out, done
 
 
 def _fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
@@ -205,6 +270,9 @@ def from_dict(
     if not isinstance(data, Mapping):
         raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping")
     fields = dict((f.name, (f, tp)) for f, tp in _fields(cls))
+    for key in _old_keys(cls, data):
+        new = prefix + _moved(cls)[key]
+        raise ConfigError(f"config key '{prefix}{key}' moved to '{new}'; write {new} instead")
     for key in data:
         if key not in fields:
             raise _unknown_key_error(cls, str(key), prefix, root)
@@ -314,9 +382,21 @@ def apply_overrides(data: Mapping, items: Sequence[str]) -> dict:
     return _merge(dict(data), parse_overrides(items))
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Config ``cls`` from an optional YAML file and dotted overrides (later wins)."""
+def load_config(
+    cls: type[T],
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    stored: bool = False,
+) -> T:
+    """Config ``cls`` from an optional YAML file and dotted overrides (later wins).
+
+    ``stored``: the file is one an earlier version may have written (a run's saved ``config.yaml``):
+    keys renamed since are read at their new place (one notice), not rejected.
+    """
     data = load_yaml(path) if path is not None else {}
+    if stored:
+        data = migrate(cls, data, source=path)
     return from_dict(cls, apply_overrides(data, overrides))
 
 

@@ -90,7 +90,7 @@ def _recipe(cfg: Any) -> str:
     parts = []
     if cfg.model.scale_init != "paretoq":
         parts.append(f"{cfg.model.scale_init} scale init")
-    if cfg.train.distill:
+    if cfg.train.distill.logits:
         parts.append("distillation from the float model")
     return ", ".join(parts)
 

@@ -8,23 +8,24 @@ which it reads as HF folders (``model.path``). ``export`` writes them::
 
 For every cell of the float sweep and every listed step that cell has a checkpoint of,
 ``SWEEP_DIR/hf/<size>-step<N>/`` (``<size>``: the basename of the cell's ``model.path``) is
-written with `paretoq_jax.io.save_pretrained` (float32 safetensors + config + tokenizer) into a
-temporary folder renamed into place, unless it is already there. Steps not yet reached are skipped, so the command can be rerun while the
+written with `paretoq_jax.io.save_pretrained` (float32 safetensors + config + tokenizer) as an
+HF export (`paretoq_jax.outputs.atomic_output`: a temporary folder renamed into place), unless
+it is already there. Steps not yet reached are skipped, so the command can be rerun while the
 float runs go on, and QAT cells whose start exists can run meanwhile.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
 from pathlib import Path
 
 from paretoq_jax.cli import run_cli
 from paretoq_jax.config import read_yaml
 from paretoq_jax.errors import ParetoQError
+from paretoq_jax.export import output_kind_of
 from paretoq_jax.io import save_pretrained
+from paretoq_jax.outputs import atomic_output
 from paretoq_jax.run.restore import checkpoint_steps, load_run
 
 __all__ = ["export_float_starts", "main", "start_name"]
@@ -61,11 +62,9 @@ def export_float_starts(
             out = sweep_dir / "hf" / start_name(cfg["model"]["path"], step)
             if step not in have or (out / "config.json").exists():
                 continue
-            tmp = out.with_name(f".{out.name}.{os.getpid()}.part")
-            shutil.rmtree(tmp, ignore_errors=True)
             model, tokenizer, _, _ = load_run(cell, step)
-            save_pretrained(model, tmp, tokenizer=tokenizer)
-            os.replace(tmp, out)
+            with atomic_output(out, output_kind_of("hf"), directory=True) as tmp:
+                save_pretrained(model, tmp, tokenizer=tokenizer)
             written.append(out)
             print(f"[scaling] {cell.name} step {step} -> {out}", flush=True)
     return written

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import yaml
 
 from paretoq_jax.config import load_config
 from paretoq_jax.run.checkpoint import (
@@ -31,7 +32,8 @@ STEPS, EVERY = 6, 2
 
 def _overrides(run: Path, cache: Path, *extra: str) -> list[str]:
     return [f"run_dir={run}", f"data.cache_dir={cache}", f"train.steps={STEPS}",
-            f"checkpoint.every={EVERY}", "train.quant_stats_every=0", "train.eval_every=0",
+            f"checkpoint.every={EVERY}", "train.logging.quant_stats_every=0",
+            "train.logging.eval_every=0",
             "checkpoint.async_save=false", *extra]  # fmt: skip
 
 
@@ -170,20 +172,53 @@ def test_resume_with_state_changing_config_is_refused(tmp_path, reference):
     with pytest.raises(ResumeConfigError, match=r"model\.bits: 2 -> 4; model\.method: 'seq' -> "):
         train(changed, progress=False)
     assert (run / "config.yaml").read_bytes() == before
-    safe = load_config(RunConfig, TINY, _overrides(run, cache, "train.steps=9",
-                                                   "train.log_every=3", "checkpoint.keep=5"))  # fmt: skip
+    over = ("train.steps=9", "train.logging.log_every=3", "checkpoint.keep=5")
+    safe = load_config(RunConfig, TINY, _overrides(run, cache, *over))
     keys = [c.split(":")[0] for c in check_resume_config(safe, run)]
-    assert keys == ["checkpoint.keep", "run_dir", "train.log_every", "train.steps"]  # copied
-    lr = load_config(RunConfig, TINY, _overrides(run, cache, "train.lr=0.5"))
-    with pytest.raises(ResumeConfigError, match="train.lr: 0.001 -> 0.5"):
+    assert keys == ["checkpoint.keep", "run_dir", "train.logging.log_every", "train.steps"]
+    lr = load_config(RunConfig, TINY, _overrides(run, cache, "train.optimizer.lr=0.5"))
+    with pytest.raises(ResumeConfigError, match="train.optimizer.lr: 0.001 -> 0.5"):
         check_resume_config(lr, run)
-    allowed = load_config(RunConfig, TINY, _overrides(run, cache, "train.lr=0.5",
+    allowed = load_config(RunConfig, TINY, _overrides(run, cache, "train.optimizer.lr=0.5",
                                                       "train.allow_config_change=true"))  # fmt: skip
-    assert "train.lr: 0.001 -> 0.5" in check_resume_config(allowed, run)
+    assert "train.optimizer.lr: 0.001 -> 0.5" in check_resume_config(allowed, run)
     fresh = tmp_path / "fresh"  # no checkpoints: nothing to reinterpret
     (fresh).mkdir()
     shutil.copy(run / "config.yaml", fresh / "config.yaml")
     assert check_resume_config(changed, fresh) == []
+
+
+def _flat_train_keys(config_yaml: Path) -> None:
+    """Rewrite a saved config.yaml as the version before the train sections wrote it."""
+    data = yaml.safe_load(config_yaml.read_text())
+    t = data["train"]
+    opt, dist, log = t.pop("optimizer"), t.pop("distill"), t.pop("logging")
+    t.update(opt, distill=dist["logits"], distill_layers=dist["layers"], **log)
+    config_yaml.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def test_a_run_saved_with_the_flat_train_keys_resumes_and_loads(tmp_path, reference, capsys):
+    """A run directory written before train.optimizer / distill / logging: the same config in
+    the new keys resumes it (nothing reported changed); a changed lr is still refused under
+    its new name; load_run (eval, export) reads it."""
+    from paretoq_jax.run.load import describe_model
+    from paretoq_jax.run.restore import load_run
+
+    run_ref, cache = reference
+    run = tmp_path / "run"
+    shutil.copytree(run_ref, run)
+    _flat_train_keys(run / "config.yaml")
+    assert "optimizer" not in (run / "config.yaml").read_text()
+    same = load_config(RunConfig, TINY, _overrides(run, cache))
+    assert [c.split(":")[0] for c in check_resume_config(same, run)] == ["run_dir"]  # copied
+    lr = load_config(RunConfig, TINY, _overrides(run, cache, "train.optimizer.lr=0.5"))
+    with pytest.raises(ResumeConfigError, match="train.optimizer.lr: 0.001 -> 0.5"):
+        check_resume_config(lr, run)
+    _, _, cfg, step = load_run(run)
+    assert step == STEPS and cfg.train.optimizer.lr == 1e-3
+    info = describe_model(run)  # what eval records about it
+    assert info["step"] == STEPS and info["bits"] == 2
+    assert "train.lr -> train.optimizer.lr" in capsys.readouterr().err
 
 
 def test_load_run_reads_the_newest_intact_checkpoint(tmp_path, reference, capsys):

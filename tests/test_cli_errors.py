@@ -71,7 +71,7 @@ def ws(tmp_path_factory) -> dict[str, Path]:
     cfg = load_config(
         RunConfig, TINY,
         [f"run_dir={d / 'run'}", f"data.cache_dir={d / 'cache'}", "train.steps=2",
-         "checkpoint.every=2", "train.eval_every=0", "train.quant_stats_every=0"],
+         "checkpoint.every=2", "train.logging.eval_every=0", "train.logging.quant_stats_every=0"],
     )  # fmt: skip
     train(cfg, progress=False)
     return {"d": d, "run": Path(cfg.run_dir), "cache": d / "cache"}
@@ -101,7 +101,9 @@ CASES: list[tuple[str, object, str]] = [
     ("train", lambda w: _train(w, "train.stepz=3"), "unknown config key 'train.stepz'"),
     ("train", lambda w: _train(w, "train.steps=abc"), "must be an integer"),
     ("train", lambda w: _train(w, "train.steps"), "key=value"),
-    ("train", lambda w: _train(w, "train.lr=-1"), "train.lr"),
+    ("train", lambda w: _train(w, "train.optimizer.lr=-1"), "train.optimizer.lr"),
+    ("train", lambda w: _train(w, "train.lr=1e-3"), "'train.lr' moved to 'train.optimizer.lr'"),
+    ("train", lambda w: _train(w, "train.distill=true"), "moved to 'train.distill.logits'"),
     ("train", lambda w: _train(w, "model.bits=5"), "bits"),
     ("train", lambda w: _train(w, "model.method=foo"), "foo"),
     ("train", lambda w: _train(w, "model.scale_init=bogus"), "bogus"),

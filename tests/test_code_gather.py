@@ -25,7 +25,7 @@ from paretoq_jax.run.config import MeshConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = Path(__file__).with_name("code_gather_child.py")
-LR = 1e-3  # configs/tiny.yaml's train.lr
+LR = 1e-3  # configs/tiny.yaml's train.optimizer.lr
 
 
 def run_child(spec: dict, tmp: Path, timeout: int = 1800) -> dict:

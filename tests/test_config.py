@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from pathlib import Path
+from typing import ClassVar, Literal
 
 import pytest
 
@@ -11,6 +12,7 @@ from paretoq_jax.config import (
     ConfigError,
     from_dict,
     load_config,
+    moved_keys,
     parse_overrides,
     save_config,
     to_dict,
@@ -103,3 +105,90 @@ def test_save_roundtrip_and_base(tmp_path):
 def test_valid_keys_lists_nested():
     keys = valid_keys(Root)
     assert "train.lr" in keys and "model.path" in keys and "run_dir" in keys
+
+
+@dataclasses.dataclass
+class Section:
+    lr: float = 1e-3
+    clip: float = 1.0
+
+
+@dataclasses.dataclass
+class Flag:
+    on: bool = False
+
+
+@dataclasses.dataclass
+class Moved:
+    MOVED_KEYS: ClassVar[dict[str, str]] = {"lr": "opt.lr", "clip": "opt.clip", "flag": "flag.on"}
+
+    steps: int = 1
+    opt: Section = dataclasses.field(default_factory=Section)
+    flag: Flag = dataclasses.field(default_factory=Flag)
+
+
+def test_moved_keys_are_rejected_naming_the_new_key():
+    with pytest.raises(ConfigError, match="'lr' moved to 'opt.lr'"):
+        from_dict(Moved, {"lr": 0.5})
+    # a key that became a section, given its old plain value
+    with pytest.raises(ConfigError, match="'flag' moved to 'flag.on'"):
+        from_dict(Moved, {"flag": True})
+    assert from_dict(Moved, {"flag": {"on": True}}).flag.on is True
+    assert moved_keys(Moved) == {"lr": "opt.lr", "clip": "opt.clip", "flag": "flag.on"}
+
+
+def test_stored_configs_are_migrated_with_one_notice(tmp_path, capsys):
+    f = tmp_path / "old.yaml"
+    f.write_text("steps: 3\nlr: 0.5\nflag: true\nopt: {clip: 2.0}\n")
+    with pytest.raises(ConfigError, match="moved to"):
+        load_config(Moved, f)
+    cfg = load_config(Moved, f, stored=True)
+    assert cfg == Moved(steps=3, opt=Section(lr=0.5, clip=2.0), flag=Flag(on=True))
+    err = capsys.readouterr().err
+    assert err.count("note:") == 1 and "lr -> opt.lr" in err and "flag -> flag.on" in err
+    # a file in the current layout loads without a notice
+    again = load_config(Moved, save_config(cfg, tmp_path / "new.yaml"), stored=True)
+    assert again == cfg and capsys.readouterr().err == ""
+
+
+# TrainConfig's keys before the optimizer / distill / logging sections, and where they went.
+OLD_TRAIN_KEYS = {
+    **{k: f"optimizer.{k}" for k in ("lr", "schedule", "warmup_steps", "min_lr_ratio",
+                                     "weight_decay", "b1", "b2", "eps", "grad_clip",
+                                     "scale_lr", "scale_schedule")},
+    "distill": "distill.logits",
+    "distill_layers": "distill.layers",
+    **{k: f"logging.{k}" for k in ("log_every", "eval_every", "quant_stats_every",
+                                   "tensorboard")},
+}  # fmt: skip
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+@pytest.mark.parametrize("old, new", sorted(OLD_TRAIN_KEYS.items()))
+def test_old_train_keys_name_the_new_ones(old, new):
+    from paretoq_jax.run.config import RunConfig
+
+    value = {"schedule": "constant", "scale_schedule": "constant"}.get(old, "1")
+    with pytest.raises(ConfigError, match=f"'train.{old}' moved to 'train.{new}'"):
+        load_config(RunConfig, TINY, [f"train.{old}={value}"])
+    assert f"train.{new}" in valid_keys(RunConfig)
+
+
+def test_a_run_config_saved_before_the_sections_still_loads(tmp_path, capsys):
+    """A run directory's config.yaml written with the flat train keys (as results.json records
+    hold them) loads as the same config in the sections."""
+    import yaml
+
+    from paretoq_jax.run.config import RunConfig
+
+    cfg = load_config(
+        RunConfig, TINY, ["train.distill.layers=0.5", "train.optimizer.scale_lr=0.01"]
+    )
+    data = to_dict(cfg)
+    flat = {k: v for k, v in data["train"].items() if k not in ("optimizer", "distill", "logging")}
+    flat.update(data["train"]["optimizer"], distill=False, distill_layers=0.5,
+                **data["train"]["logging"])  # fmt: skip
+    old = dict(data, train=flat)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    assert load_config(RunConfig, tmp_path / "config.yaml", stored=True) == cfg
+    assert capsys.readouterr().err.count("note:") == 1

@@ -25,9 +25,9 @@ def test_paper_recipes_follow_the_paper():
         if path.parent.name != "paper":
             continue
         cfg = load_config(RunConfig, path)
-        assert cfg.train.lr == (2e-5 if cfg.model.bits <= 2 else 1e-5), path
-        assert cfg.train.schedule == "cosine" and cfg.train.warmup_steps == 0
-        assert cfg.train.weight_decay == 0 and cfg.data.seq_len == 2048
+        assert cfg.train.optimizer.lr == (2e-5 if cfg.model.bits <= 2 else 1e-5), path
+        assert cfg.train.optimizer.schedule == "cosine" and cfg.train.optimizer.warmup_steps == 0
+        assert cfg.train.optimizer.weight_decay == 0 and cfg.data.seq_len == 2048
         assert cfg.train.batch_size == 128
 
 

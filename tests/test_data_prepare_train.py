@@ -33,8 +33,8 @@ def dataset(tmp_path_factory) -> Path:
 
 def _run(tmp_path: Path, name: str, *overrides: str) -> list[dict]:
     cfg = load_config(RunConfig, TINY, [f"run_dir={tmp_path / name}",
-                      f"data.cache_dir={tmp_path / 'cache'}", "train.quant_stats_every=0",
-                      "train.eval_every=2", *overrides])  # fmt: skip
+                      f"data.cache_dir={tmp_path / 'cache'}", "train.logging.quant_stats_every=0",
+                      "train.logging.eval_every=2", *overrides])  # fmt: skip
     train(cfg, progress=False)
     return read_metrics(tmp_path / name / "metrics.jsonl")
 
@@ -53,7 +53,7 @@ def test_prepared_training_resumes_exactly(tmp_path, dataset):
     uninterrupted run (the checkpoint stores the state of the batches consumed, not of those
     the prefetch thread had queued). A constant LR, so that the shorter first segment's
     schedule is the same."""
-    args = ["train.schedule=constant", f"data.path={dataset}"]
+    args = ["train.optimizer.schedule=constant", f"data.path={dataset}"]
     whole = _run(tmp_path, "whole", "train.steps=4", *args)
     _run(tmp_path, "resumed", "train.steps=2", "checkpoint.every=2", *args)
     resumed = _run(tmp_path, "resumed", "train.steps=4", *args)
@@ -71,7 +71,7 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_two_processes_from_prepared_data_match_one(tmp_path, dataset):
     common = [f"data.path={dataset}", "train.steps=6", "checkpoint.every=3",
-              "train.quant_stats_every=0", "train.eval_every=3"]  # fmt: skip
+              "train.logging.quant_stats_every=0", "train.logging.eval_every=3"]  # fmt: skip
     env = {**os.environ, "PORT": str(_free_port()), "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
         ["bash", "launch/local_2proc.sh", str(TINY), f"run_dir={tmp_path / 'two'}",

@@ -18,8 +18,8 @@ TINY = ROOT / "configs" / "tiny.yaml"
 
 def _overrides(run: Path, cache: Path) -> list[str]:
     return [
-        f"run_dir={run}", f"data.cache_dir={cache}", "train.steps=4", "train.eval_every=2",
-        "train.quant_stats_every=2", "checkpoint.every=4",
+        f"run_dir={run}", f"data.cache_dir={cache}", "train.steps=4", "train.logging.eval_every=2",
+        "train.logging.quant_stats_every=2", "checkpoint.every=4",
     ]  # fmt: skip
 
 

@@ -265,7 +265,7 @@ def test_load_run_dir_restores_checkpoint(tmp_path):
     from paretoq_jax.train import RunConfig, train
 
     over = [f"run_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}",
-            "train.steps=2", "checkpoint.every=2", "train.quant_stats_every=0"]  # fmt: skip
+            "train.steps=2", "checkpoint.every=2", "train.logging.quant_stats_every=0"]  # fmt: skip
     cfg = load_config(RunConfig, ROOT / "configs" / "tiny.yaml", over)
     cwd = os.getcwd()
     os.chdir(ROOT)  # the tiny config's paths are relative to the repository

@@ -49,7 +49,7 @@ def run(tmp_path_factory) -> Path:
     cfg = load_config(
         RunConfig, TINY,
         [f"run_dir={tmp / 'runs' / 'run'}", f"data.cache_dir={tmp / 'cache'}", "train.steps=2",
-         "checkpoint.every=2", "train.eval_every=0", "train.quant_stats_every=0"],
+         "checkpoint.every=2", "train.logging.eval_every=0", "train.logging.quant_stats_every=0"],
     )  # fmt: skip
     train(cfg, progress=False)
     sibling = tmp / "runs" / "notes"
@@ -220,7 +220,8 @@ def _start_train(run_dir: Path, cache: Path) -> subprocess.Popen:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     cmd = [sys.executable, "-c", _SLOW_LAUNCH, "--config", str(TINY), "--no-progress",
            f"run_dir={run_dir}", f"data.cache_dir={cache}", "train.steps=40",
-           "checkpoint.every=50", "train.eval_every=0", "train.quant_stats_every=0"]  # fmt: skip
+           "checkpoint.every=50", "train.logging.eval_every=0",
+           "train.logging.quant_stats_every=0"]  # fmt: skip
     return subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )

@@ -23,7 +23,7 @@ def test_default_config_is_the_smollm2_recipe():
     assert cfg.model.path == "asset:smollm2-135m" and cfg.model.bits == 2
     assert cfg.data.path == "default" and cfg.data.seq_len == 256
     # the best recipe per token of reports/smollm2-recovery, with plain QAT shown beside it
-    assert cfg.model.scale_init == "mse" and cfg.train.distill
+    assert cfg.model.scale_init == "mse" and cfg.train.distill.logits
     ref = plain_qat_reference(cfg)
     assert ref is not None and ref["tokens"] == 122880 and ref["val_ppl"] > 500
     assert "plain QAT" in table(_fake_results(ref))
@@ -47,7 +47,7 @@ def test_quickstart_end_to_end(tmp_path):
         RunConfig,
         ROOT / "configs" / "tiny.yaml",
         [f"run_dir={tmp_path / 'run'}", f"model.path={tmp_path / 'hf'}", "model.init=pretrained",
-         "train.steps=8", "train.eval_every=0", "checkpoint.every=4"],
+         "train.steps=8", "train.logging.eval_every=0", "checkpoint.every=4"],
     )  # fmt: skip
     r = run(cfg, prompt="To be", max_new_tokens=4, eval_batch=8, progress=False)
     for key in ("ppl_float", "ppl_rtn", "ppl_qat"):

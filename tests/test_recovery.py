@@ -133,14 +133,15 @@ def test_blockwise_distillation_trains(tmp_path):
         cfg = load_config(RunConfig, ROOT / "configs/tiny.yaml", [
             f"run_dir={tmp_path / name}", f"data.cache_dir={tmp_path / 'cache'}",
             f"model.path={tmp_path / 'teacher'}", "model.init=pretrained", "train.steps=4",
-            "train.quant_stats_every=0", "checkpoint.every=100", "train.distill=true",
-            "train.distill_layers=1.0", *overrides,
+            "train.logging.quant_stats_every=0", "checkpoint.every=100",
+            "train.distill.logits=true",
+            "train.distill.layers=1.0", *overrides,
         ])  # fmt: skip
         train(cfg, progress=False)
         return [r["loss"] for r in read_metrics(Path(cfg.run_dir) / "metrics.jsonl")]
 
-    same = run("float", "model.bits=16", "train.lr=1e-9")
+    same = run("float", "model.bits=16", "train.optimizer.lr=1e-9")
     assert max(same) < 1e-4
-    losses = run("q2", "model.bits=2", "model.scale_init=mse", "train.lr=5e-4")
+    losses = run("q2", "model.bits=2", "model.scale_init=mse", "train.optimizer.lr=5e-4")
     assert len(losses) == 4 and losses[0] > 1e-3 and losses[-1] < losses[0]
     assert all(np.isfinite(losses))

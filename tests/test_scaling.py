@@ -137,7 +137,7 @@ def test_export_float_starts_writes_each_reached_checkpoint_once(tmp_path):
         RunConfig,
         root / "configs" / "tiny.yaml",
         [f"run_dir={cell}", "model.bits=16", "train.steps=2", "checkpoint.every=1",
-         "train.eval_every=0", "checkpoint.async_save=false"],
+         "train.logging.eval_every=0", "checkpoint.async_save=false"],
     )  # fmt: skip
     train(cfg, progress=False)
     written = export_float_starts(tmp_path / "sweep", (1, 2, 5))

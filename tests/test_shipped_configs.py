@@ -49,8 +49,9 @@ def tiny_overrides(path: Path, run: Path, cache: Path, pretrained: Path) -> list
     over = [
         f"run_dir={run}", f"data.cache_dir={cache}", f"data.path={CORPUS}", "data.seq_len=32",
         "data.val_blocks=2", "data.val_path=null", "data.val_fraction=0", "train.steps=1",
-        "train.warmup_steps=0", "train.batch_size=2", "train.grad_accum=1", "train.eval_every=1",
-        "train.quant_stats_every=1", "checkpoint.every=1",
+        "train.optimizer.warmup_steps=0", "train.batch_size=2", "train.grad_accum=1",
+        "train.logging.eval_every=1",
+        "train.logging.quant_stats_every=1", "checkpoint.every=1",
     ]  # fmt: skip
     if cfg.model.init != "random":
         over += [f"model.path={pretrained}", "model.tokenizer=null", "model.teacher=null"]

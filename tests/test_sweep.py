@@ -34,10 +34,10 @@ exclude:
   - {model.method: elastic, model.bits: [2, 4]}
   - {model.method: seq, model.bits: 1}
 include:
-  - {model.bits: ternary, model.method: seq, train.lr: 0.01}
+  - {model.bits: ternary, model.method: seq, train.optimizer.lr: 0.01}
 set_when:
   - when: {model.bits: 4}
-    set: {train.lr: 2.0e-5}
+    set: {train.optimizer.lr: 2.0e-5}
 rtn: true
 float: true
 """,
@@ -86,39 +86,83 @@ set_when:
 
 def test_set_when_keeps_an_include_cells_own_keys(tmp_path):
     """A cell listed in ``include`` says what it wants: set_when fills in the keys it does not
-    give (train.steps here) but does not overwrite the ones it does (train.lr)."""
+    give (train.steps here) but does not overwrite the ones it does (train.optimizer.lr)."""
     spec = load_sweep(
         _sweep(
             tmp_path,
             """
 grid: {model.bits: [2, 4]}
 include:
-  - {model.bits: 4, train.lr: 5.0e-4}
+  - {model.bits: 4, train.optimizer.lr: 5.0e-4}
 set_when:
   - when: {model.bits: 4}
-    set: {train.lr: 2.0e-5, train.steps: 3}
+    set: {train.optimizer.lr: 2.0e-5, train.steps: 3}
 """,
         )
     )
     assert [c.overrides for c in expand(spec)] == [
         {"model.bits": 2},
-        {"model.bits": 4, "train.lr": 2e-5, "train.steps": 3},
-        {"model.bits": 4, "train.lr": 5e-4, "train.steps": 3},
+        {"model.bits": 4, "train.optimizer.lr": 2e-5, "train.steps": 3},
+        {"model.bits": 4, "train.optimizer.lr": 5e-4, "train.steps": 3},
     ]
 
 
 def test_cell_names_are_stable_and_safe():
-    a = cell_name({"train.lr": 5e-4, "model.method": "seq", "model.bits": 2})
-    b = cell_name({"model.bits": 2.0, "train.lr": 0.0005, "model.method": "seq"})
+    a = cell_name({"train.optimizer.lr": 5e-4, "model.method": "seq", "model.bits": 2})
+    b = cell_name({"model.bits": 2.0, "train.optimizer.lr": 0.0005, "model.method": "seq"})
     assert a == b == "bits=2,method=seq,lr=0.0005"
     assert cell_name({"model.bits": "ternary"}) == cell_name({"model.bits": 1.58}) == "bits=1.58"
     p1 = cell_name({"model.path": "/a/b/model.gguf"})
     p2 = cell_name({"model.path": "/c/b/model.gguf"})
     assert p1 != p2 and "/" not in p1 and p1.startswith("model=model.gguf~")
     assert cell_name({"data.seq_len": 128, "model.bits": 3}) == "bits=3,data.seq_len=128"
-    assert cell_name({"train.distill": True}) == "distill=true"
+    assert cell_name({"train.distill.logits": True}) == "distill=true"
     long = cell_name({f"x.k{i}": "v" * 20 for i in range(20)})
     assert len(long) <= 180 and long == cell_name({f"x.k{i}": "v" * 20 for i in range(20)})
+
+
+def test_renamed_keys_keep_their_cell_names():
+    """Keys moved into train.optimizer / distill / logging keep the names (= run directories)
+    their cells had before the move: committed results and half-run sweeps stay addressable."""
+    new = {"train.optimizer.warmup_steps": 10, "train.distill.logits": True,
+           "train.optimizer.lr": 5e-4, "train.logging.eval_every": 60, "train.steps": 240,
+           "train.distill.layers": 1.0, "train.optimizer.scale_lr": 5e-3}  # fmt: skip
+    assert cell_name(new) == (
+        "steps=240,lr=0.0005,distill=true,train.distill_layers=1,train.eval_every=60,"
+        "train.scale_lr=0.005,train.warmup_steps=10"
+    )
+    # names of committed results (reports/smollm2-recovery) from their new-key overrides
+    assert cell_name({"train.optimizer.lr": 5e-4, "train.distill.logits": True}) == (
+        "lr=0.0005,distill=true"
+    )
+
+
+def test_sweep_with_an_old_key_names_the_new_one(tmp_path):
+    for body, old, new in [
+        ("grid: {train.lr: [1.0e-3]}\n", "train.lr", "train.optimizer.lr"),
+        ("overrides: {train: {eval_every: 2}}\n", "train.eval_every", "train.logging.eval_every"),
+        ("include: [{train.distill: true}]\n", "train.distill", "train.distill.logits"),
+        ("set_when: [{when: {model.bits: 2}, set: {train.distill_layers: 1}}]\n",
+         "train.distill_layers", "train.distill.layers"),
+    ]:  # fmt: skip
+        with pytest.raises(SweepError, match=f"'{old}' moved to '{new}'"):
+            load_sweep(_sweep(tmp_path, body))
+
+
+def test_sweep_eval_section_is_typed(tmp_path):
+    spec = load_sweep(
+        _sweep(tmp_path, "eval: {batch_size: '4', transition_every_checkpoint: no}\n")
+    )
+    assert spec.eval.batch_size == 4 and spec.eval.transition_every_checkpoint is False
+    assert spec.eval.max_val_blocks is None and spec.eval.tasks is None
+    with pytest.raises(SweepError, match=r"'eval.batch_sise'.*did you mean 'eval.batch_size'"):
+        load_sweep(_sweep(tmp_path, "eval: {batch_sise: 4}\n"))
+    with pytest.raises(SweepError, match="'eval.max_val_blocks' must be an integer"):
+        load_sweep(_sweep(tmp_path, "eval: {max_val_blocks: many}\n"))
+    empty = load_sweep(_sweep(tmp_path, "overrides:\neval:\ngrid: {model.bits: [2]}\n"))
+    assert empty.overrides == {} and empty.eval.batch_size is None
+    with pytest.raises(SweepError, match="'set_when\\[0\\].set' is required"):
+        load_sweep(_sweep(tmp_path, "set_when: [{when: {model.bits: 2}}]\n"))
 
 
 def test_shards_partition_the_grid_exactly_once():
@@ -140,7 +184,7 @@ def test_shards_partition_the_grid_exactly_once():
 
 
 def test_bad_sweep_files_name_the_problem(tmp_path):
-    with pytest.raises(SweepError, match="unknown key"):
+    with pytest.raises(SweepError, match="unknown sweep key 'grids'; did you mean 'grid'"):
         load_sweep(_sweep(tmp_path, "grids: {model.bits: [2]}\n"))
     p = tmp_path / "x.yaml"
     p.write_text("grid: {model.bits: [2]}\n")
@@ -150,7 +194,7 @@ def test_bad_sweep_files_name_the_problem(tmp_path):
         load_sweep(_sweep(tmp_path, "grid: {model.bits: 2}\n"))
     with pytest.raises(SweepError, match="does not exist"):
         load_sweep(tmp_path / "missing.yaml")
-    with pytest.raises(SweepError, match="keep_checkpoints must be one of"):
+    with pytest.raises(SweepError, match="keep_checkpoints' must be one of"):
         load_sweep(_sweep(tmp_path, "grid: {model.bits: [2]}\nkeep_checkpoints: final\n"))
 
 
@@ -176,7 +220,7 @@ def test_rtn_twin_drops_training_only_data_keys(tmp_path):
     body = """
 grid: {model.bits: [2]}
 include:
-  - {model.bits: 2, train.lr: 0.01, data.train_seq_len: 32, data.seq_len: 64}
+  - {model.bits: 2, train.optimizer.lr: 0.01, data.train_seq_len: 32, data.seq_len: 64}
 rtn: true
 """
     names = [c.name for c in expand(load_sweep(_sweep(tmp_path, body)))]
@@ -191,14 +235,16 @@ rtn: true
 
 
 def test_cell_config_applies_overrides_and_handles_rtn(tmp_path):
-    spec = load_sweep(_sweep(tmp_path, "overrides: {train.lr: 0.01, train.warmup_steps: 2}\n"))
+    spec = load_sweep(
+        _sweep(tmp_path, "overrides: {train.optimizer.lr: 0.01, train.optimizer.warmup_steps: 2}\n")
+    )
     cfg, steps = cell_config(
         spec, Cell("c", {"model.bits": 4, "model.method": "lsq"}), tmp_path / "r"
     )
-    assert steps == 20 and cfg.train.lr == 0.01 and cfg.model.bits == 4
+    assert steps == 20 and cfg.train.optimizer.lr == 0.01 and cfg.model.bits == 4
     assert cfg.run_dir == str(tmp_path / "r")
     cfg, steps = cell_config(spec, Cell("c", {"train.steps": 0}), tmp_path / "r")
-    assert steps == 0 and cfg.train.steps == 1 and cfg.train.warmup_steps == 0
+    assert steps == 0 and cfg.train.steps == 1 and cfg.train.optimizer.warmup_steps == 0
     with pytest.raises(ValueError, match="not defined at 1"):
         cell_config(spec, Cell("c", {"model.bits": 1, "model.method": "lsq"}), tmp_path / "r")
 
@@ -264,8 +310,8 @@ name: tiny-e2e
 out_dir: {tmp_path / "out"}
 overrides:
   train.steps: 3
-  train.lr: 0.003
-  train.quant_stats_every: 1
+  train.optimizer.lr: 0.003
+  train.logging.quant_stats_every: 1
   checkpoint.every: 1
   checkpoint.keep: 5
   checkpoint.async_save: false

@@ -15,6 +15,7 @@ from flax import nnx
 from paretoq_jax.config import ConfigError, load_config
 from paretoq_jax.models import Llama, LlamaConfig, resolve_rules
 from paretoq_jax.run.checkpoint import Checkpointer
+from paretoq_jax.run.config import OptimizerConfig
 from paretoq_jax.run.metrics import read_metrics
 from paretoq_jax.run.optim import make_optimizer, make_schedule
 from paretoq_jax.run.state import init_state, state_shardings
@@ -56,22 +57,29 @@ def test_split_batch_shifts_labels_and_masks_last():
     assert float(b["mask"].sum()) == 10
 
 
+def _tcfg(steps: int, batch_size: int, grad_accum: int = 1, **optimizer) -> TrainConfig:
+    return TrainConfig(
+        steps=steps, batch_size=batch_size, grad_accum=grad_accum,
+        optimizer=OptimizerConfig(**optimizer),
+    )  # fmt: skip
+
+
 def test_schedules():
     base = dict(steps=10, lr=1.0, batch_size=1)
-    cos = make_schedule(TrainConfig(**base, schedule="cosine"))
+    cos = make_schedule(_tcfg(**base, schedule="cosine"))
     np.testing.assert_allclose([cos(0), cos(5), cos(10)], [1.0, 0.5, 0.0], atol=1e-6)
-    lin = make_schedule(TrainConfig(**base, schedule="linear", min_lr_ratio=0.1))
+    lin = make_schedule(_tcfg(**base, schedule="linear", min_lr_ratio=0.1))
     np.testing.assert_allclose([lin(0), lin(5), lin(10)], [1.0, 0.55, 0.1], atol=1e-6)
-    const = make_schedule(TrainConfig(**base, schedule="constant", warmup_steps=4))
+    const = make_schedule(_tcfg(**base, schedule="constant", warmup_steps=4))
     np.testing.assert_allclose([const(0), const(2), const(4), const(9)], [0, 0.5, 1, 1], atol=1e-6)
-    warm_cos = make_schedule(TrainConfig(**base, warmup_steps=2))
+    warm_cos = make_schedule(_tcfg(**base, warmup_steps=2))
     np.testing.assert_allclose([warm_cos(1), warm_cos(2), warm_cos(6)], [0.5, 1.0, 0.5], atol=1e-6)
 
 
 def test_bad_train_config_is_rejected(tmp_path):
     with pytest.raises(ConfigError, match="train.batch_size=6 is not divisible"):
         tiny_cfg(tmp_path, "train.batch_size=6", "train.grad_accum=4")
-    with pytest.raises(ConfigError, match="did you mean 'train.lr'"):
+    with pytest.raises(ConfigError, match="did you mean 'train.optimizer.lr'"):
         tiny_cfg(tmp_path, "train.lrr=1")
     with pytest.raises(ConfigError, match="unsupported bits"):
         tiny_cfg(tmp_path, "model.bits=5")
@@ -84,8 +92,7 @@ def _tiny_state(accum: int, grad_clip: float = 1.0, bits: float = 2):
     shard_model(model, mesh)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params = nnx.to_pure_dict(params)
-    tcfg = TrainConfig(steps=4, lr=1e-3, batch_size=4, grad_accum=accum, grad_clip=grad_clip,
-                       schedule="constant")  # fmt: skip
+    tcfg = _tcfg(4, 4, accum, lr=1e-3, grad_clip=grad_clip, schedule="constant")
     tx = make_optimizer(tcfg)
     shardings = state_shardings(mesh, jax.tree.map(lambda x: x.sharding, params), tx, params)
     state = init_state(params, tx, shardings, seed=0)
@@ -103,7 +110,7 @@ def _tiny_distill_state(accum: int):
     graphdef, params, rest = nnx.split(student, nnx.Param, ...)
     t_graphdef, t_params, t_rest = nnx.split(teacher, nnx.Param, ...)
     params, t_params = nnx.to_pure_dict(params), nnx.to_pure_dict(t_params)
-    tx = make_optimizer(TrainConfig(steps=4, lr=1e-3, batch_size=4, grad_accum=accum))
+    tx = make_optimizer(_tcfg(4, 4, accum, lr=1e-3))
     shardings = state_shardings(mesh, jax.tree.map(lambda x: x.sharding, params), tx, params)
     state = init_state(params, tx, shardings, seed=0)
     step = make_train_step(
@@ -200,9 +207,10 @@ def test_clipping_and_adamw_match_optax_reference():
 def test_train_seq_len_trains_short_and_scores_the_usual_blocks(tmp_path):
     """data.train_seq_len=32: steps see 8 x 32 tokens; validation is on the 64-token blocks."""
     base = tiny_cfg(
-        tmp_path, "train.steps=2", "train.eval_every=2", "run_dir=" + str(tmp_path / "a")
+        tmp_path, "train.steps=2", "train.logging.eval_every=2", "run_dir=" + str(tmp_path / "a")
     )
-    short = tiny_cfg(tmp_path, "train.steps=2", "train.eval_every=2", "data.train_seq_len=32",
+    short = tiny_cfg(tmp_path, "train.steps=2", "train.logging.eval_every=2",
+                     "data.train_seq_len=32",
                      "run_dir=" + str(tmp_path / "b"))  # fmt: skip
     train(base, progress=False)
     train(short, progress=False)
@@ -216,7 +224,7 @@ def test_train_seq_len_trains_short_and_scores_the_usual_blocks(tmp_path):
 
 def test_tiny_run_end_to_end(tmp_path):
     cfg = tiny_cfg(tmp_path, "train.steps=6", "checkpoint.every=2", "checkpoint.keep=2",
-                   "train.quant_stats_every=3", "train.eval_every=3")  # fmt: skip
+                   "train.logging.quant_stats_every=3", "train.logging.eval_every=3")  # fmt: skip
     out = train(cfg, progress=False)
     run = Path(cfg.run_dir)
     assert out["step"] == 6
@@ -243,8 +251,9 @@ def test_tiny_run_end_to_end(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
-    cfg = tiny_cfg(tmp_path, "train.steps=6", "train.lr=1e30", "train.grad_clip=0",
-                   "checkpoint.every=1", "train.quant_stats_every=0")  # fmt: skip
+    cfg = tiny_cfg(tmp_path, "train.steps=6", "train.optimizer.lr=1e30",
+                   "train.optimizer.grad_clip=0",
+                   "checkpoint.every=1", "train.logging.quant_stats_every=0")  # fmt: skip
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss.*last good checkpoint is step"):
         train(cfg, progress=False)
     ckpt = Checkpointer(Path(cfg.run_dir) / "checkpoints")
@@ -282,7 +291,8 @@ def test_distillation_from_saved_float_teacher(tmp_path):
     tok = AutoTokenizer.from_pretrained(str(ROOT / "configs/models/tiny-llama"))
     save_pretrained(teacher, tmp_path / "teacher", tokenizer=tok)
     cfg = tiny_cfg(tmp_path, f"model.path={tmp_path / 'teacher'}", "model.init=pretrained",
-                   "train.distill=true", "train.steps=4", "train.quant_stats_every=0",
+                   "train.distill.logits=true", "train.steps=4",
+                   "train.logging.quant_stats_every=0",
                    "checkpoint.every=100")  # fmt: skip
     train(cfg, progress=False)
     losses = [r["loss"] for r in read_metrics(Path(cfg.run_dir) / "metrics.jsonl")]
@@ -305,7 +315,7 @@ def test_weight_decay_mask_covers_kernels_and_embedding_only():
         assert decayed == name.endswith(".kernel"), name
     assert sum(mask.values()) == 7  # q, k, v, o, gate, up, down
     # Behaviour: with zero gradients AdamW's update is the decay alone, -lr * wd * p.
-    tx = make_optimizer(TrainConfig(steps=1, lr=0.1, batch_size=1, weight_decay=0.5))
+    tx = make_optimizer(_tcfg(1, 1, lr=0.1, weight_decay=0.5))
     zeros = jax.tree.map(jnp.zeros_like, params)
     new = optax.apply_updates(params, tx.update(zeros, tx.init(params), params)[0])
     np.testing.assert_allclose(new["embed_tokens"], params["embed_tokens"] * 0.95, rtol=1e-6)

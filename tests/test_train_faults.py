@@ -33,7 +33,7 @@ def _overrides(run: Path, cache: Path) -> list[str]:
         f"data.cache_dir={cache}",
         f"train.steps={STEPS}",
         f"checkpoint.every={EVERY}",
-        "train.quant_stats_every=0",
+        "train.logging.quant_stats_every=0",
     ]
 
 
@@ -182,7 +182,8 @@ def test_full_disk_is_a_clear_error_and_the_run_resumes(tmp_path, monkeypatch):
     """A checkpoint that does not fit: CheckpointSaveError before writing, earlier ones intact."""
     run, cache = tmp_path / "run", tmp_path / "cache"
     cfg = load_config(RunConfig, TINY, _overrides(run, cache)[:3] + [
-        "checkpoint.every=2", "train.quant_stats_every=0", "checkpoint.async_save=false"])  # fmt: skip
+        "checkpoint.every=2", "train.logging.quant_stats_every=0",
+        "checkpoint.async_save=false"])  # fmt: skip
     cfg.train.steps = 6
     real = ck.shutil.disk_usage
     usage = collections.namedtuple("usage", "total used free")

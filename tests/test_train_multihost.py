@@ -29,7 +29,8 @@ def _free_port() -> int:
 @pytest.mark.parametrize("mesh", [("2", "1"), ("1", "2")], ids=["data2", "fsdp2"])
 def test_two_processes_match_one(tmp_path, mesh):
     common = [f"data.cache_dir={tmp_path / 'cache'}", "train.steps=10", "checkpoint.every=5",
-              "train.quant_stats_every=0", f"mesh.data={mesh[0]}", f"mesh.fsdp={mesh[1]}"]  # fmt: skip
+              "train.logging.quant_stats_every=0", f"mesh.data={mesh[0]}",
+              f"mesh.fsdp={mesh[1]}"]  # fmt: skip
     env = {**os.environ, "PORT": str(_free_port())}
     proc = subprocess.run(
         ["bash", "launch/local_2proc.sh", str(TINY), f"run_dir={tmp_path / 'two'}", *common],

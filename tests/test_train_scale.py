@@ -40,7 +40,7 @@ print("RESULT" + json.dumps(out))
 
 def _overrides(tmp_path: Path) -> list[str]:
     return [f"data.cache_dir={tmp_path / 'cache'}", f"train.steps={STEPS}",
-            "checkpoint.every=1000", "train.quant_stats_every=0"]  # fmt: skip
+            "checkpoint.every=1000", "train.logging.quant_stats_every=0"]  # fmt: skip
 
 
 def test_losses_match_across_meshes_and_fsdp_shards_state(tmp_path):

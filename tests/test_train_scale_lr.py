@@ -1,4 +1,4 @@
-"""Separate learning rate / schedule for the quantization scales (train.scale_lr)."""
+"""Separate learning rate / schedule for the quantization scales (train.optimizer.scale_lr)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def _run(tmp_path: Path, *overrides: str):
     cfg = load_config(
         RunConfig,
         ROOT / "configs" / "tiny.yaml",
-        [f"run_dir={tmp_path}", "train.steps=3", "train.eval_every=0", *overrides],
+        [f"run_dir={tmp_path}", "train.steps=3", "train.logging.eval_every=0", *overrides],
     )
     start = _params(build_model(cfg, build_mesh(cfg)))
     train(cfg, progress=False)
@@ -41,7 +41,7 @@ def _run(tmp_path: Path, *overrides: str):
 
 
 def test_scale_lr_zero_freezes_scales_only(tmp_path):
-    start, end = _run(tmp_path, "train.scale_lr=0")
+    start, end = _run(tmp_path, "train.optimizer.scale_lr=0")
     for a, b in zip(_leaves(start, "scale"), _leaves(end, "scale"), strict=True):
         np.testing.assert_array_equal(a, b)
     moved = [not np.array_equal(a, b) for a, b in
@@ -51,7 +51,9 @@ def test_scale_lr_zero_freezes_scales_only(tmp_path):
 
 def test_scale_lr_changes_only_the_scales_updates(tmp_path):
     base_start, base_end = _run(tmp_path / "a")
-    _, fast_end = _run(tmp_path / "b", "train.scale_lr=1e-2", "train.scale_schedule=constant")
+    _, fast_end = _run(
+        tmp_path / "b", "train.optimizer.scale_lr=1e-2", "train.optimizer.scale_schedule=constant"
+    )
     d_base = sum(np.abs(a - b).sum() for a, b in
                  zip(_leaves(base_start, "scale"), _leaves(base_end, "scale"), strict=True))  # fmt: skip
     d_fast = sum(np.abs(a - b).sum() for a, b in
@@ -62,7 +64,7 @@ def test_scale_lr_changes_only_the_scales_updates(tmp_path):
 def test_labels_and_validation():
     labels = scale_labels({"a": {"kernel": 1, "scale": 2}, "embed_tokens": 3})
     assert labels == {"a": {"kernel": "weights", "scale": "scales"}, "embed_tokens": "weights"}
-    cfg = load_config(RunConfig, ROOT / "configs" / "tiny.yaml", ["train.scale_lr=1e-3"])
+    cfg = load_config(RunConfig, ROOT / "configs" / "tiny.yaml", ["train.optimizer.scale_lr=1e-3"])
     assert make_optimizer(cfg.train) is not None
     with pytest.raises(Exception, match="scale_lr must be >= 0"):
-        load_config(RunConfig, ROOT / "configs" / "tiny.yaml", ["train.scale_lr=-1"])
+        load_config(RunConfig, ROOT / "configs" / "tiny.yaml", ["train.optimizer.scale_lr=-1"])

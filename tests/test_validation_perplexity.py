@@ -50,7 +50,8 @@ def test_trainer_sweep_and_eval_report_the_same_validation_perplexity(tmp_path):
     cfg = load_config(RunConfig, ROOT / "configs/tiny.yaml", [
         f"run_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}",
         f"model.path={tmp_path / 'loud'}", "model.init=pretrained", "train.steps=1",
-        "train.lr=1e-9", "train.eval_every=1", "train.quant_stats_every=0", "data.val_blocks=4",
+        "train.optimizer.lr=1e-9", "train.logging.eval_every=1",
+        "train.logging.quant_stats_every=0", "data.val_blocks=4",
     ])  # fmt: skip
     train(cfg, progress=False)
     row = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]

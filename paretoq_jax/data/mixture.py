@@ -22,14 +22,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from paretoq_jax.cli import run_cli
+from paretoq_jax.outputs import atomic_output
 
 from .config import DataError
 from .corpora import DEFAULT_CORPORA, default_corpus
@@ -163,9 +162,19 @@ def build_mixture(
         return manifest
     if out.exists() and any(out.iterdir()):
         raise DataError(f"{out} exists and is not an unfinished mixture; choose an empty --out")
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.part")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with atomic_output(out, "mixture", directory=True) as tmp:
+        return _write_mixture(tmp, inputs, sources, chunk_chars, cache_dir)
+
+
+def _write_mixture(
+    tmp: Path,
+    inputs: dict[str, Any],
+    sources: Sequence[str],
+    chunk_chars: int,
+    cache_dir: str | Path | None,
+) -> dict[str, Any]:
+    """Write the mixture's splits, tokenizer and manifest into the fresh folder ``tmp``."""
+    seed, val_fraction, vocab_size = inputs["seed"], inputs["val_fraction"], inputs["vocab_size"]
     splits: dict[str, list[dict[str, str]]] = {"train": [], "val": []}
     counts: dict[str, dict[str, int]] = {}
     for source, d, c, title, text in _chunks(sources, chunk_chars, cache_dir):
@@ -189,9 +198,6 @@ def build_mixture(
         "sha256": {f: _sha256(tmp / f) for f in files},
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    if out.exists():
-        out.rmdir()  # empty (checked above)
-    os.replace(tmp, out)
     return manifest
 
 

@@ -17,7 +17,7 @@ does not fit a float64; the perplexity is then ``inf`` (never capped), and a NaN
 NaN perplexity (:func:`perplexity_from_loss`).
 
 :func:`validation_perplexity` is the one validation measure of the project: the trainer's
-``val_loss``/``val_ppl`` every ``train.eval_every`` steps, a sweep cell's, and
+``val_loss``/``val_ppl`` every ``train.logging.eval_every`` steps, a sweep cell's, and
 ``python -m paretoq_jax.eval --data`` on the same blocks all come from it.
 """
 

@@ -27,7 +27,7 @@ from flax import nnx
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from paretoq_jax.io.gguf_quants import DEFAULT_QTYPE, encode_tensor
-from paretoq_jax.io.mapping import GGUF_NORM, GGUF_PROJ, GGUF_TABLE, model_to_hf
+from paretoq_jax.io.mapping import hf_to_gguf, model_to_hf
 from paretoq_jax.io.packed import quantized_weights
 from paretoq_jax.models import Llama
 from paretoq_jax.models.layers import rope_inv_freq
@@ -55,21 +55,14 @@ _FILE_TYPE = {
     Q.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
     Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
 }
-_INV_PROJ = {v: k for k, v in GGUF_PROJ.items()}
-_INV_NORM = {v: k for k, v in GGUF_NORM.items()}
 
 
 def hf_to_gguf_name(hf_name: str) -> str:
     """llama.cpp's name of an HF tensor (``model.layers.0.mlp.up_proj.weight`` ->
-    ``blk.0.ffn_up.weight``), by inverting ``GGUF_TABLE``."""
-    for entry in GGUF_TABLE:
-        groups = entry.match_model(hf_name)
-        if groups is not None:
-            if "proj" in groups:
-                groups["gproj"] = _INV_PROJ[groups.pop("proj")]
-            if "norm" in groups:
-                groups["gnorm"] = _INV_NORM[groups.pop("norm")]
-            return entry.checkpoint.format(**groups)
+    ``blk.0.ffn_up.weight``), by inverting ``GGUF_TABLE`` (``io.mapping.hf_to_gguf``)."""
+    name = hf_to_gguf(hf_name)
+    if name is not None:
+        return name
     raise KeyError(f"HF tensor {hf_name!r} has no llama.cpp name in io.mapping.GGUF_TABLE")
 
 

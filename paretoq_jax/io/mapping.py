@@ -121,14 +121,32 @@ def hf_tensors(path: str, value: np.ndarray, layers: int) -> Iterator[tuple[str,
         yield name, np.ascontiguousarray(value.T if transpose else value)
 
 
+# The name parts llama.cpp and HF spell differently: (HF group, GGUF group, GGUF -> HF spelling).
+_GGUF_PARTS = (("proj", "gproj", GGUF_PROJ), ("norm", "gnorm", GGUF_NORM))
+
+
 def gguf_to_hf(name: str) -> str | None:
     """The HF name of a llama.cpp tensor name, else None."""
+    return _gguf_hf(name, to_gguf=False)
+
+
+def hf_to_gguf(name: str) -> str | None:
+    """llama.cpp's name of an HF tensor name (``model.layers.0.mlp.up_proj.weight`` ->
+    ``blk.0.ffn_up.weight``), else None."""
+    return _gguf_hf(name, to_gguf=True)
+
+
+def _gguf_hf(name: str, *, to_gguf: bool) -> str | None:
+    """``name`` translated through ``GGUF_TABLE``, HF -> llama.cpp or llama.cpp -> HF."""
     for entry in GGUF_TABLE:
-        groups = entry.match_checkpoint(name)
-        if groups is not None:
-            if "gproj" in groups:
-                groups["proj"] = GGUF_PROJ[groups.pop("gproj")]
-            if "gnorm" in groups:
-                groups["norm"] = GGUF_NORM[groups.pop("gnorm")]
-            return entry.model.format(**groups)
+        groups = entry.match_model(name) if to_gguf else entry.match_checkpoint(name)
+        if groups is None:
+            continue
+        for hf, gguf, gguf_to_hf_part in _GGUF_PARTS:
+            if to_gguf and hf in groups:
+                part = groups.pop(hf)
+                groups[gguf] = next(g for g, h in gguf_to_hf_part.items() if h == part)
+            elif not to_gguf and gguf in groups:
+                groups[hf] = gguf_to_hf_part[groups.pop(gguf)]
+        return (entry.checkpoint if to_gguf else entry.model).format(**groups)
     return None

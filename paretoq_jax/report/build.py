@@ -12,6 +12,7 @@ from paretoq_jax.run.records import curve_from_file
 from paretoq_jax.sweep.runner import collect_results, write_json_atomic, write_table
 
 from . import figures as F
+from .numbers import finite
 
 __all__ = ["build_report", "ablation_table", "findings", "load_rows"]
 
@@ -42,17 +43,13 @@ def load_rows(sweep_dir: Path) -> list[dict]:
     return rows
 
 
-def _ok(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def ablation_table(rows: Sequence[dict], kind: str = "train", key: str = "val_ppl") -> dict:
     """``{(bits, method): best value of key}`` over the cells of ``kind`` (lowest for perplexity
     and loss, highest otherwise), i.e. the best over the sweep's other grid keys."""
     better = min if key in ("val_ppl", "val_loss") else max
     out: dict = {}
     for r in rows:
-        if r["kind"] != kind or not _ok(r.get(key)):
+        if r["kind"] != kind or not finite(r.get(key)):
             continue
         k = (r["bits"], r.get("method"))
         out[k] = r[key] if k not in out else better(out[k], r[key])
@@ -60,7 +57,7 @@ def ablation_table(rows: Sequence[dict], kind: str = "train", key: str = "val_pp
 
 
 def _mean(xs):
-    xs = [x for x in xs if _ok(x)]
+    xs = [x for x in xs if finite(x)]
     return sum(xs) / len(xs) if xs else None
 
 
@@ -135,13 +132,13 @@ def _movement_finding(rows: Sequence[dict]) -> tuple[str, str, str]:
     different rates, it is also checked per unit of learning rate, and is not shown if the
     difference goes away there."""
     claim = "Weights move much more at <= 2 bits than at 3 and 4"
-    train = [r for r in rows if r["kind"] == "train" and _ok(r.get("relative_l1"))]
+    train = [r for r in rows if r["kind"] == "train" and finite(r.get("relative_l1"))]
     low = [r for r in train if r["bits"] <= 2]
     high = [r for r in train if r["bits"] in (3, 4)]
     if not low or not high:
         return claim, "not measured", ""
     shared = {r.get("lr") for r in low} & {r.get("lr") for r in high}
-    shared = {x for x in shared if _ok(x)}
+    shared = {x for x in shared if finite(x)}
     if shared:
         lo, hi = (_mean(r["relative_l1"] for r in g if r.get("lr") in shared) for g in (low, high))
         verdict = "holds" if lo > 1.5 * hi else ("partly" if lo > hi else "does not hold")
@@ -162,7 +159,7 @@ def _movement_finding(rows: Sequence[dict]) -> tuple[str, str, str]:
     if clo is not None and chi is not None:
         ev.append(f"codes changed {clo:.3g} vs {chi:.3g}")
     lrs = [{r.get("lr") for r in g} for g in (low, high)]
-    if all(_ok(x) and x > 0 for g in lrs for x in g) and lrs[0] != lrs[1]:
+    if all(finite(x) and x > 0 for g in lrs for x in g) and lrs[0] != lrs[1]:
         nlo, nhi = (_mean(r["relative_l1"] / r["lr"] for r in g) for g in (low, high))
         lo_lr, hi_lr = ("/".join(f"{x:g}" for x in sorted(g)) for g in lrs)
         ev.append(
@@ -215,7 +212,7 @@ def _anchor_section(rows: Sequence[dict], anchors: dict) -> list[str]:
     body = []
     for cell, ref in anchors.items():
         ours = by_name.get(cell, {}).get("val_ppl")
-        ratio = ours / float(ref) if _ok(ours) else None
+        ratio = ours / float(ref) if finite(ours) else None
         body.append([cell, ours if ours is not None else "not run", float(ref), ratio])
     return [
         "## Against the reference implementation",
@@ -236,15 +233,15 @@ def _curves(rows: Sequence[dict]) -> tuple[dict, dict]:
         if r["kind"] != "train":
             continue
         c = r.get("curve") or []
-        loss = [(m["tokens"], m["loss"]) for m in c if "tokens" in m and _ok(m.get("loss"))]
+        loss = [(m["tokens"], m["loss"]) for m in c if "tokens" in m and finite(m.get("loss"))]
         curves[r["name"]] = {
             "bits": r["bits"], "method": r.get("method"),
             "label": r["name"].replace(f"bits={r['bits']:g},", ""),
             "tokens": [t for t, _ in loss], "loss": [v for _, v in loss],
-            "val": [(m["tokens"], m["val_ppl"]) for m in c if _ok(m.get("val_ppl"))],
+            "val": [(m["tokens"], m["val_ppl"]) for m in c if finite(m.get("val_ppl"))],
         }  # fmt: skip
         interval[r["name"]] = [
-            (m["step"], m["codes_changed"]) for m in c if _ok(m.get("codes_changed"))
+            (m["step"], m["codes_changed"]) for m in c if finite(m.get("codes_changed"))
         ]
     return curves, interval
 
@@ -370,7 +367,7 @@ def _page(rows: list[dict], name: str, anchors: dict, out: Path) -> list[str]:
     ]
     if has_acc:
         md += ["![pareto accuracy](pareto_accuracy.svg)", ""]
-    pts = [r for r in rows if _ok(r.get("val_ppl")) and _ok(r.get("size_bits"))]
+    pts = [r for r in rows if finite(r.get("val_ppl")) and finite(r.get("size_bits"))]
     front = [
         pts[i] for i in pareto_frontier([r["size_bits"] for r in pts], [r["val_ppl"] for r in pts])
     ]

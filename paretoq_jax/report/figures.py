@@ -19,6 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from paretoq_jax.analysis import pareto_frontier  # noqa: E402
 
+from .numbers import finite  # noqa: E402
+
 __all__ = [
     "BITS_ORDER",
     "style",
@@ -34,10 +36,6 @@ METHOD_ORDER = ("elastic", "seq", "lsq", "absmean", "minmax")
 _BIT_COLORS = {1: "#7b3294", 1.58: "#c2a5cf", 2: "#d7191c", 3: "#fdae61", 4: "#2c7bb6"}
 _METHOD_MARKERS = {"elastic": "P", "seq": "o", "lsq": "s", "absmean": "^", "minmax": "v"}
 _DPI = 110
-
-
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def bits_label(b: float) -> str:
@@ -76,7 +74,7 @@ def plot_pareto(rows: Sequence[dict], path: Path, metric: str = "val_ppl") -> Pa
     in Mbit; filled markers are QAT cells, hollow ones round-to-nearest; the frontier (over all
     cells) is the dashed line."""
     lower = metric != "accuracy"
-    pts = [r for r in rows if _finite(_metric(r, metric)) and _finite(r.get("size_bits"))]
+    pts = [r for r in rows if finite(_metric(r, metric)) and finite(r.get("size_bits"))]
     fig, ax = plt.subplots(figsize=(7.5, 5))
     for r in pts:
         b, m = r["bits"], r.get("method")
@@ -169,7 +167,7 @@ def plot_ablation(table: dict, rtn: dict, path: Path) -> Path:
 def plot_transition(rows: Sequence[dict], path: Path) -> Path:
     """The learning transition: relative L1 change of the quantized layers' float weights and
     the fraction of integer codes changed from the start, per bit-width (QAT cells)."""
-    cells = [r for r in rows if r["kind"] == "train" and _finite(r.get("relative_l1"))]
+    cells = [r for r in rows if r["kind"] == "train" and finite(r.get("relative_l1"))]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     bits = [b for b in BITS_ORDER if any(r["bits"] == b for r in cells)]
     pos = {b: i for i, b in enumerate(bits)}
@@ -260,7 +258,7 @@ def plot_loss_curves(curves: dict[str, dict], path: Path) -> Path:
 
 def plot_val_curves(curves: dict[str, dict], path: Path) -> Path:
     """Validation perplexity (log scale) against tokens seen, one line per cell that evaluated
-    during training (``train.eval_every``): how fast each recipe recovers per token."""
+    during training (``train.logging.eval_every``): how fast each recipe recovers per token."""
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     cmap = plt.get_cmap("tab10")
     cells = sorted((name, c) for name, c in curves.items() if c.get("val"))

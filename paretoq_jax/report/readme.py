@@ -19,7 +19,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .build import _ok, findings, load_rows
+from paretoq_jax.run.records import record_config
+
+from .build import findings, load_rows
+from .numbers import finite, lr, markdown_table, num
 from .published import REPORTS_DIR
 
 __all__ = ["README", "blocks", "update_readme", "BLOCK"]
@@ -38,32 +41,9 @@ NO_QUICKSTART = (
 )
 
 
-def num(x: Any) -> str:
-    """A measured number as the README writes it: ``1.67e7``, ``1,764``, ``836.5``, ``33.16``."""
-    if not _ok(x):
-        return "-"
-    if abs(x) >= 1e5:
-        mant, exp = f"{x:.3g}".split("e")
-        return f"{mant}e{int(exp)}"
-    if abs(x) >= 1000:
-        return f"{x:,.0f}"
-    return f"{x:.4g}"
-
-
-def lr(x: float) -> str:
-    """A learning rate as the configs write it: ``5e-4``, ``2e-5``, ``1e-3``."""
-    m, e = f"{x:.2e}".split("e")
-    return f"{m.rstrip('0').rstrip('.')}e{int(e)}"
-
-
-def _table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
-
-
 def quickstart_block(r: Mapping[str, Any]) -> str:
     """The quickstart's measured table from its ``quickstart.json``."""
-    c, sw = r["config"], r.get("software", {})
+    c, sw = record_config(r), r.get("software", {})
     t = c["train"]
     seq = c["data"].get("train_seq_len") or c["data"]["seq_len"]
     tokens = t["steps"] * t["batch_size"] * seq
@@ -78,7 +58,7 @@ def quickstart_block(r: Mapping[str, Any]) -> str:
             f"{lr(r['plain_qat']['lr'])}; not rerun: {r['plain_qat']['source']})",
             num(r["plain_qat"]["val_ppl"])]] if r.get("plain_qat") else []),
         [f"validation perplexity, ParetoQ QAT, {r['train_steps']} steps of {t['batch_size']}x{seq} "
-         f"tokens ({tokens:,} tokens), lr {lr(t['lr'])}"
+         f"tokens ({tokens:,} tokens), lr {lr(t['optimizer']['lr'])}"
          + (f", {r['recipe']}" if r.get("recipe") else ""), f"**{num(r['ppl_qat'])}**"],
         ["parameters", f"{r['params'] / 1e6:.1f} M"],
         ["size, bf16 (theory)", f"{r['bytes_bf16'] / _MIB:.1f} MiB"],
@@ -97,7 +77,7 @@ def quickstart_block(r: Mapping[str, Any]) -> str:
         f"{sw.get('python', '?')}); `reports/quickstart/quickstart.json` (config, loss curve, "
         "results)."
     )
-    return where + "\n\n" + _table([label, "value"], body)
+    return where + "\n\n" + markdown_table([label, "value"], body)
 
 
 def _by_name(rows: Sequence[dict]) -> dict[str, dict]:
@@ -138,35 +118,37 @@ def bits_block(rows: Sequence[dict], anchors: Mapping[str, float]) -> str:
         f"({len(train)} QAT cells; float: {num(fl[0]['val_ppl']) if fl else '-'}; the PyTorch "
         "reference's number in brackets):"
     )
-    return head + "\n\n" + _table(header, body)
+    return head + "\n\n" + markdown_table(header, body)
 
 
 def findings_block(rows: Sequence[dict]) -> str:
     """ParetoQ's findings as the report checks them on the committed cells."""
-    return _table(["claim", "verdict", "evidence"], [list(f) for f in findings(rows)])
+    return markdown_table(["claim", "verdict", "evidence"], [list(f) for f in findings(rows)])
 
 
 def _recipe(c: Mapping[str, Any]) -> str:
     m, d, t = c["model"], c["data"], c["train"]
+    opt, dist = t.get("optimizer", {}), t.get("distill", {})
     seq = d.get("train_seq_len") or d["seq_len"]
     if not t["steps"]:
         init = m.get("scale_init", "paretoq")
         return "round-to-nearest, no training" + (
             f", `model.scale_init: {init}`" if init != "paretoq" else ", ParetoQ scale init"
         )
-    parts = [f"{t['steps']} x {t['batch_size']}x{seq}", f"lr {lr(t['lr'])}"]
-    if t.get("warmup_steps"):
-        parts.append(f"warmup {t['warmup_steps']}")
-    if t.get("schedule") not in (None, "cosine"):
-        parts.append(f"{t['schedule']} schedule")
+    parts = [f"{t['steps']} x {t['batch_size']}x{seq}", f"lr {lr(opt['lr'])}"]
+    if opt.get("warmup_steps"):
+        parts.append(f"warmup {opt['warmup_steps']}")
+    if opt.get("schedule") not in (None, "cosine"):
+        parts.append(f"{opt['schedule']} schedule")
     if m.get("scale_init", "paretoq") != "paretoq":
         parts.append(f"`model.scale_init: {m['scale_init']}`")
-    if t.get("distill"):
+    # the committed reports name the keys as those runs wrote them (byte-identical rebuilds)
+    if dist.get("logits"):
         parts.append("distillation (`train.distill`)")
-    if t.get("distill_layers"):
-        parts.append(f"`train.distill_layers: {t['distill_layers']:g}`")
-    if t.get("scale_lr") is not None:
-        parts.append(f"scales at lr {lr(t['scale_lr'])} (`train.scale_lr`)")
+    if dist.get("layers"):
+        parts.append(f"`train.distill_layers: {dist['layers']:g}`")
+    if opt.get("scale_lr") is not None:
+        parts.append(f"scales at lr {lr(opt['scale_lr'])} (`train.scale_lr`)")
     return ", ".join(parts)
 
 
@@ -179,27 +161,29 @@ def recovery_block(rows: Sequence[dict], baseline: dict | None, anchors: Mapping
     cells = rtn + ([baseline] if baseline else []) + sorted(train, key=lambda r: -r["val_ppl"])
     body = []
     for r in cells:
-        vals = [(m["tokens"], m["val_ppl"]) for m in r.get("curve") or [] if _ok(m.get("val_ppl"))]
+        vals = [
+            (m["tokens"], m["val_ppl"]) for m in r.get("curve") or [] if finite(m.get("val_ppl"))
+        ]
         during = "; ".join(f"{t:,}: {num(v)}" for t, v in vals[:-1]) or "-"
         ref = anchors.get(r["name"])
         where = " (smollm2-bits)" if r is baseline else ""
         body.append(
             [
-                _recipe(r["config"]) + where,
+                _recipe(record_config(r)) + where,
                 during,
                 f"**{num(r['val_ppl'])}**",
                 num(ref) if ref else "-",
             ]
         )
     header = ["recipe (2-bit SEQ)", "during training (tokens: val ppl)", "val ppl", "reference"]
-    return _table(header, body)
+    return markdown_table(header, body)
 
 
 def recovery_summary(rows: Sequence[dict], baseline: dict | None, anchors: Mapping) -> str:
     """One sentence: the best recipe against plain QAT and the reference with distillation."""
-    train = [r for r in rows if r["kind"] == "train" and _ok(r.get("val_ppl"))]
+    train = [r for r in rows if r["kind"] == "train" and finite(r.get("val_ppl"))]
     best = min(train, key=lambda r: r["val_ppl"])
-    out = f"Best: **{num(best['val_ppl'])}** validation perplexity ({_recipe(best['config'])})"
+    out = f"Best: **{num(best['val_ppl'])}** validation perplexity ({_recipe(record_config(best))})"
     if baseline:
         out += f", {baseline['val_ppl'] / best['val_ppl']:.1f}x lower than plain QAT"
     ref = anchors.get("lr=0.0005,distill=true")

@@ -28,16 +28,12 @@ from typing import Any
 
 from paretoq_jax.analysis import pareto_frontier
 
+from .numbers import num
+
 __all__ = ["budget_block", "cell_facts", "frontier_block", "frontier_section", "is_scaling_rows"]
 
 _START = re.compile(r"scaling-(?P<size>s\d+)(?:-step(?P<step>\d+))?$")
 FRONTIER_BITS = (1.0, 1.58, 2.0, 3.0, 4.0)
-
-
-def _fmt(x: float) -> str:
-    if not (isinstance(x, (int, float)) and math.isfinite(x)):
-        return "-"
-    return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.4g}"
 
 
 def _bits(b: Any) -> float:
@@ -101,9 +97,9 @@ def _mean(v: Sequence[float]) -> float:
 def _cell(v: Sequence[float] | None, bold: bool = False) -> str:
     if not v:
         return "-"
-    s = _fmt(_mean(v))
+    s = num(_mean(v))
     if len(v) > 1:
-        s += f" ±{_fmt((max(v) - min(v)) / 2)}"
+        s += f" ±{num((max(v) - min(v)) / 2)}"
     return f"**{s}**" if bold else s
 
 
@@ -167,7 +163,7 @@ def _noise_line(noise: float) -> str:
 def _budget_verdict(size: str, bits: float, have: Mapping[float, float], noise: float) -> str:
     near = [x for x in have if 0.8 <= x <= 0.95]
     far = [x for x in have if x <= 0.5]
-    ev = "; ".join(f"{x:g}: {_fmt(v)}" for x, v in sorted(have.items()))
+    ev = "; ".join(f"{x:g}: {num(v)}" for x, v in sorted(have.items()))
     if not near or not far:
         return f"| {size}, {_bits_name(bits)} | not measured (need 0.8-0.95 and 0 or 0.5) | {ev} |"
     best_near = min(have[x] for x in near)
@@ -224,7 +220,7 @@ def frontier_section(rows: Sequence[Mapping[str, Any]], start: int) -> str:
         "Pareto frontier (quantized cells, smallest first): "
         + ", ".join(
             f"{keys[i][0]} {_bits_name(keys[i][1])} ({size_of[keys[i]]:.2f} Mbit: "
-            f"{_fmt(_mean(groups[keys[i]]))})"
+            f"{num(_mean(groups[keys[i]]))})"
             for i in front
         )
         + ".",
@@ -261,7 +257,7 @@ def _frontier_verdict(b, groups, size_of, sizes, noise) -> str:
         total += 1
         wins += at < y
         close |= not math.isnan(noise) and abs(at - y) / y < noise
-        ev.append(f"4-bit {s} ({x:.2f} Mbit) {_fmt(y)} vs {_bits_name(b)} at that size {_fmt(at)}")
+        ev.append(f"4-bit {s} ({x:.2f} Mbit) {num(y)} vs {_bits_name(b)} at that size {num(at)}")
     if total == 0:
         return (
             f"| {claim} | not measured | needs {_bits_name(b)} cells on both sides of a 4-bit "

@@ -38,7 +38,7 @@ import orbax.checkpoint as ocp
 import yaml
 from jax.experimental import multihost_utils
 
-from paretoq_jax.config import from_dict, to_dict
+from paretoq_jax.config import from_dict, migrate, to_dict
 from paretoq_jax.errors import ParetoQError
 
 from .config import RunConfig
@@ -322,10 +322,10 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
 SAFE_TO_CHANGE = (
     "run_dir",
     "train.steps",
-    "train.log_every",
-    "train.eval_every",
-    "train.quant_stats_every",
-    "train.tensorboard",
+    "train.logging.log_every",
+    "train.logging.eval_every",
+    "train.logging.quant_stats_every",
+    "train.logging.tensorboard",
     "train.allow_config_change",
     "checkpoint.every",
     "checkpoint.keep",
@@ -351,7 +351,7 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 def _saved_config(path: Path) -> dict[str, Any]:
     """The saved config as flat ``{dotted key: value}``, defaults filled in where it parses."""
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = migrate(RunConfig, yaml.safe_load(path.read_text()) or {})
     try:
         return _flatten(to_dict(from_dict(RunConfig, raw)))
     except (ValueError, TypeError):  # written by another version: compare what it holds

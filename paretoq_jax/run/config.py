@@ -6,7 +6,7 @@ Loaded with ``paretoq_jax.config.load_config(RunConfig, path, overrides)``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import ClassVar, Literal
 
 from paretoq_jax.data import DataConfig
 from paretoq_jax.quant import parse_bits, resolve
@@ -15,6 +15,9 @@ __all__ = [
     "RunConfig",
     "ModelConfig",
     "TrainConfig",
+    "OptimizerConfig",
+    "DistillConfig",
+    "LoggingConfig",
     "MeshConfig",
     "CheckpointConfig",
     "DataConfig",
@@ -31,7 +34,8 @@ class ModelConfig:
     ``method``: quantizer (elastic, seq, lsq, absmean, minmax); null picks ParetoQ's choice.
     ``dtype``: compute dtype; ``auto`` is bfloat16 on GPU/TPU and float32 on CPU. Master
     weights and optimizer state are always float32.
-    ``teacher``: float teacher for ``train.distill`` (null: the float weights at ``path``).
+    ``teacher``: float teacher for ``train.distill`` (logits or layers; null: the float weights
+    at ``path``).
     ``scale_init``: initial learned scales: ``paretoq`` (the paper's statistic) or ``mse``
     (least-squares fit to the pretrained weights, ``quant.mse_scale``).
     """
@@ -57,15 +61,21 @@ class ModelConfig:
             )
 
 
-@dataclasses.dataclass
-class TrainConfig:
-    """Optimization. ``batch_size`` is global, in sequences, summed over all devices/hosts."""
+Schedule = Literal["cosine", "linear", "constant"]
 
-    steps: int
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    """AdamW and its learning-rate schedule (``train.optimizer``; ``run.optim``).
+
+    ``schedule``: decay after ``warmup_steps`` of linear warmup, down to ``lr * min_lr_ratio`` at
+    the last step. ``grad_clip``: global-norm clipping (0: off). ``scale_lr`` /
+    ``scale_schedule``: the quantization scales' own learning rate / schedule (null: the same as
+    the weights'; ``scale_lr: 0`` freezes the scales).
+    """
+
     lr: float
-    batch_size: int
-    grad_accum: int = 1
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    schedule: Schedule = "cosine"
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
     weight_decay: float = 0.0
@@ -73,46 +83,107 @@ class TrainConfig:
     b2: float = 0.999
     eps: float = 1e-8
     grad_clip: float = 1.0
-    seed: int = 0
-    distill: bool = False
-    # Block-wise distillation: weight of the per-layer reconstruction loss (train.step.
-    # layer_reconstruction; every quantized layer fed the float teacher's input). 0 = off.
-    distill_layers: float = 0.0
-    # Quantization scales' own learning rate / schedule (null: the same as the weights').
     scale_lr: float | None = None
-    scale_schedule: Literal["cosine", "linear", "constant"] | None = None
+    scale_schedule: Schedule | None = None
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"train.optimizer.lr must be > 0, got {self.lr}")
+        if self.scale_lr is not None and self.scale_lr < 0:
+            raise ValueError(
+                f"train.optimizer.scale_lr must be >= 0 (0 freezes the scales), got {self.scale_lr}"
+            )
+        if self.warmup_steps < 0:
+            raise ValueError(f"train.optimizer.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+@dataclasses.dataclass
+class DistillConfig:
+    """Distillation from the frozen float teacher (``model.teacher``; ``train.step``).
+
+    ``logits``: the loss is ``KL(teacher || student)`` on the logits instead of next-token
+    cross-entropy. ``layers``: weight of the block-wise loss (``train.step.
+    layer_reconstruction``: every quantized layer, fed the teacher's input, reproduces the
+    teacher layer's output); 0 = off.
+    """
+
+    logits: bool = False
+    layers: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.layers < 0:
+            raise ValueError(f"train.distill.layers must be >= 0, got {self.layers}")
+
+
+@dataclasses.dataclass
+class LoggingConfig:
+    """What a run reports and how often (``train.logging``; ``train.callbacks``).
+
+    ``log_every``: a metrics row (``metrics.jsonl``) every so many steps and at the last one;
+    ``eval_every``: validation perplexity on those logging steps (0: off);
+    ``quant_stats_every``: per-projection quantization statistics; ``tensorboard``: also write
+    TensorBoard events.
+    """
+
     log_every: int = 1
     eval_every: int = 0
     quant_stats_every: int = 50
     tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        if self.log_every < 1:
+            raise ValueError(f"train.logging.log_every must be >= 1, got {self.log_every}")
+
+
+# Keys moved into the sections: old ``train.KEY`` -> ``train.SECTION.KEY``.
+_OPTIMIZER_KEYS = [f.name for f in dataclasses.fields(OptimizerConfig)]
+_LOGGING_KEYS = [f.name for f in dataclasses.fields(LoggingConfig)]
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The step shape (``steps`` of ``batch_size`` sequences, global over all devices and hosts,
+    in ``grad_accum`` micro-batches; ``seed``) and the ``optimizer``, ``distill`` and
+    ``logging`` sections."""
+
+    MOVED_KEYS: ClassVar[dict[str, str]] = {
+        **{k: f"optimizer.{k}" for k in _OPTIMIZER_KEYS},
+        "distill": "distill.logits",
+        "distill_layers": "distill.layers",
+        **{k: f"logging.{k}" for k in _LOGGING_KEYS},
+    }
+
+    steps: int
+    batch_size: int
+    optimizer: OptimizerConfig
+    grad_accum: int = 1
+    seed: int = 0
+    distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     # Resume even when keys that change what the checkpointed state means (bits, method, model,
     # optimizer, data...) differ from RUN_DIR/config.yaml (run.checkpoint.check_resume_config).
     allow_config_change: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "log_every"):
+        for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"train.lr must be > 0, got {self.lr}")
         if self.batch_size % self.grad_accum:
             raise ValueError(
                 f"train.batch_size={self.batch_size} is not divisible by "
                 f"train.grad_accum={self.grad_accum}"
             )
-        if self.scale_lr is not None and self.scale_lr < 0:
+        if self.optimizer.warmup_steps > self.steps:
             raise ValueError(
-                f"train.scale_lr must be >= 0 (0 freezes the scales), got {self.scale_lr}"
+                f"train.optimizer.warmup_steps must be in [0, train.steps={self.steps}], "
+                f"got {self.optimizer.warmup_steps}"
             )
-        if self.warmup_steps < 0 or self.warmup_steps > self.steps:
-            raise ValueError(f"train.warmup_steps must be in [0, steps], got {self.warmup_steps}")
-        if self.distill_layers < 0:
-            raise ValueError(f"train.distill_layers must be >= 0, got {self.distill_layers}")
 
     @property
     def uses_teacher(self) -> bool:
-        """Whether the run needs the frozen float teacher (``distill`` or ``distill_layers``)."""
-        return self.distill or self.distill_layers > 0
+        """Whether the run needs the frozen float teacher (``distill.logits`` or
+        ``distill.layers``)."""
+        return self.distill.logits or self.distill.layers > 0
 
 
 @dataclasses.dataclass

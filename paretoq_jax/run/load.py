@@ -117,7 +117,7 @@ def describe_model(path: str | Path, bits=None, method=None) -> dict[str, Any]:
     kind = next((name for name, pred, _ in LOADERS if pred(p)), "unknown")
     info: dict[str, Any] = {"model": str(path), "kind": kind, "bits": bits, "method": method}
     if kind == "training run directory":
-        cfg = load_config(RunConfig, p / "config.yaml")
+        cfg = load_config(RunConfig, p / "config.yaml", stored=True)
         ckpt = Checkpointer(p / "checkpoints", async_save=False)
         try:
             info.update(bits=cfg.model.bits, method=cfg.model.method, step=ckpt.latest_step())

@@ -28,17 +28,18 @@ def make_schedule(
 ) -> optax.Schedule:
     """Learning rate per optimizer update: optional linear warmup, then cosine/linear/constant.
 
-    The decay runs from ``lr`` (default ``cfg.lr``) down to ``lr * min_lr_ratio`` at step
-    ``steps`` (HF's cosine schedule when ``min_lr_ratio=0``); ``kind`` overrides
-    ``cfg.schedule``.
+    The decay runs from ``lr`` (default ``cfg.optimizer.lr``) down to ``lr * min_lr_ratio`` at
+    step ``cfg.steps`` (HF's cosine schedule when ``min_lr_ratio=0``); ``kind`` overrides
+    ``cfg.optimizer.schedule``.
     """
-    lr = cfg.lr if lr is None else lr
-    kind = cfg.schedule if kind is None else kind
-    warmup = cfg.warmup_steps
+    opt = cfg.optimizer
+    lr = opt.lr if lr is None else lr
+    kind = opt.schedule if kind is None else kind
+    warmup = opt.warmup_steps
     decay_steps = max(cfg.steps - warmup, 1)
-    end = lr * cfg.min_lr_ratio
+    end = lr * opt.min_lr_ratio
     if kind == "cosine":
-        main = optax.cosine_decay_schedule(lr, decay_steps, alpha=cfg.min_lr_ratio)
+        main = optax.cosine_decay_schedule(lr, decay_steps, alpha=opt.min_lr_ratio)
     elif kind == "linear":
         main = optax.linear_schedule(lr, end, decay_steps)
     else:
@@ -68,24 +69,25 @@ def scale_labels(params: Any) -> Any:
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     """Global-norm clipping (``grad_clip > 0``) followed by AdamW on ``make_schedule(cfg)``.
 
-    With ``train.scale_lr`` or ``train.scale_schedule`` set, the quantization scales get their
-    own AdamW with that learning rate / schedule (``optax.multi_transform``); the clipping
+    With ``train.optimizer.scale_lr`` or ``scale_schedule`` set, the quantization scales get
+    their own AdamW with that learning rate / schedule (``optax.multi_transform``); the clipping
     still uses the global norm over all gradients.
     """
+    opt = cfg.optimizer
 
     def adamw(schedule: optax.Schedule) -> optax.GradientTransformation:
         return optax.adamw(
-            schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+            schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
             mask=decay_mask,
         )  # fmt: skip
 
-    if cfg.scale_lr is None and cfg.scale_schedule is None:
+    if opt.scale_lr is None and opt.scale_schedule is None:
         adamw = adamw(make_schedule(cfg))
     else:
-        scales = make_schedule(cfg, cfg.scale_lr, cfg.scale_schedule)
+        scales = make_schedule(cfg, opt.scale_lr, opt.scale_schedule)
         adamw = optax.multi_transform(
             {"weights": adamw(make_schedule(cfg)), "scales": adamw(scales)}, scale_labels
         )
-    if cfg.grad_clip and cfg.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
+    if opt.grad_clip and opt.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(opt.grad_clip), adamw)
     return adamw

@@ -3,7 +3,8 @@
 A sweep cell's ``result.json`` row (and each row of ``results.json``), and the quickstart's
 ``quickstart.json``, carry besides their final metrics:
 
-- ``config``: the run's whole resolved training config (``paretoq_jax.config.to_dict``), as run;
+- ``config``: the run's whole resolved training config (``paretoq_jax.config.to_dict``), as run
+  (:func:`record_config` reads it in the current layout, whichever version wrote it);
 - ``curve``: the metrics curve, one record per logged training step (:func:`curve_of`);
 - ``software``: the versions the numbers depend on (:func:`software`): the same code and
   config can differ in the last bits elsewhere (another dequantizer, XLA, CPU), and low-bit QAT
@@ -26,9 +27,19 @@ from typing import Any
 
 import jax
 
+from paretoq_jax.config import migrate
+
+from .config import RunConfig
 from .metrics import read_metrics
 
-__all__ = ["CURVE_KEYS", "curve_of", "curve_from_file", "mean_codes_changed", "software"]
+__all__ = [
+    "CURVE_KEYS",
+    "curve_of",
+    "curve_from_file",
+    "mean_codes_changed",
+    "record_config",
+    "software",
+]
 
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "gguf", "ml_dtypes")
 
@@ -61,6 +72,12 @@ def curve_of(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
 def curve_from_file(metrics_jsonl: str | Path) -> list[dict[str, Any]]:
     """:func:`curve_of` the rows of a run's ``metrics.jsonl`` (empty when there is none)."""
     return curve_of(read_metrics(metrics_jsonl))
+
+
+def record_config(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A record's ``config`` in the current layout: keys renamed since an earlier version wrote
+    it (``train.lr`` -> ``train.optimizer.lr``, ...) read at their new place."""
+    return migrate(RunConfig, record.get("config") or {})
 
 
 def software() -> dict[str, Any]:

@@ -89,7 +89,7 @@ def load_run(
             f"{run} has no config.yaml: not a training run directory (give the run_dir of "
             "python -m paretoq_jax.train)"
         )
-    cfg = load_config(RunConfig, run / "config.yaml")
+    cfg = load_config(RunConfig, run / "config.yaml", stored=True)
     cfg = dataclasses.replace(
         cfg, run_dir=str(run), mesh=dataclasses.replace(cfg.mesh, data=-1, fsdp=1, tensor=1)
     )

@@ -6,12 +6,12 @@ rate, ...), each a normal run in its own directory followed by evaluation; resul
 """
 
 from .runner import cell_config, collect_results, run_cells, write_results
-from .spec import Cell, SweepError, SweepSpec, cell_name, expand, load_sweep, parse_shard, select
+from .spec import Cell, SweepConfig, SweepError, cell_name, expand, load_sweep, parse_shard, select
 
 __all__ = [
     "Cell",
     "SweepError",
-    "SweepSpec",
+    "SweepConfig",
     "cell_config",
     "cell_name",
     "collect_results",

@@ -40,6 +40,7 @@ from paretoq_jax.analysis import model_size
 from paretoq_jax.config import from_dict, load_yaml, set_dotted, to_dict
 from paretoq_jax.data import build_splits
 from paretoq_jax.errors import ParetoQError
+from paretoq_jax.outputs import atomic_write_text
 from paretoq_jax.quant import resolve
 from paretoq_jax.run.build import build_mesh, load_tokenizer
 from paretoq_jax.run.config import RunConfig
@@ -48,7 +49,7 @@ from paretoq_jax.run.records import curve_from_file, software
 from paretoq_jax.train import NonFiniteLossError, train
 
 from . import evaluate as ev
-from .spec import Cell, SweepSpec
+from .spec import Cell, SweepConfig
 
 __all__ = [
     "CellInterrupted",
@@ -83,10 +84,10 @@ class CellInterrupted(ParetoQError, RuntimeError):
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` via a temporary file and ``os.replace`` (never half-written)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=_json_default, allow_nan=True) + "\n")
-    os.replace(tmp, path)
+    """Write JSON to ``path`` (``outputs.atomic_write_text``: never half-written)."""
+    atomic_write_text(
+        path, json.dumps(data, indent=1, default=_json_default, allow_nan=True) + "\n"
+    )
 
 
 def _json_default(x: Any) -> Any:
@@ -126,7 +127,7 @@ def claim(cell_dir: Path) -> Iterator[bool]:
         os.close(fd)
 
 
-def cell_config(spec: SweepSpec, cell: Cell, run_dir: Path):
+def cell_config(spec: SweepConfig, cell: Cell, run_dir: Path):
     """``(RunConfig, steps)`` of a cell: the base config, the shared then the cell's overrides,
     ``run_dir``. A cell with ``train.steps=0`` is validated with ``steps=1`` (the trainer needs at
     least one step) and ``steps`` is returned as 0: it is evaluated, not trained."""
@@ -137,7 +138,7 @@ def cell_config(spec: SweepSpec, cell: Cell, run_dir: Path):
     steps = int(data.get("train", {}).get("steps", 1))
     if steps == 0:
         set_dotted(data, "train.steps", 1, replace=True)
-        set_dotted(data, "train.warmup_steps", 0, replace=True)
+        set_dotted(data, "train.optimizer.warmup_steps", 0, replace=True)
     return from_dict(RunConfig, data), steps
 
 
@@ -146,7 +147,7 @@ def _last_metrics(run_dir: Path) -> dict:
     return rows[-1] if rows else {}
 
 
-def run_cell(spec: SweepSpec, cell: Cell, index: int, cell_dir: Path, *, progress: bool) -> dict:
+def run_cell(spec: SweepConfig, cell: Cell, index: int, cell_dir: Path, *, progress: bool) -> dict:
     """Train (unless ``train.steps=0``) and evaluate one cell; returns its result row."""
     t0 = time.perf_counter()
     cfg, steps = cell_config(spec, cell, cell_dir)
@@ -160,10 +161,10 @@ def run_cell(spec: SweepSpec, cell: Cell, index: int, cell_dir: Path, *, progres
         "method": _method_name(cfg),
         "model_path": str(cell.overrides.get("model.path", cfg.model.path)),
         "steps": steps,
-        "lr": cfg.train.lr if steps else None,
+        "lr": cfg.train.optimizer.lr if steps else None,
         "batch_size": cfg.train.batch_size,
         "seq_len": cfg.data.train_len,
-        "distill": cfg.train.distill if steps else None,
+        "distill": cfg.train.distill.logits if steps else None,
         "host": socket.gethostname(),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -222,7 +223,7 @@ def run_cell(spec: SweepSpec, cell: Cell, index: int, cell_dir: Path, *, progres
             ck_steps = ev.checkpoint_steps(cfg)
             if not ck_steps or ck_steps[-1] != steps:
                 raise RuntimeError(f"{cell.name}: no checkpoint at step {steps} in {cell_dir}")
-            every = spec.eval.get("transition_every_checkpoint", True)
+            every = spec.eval.transition_every_checkpoint
             for s in ck_steps if every else ck_steps[-1:]:
                 p = ev.restore_params(cfg, model, mesh, s)
                 if start:
@@ -245,14 +246,13 @@ def run_cell(spec: SweepSpec, cell: Cell, index: int, cell_dir: Path, *, progres
         # Same stacked parameters and math; compiles one layer instead of all of them.
         final.scan_layers = True
         tokenizer = load_tokenizer(cfg)
-        if spec.eval.get("max_val_blocks") is not None:
-            cfg.data.max_val_blocks = int(spec.eval["max_val_blocks"])
+        if spec.eval.max_val_blocks is not None:
+            cfg.data.max_val_blocks = spec.eval.max_val_blocks
         _, val = build_splits(cfg.data, tokenizer)
-        bs = int(spec.eval.get("batch_size") or cfg.train.batch_size)
+        bs = spec.eval.batch_size or cfg.train.batch_size
         row.update(ev.validation_loss(final, val, bs))
-        tasks = spec.eval.get("tasks")
-        if tasks:
-            row["accuracy"] = _zero_shot(final, tokenizer, tasks)
+        if spec.eval.tasks:
+            row["accuracy"] = _zero_shot(final, tokenizer, spec.eval.tasks)
     else:
         row.update(
             val_ppl=float("nan"), val_loss=float("nan"), relative_l1=None, codes_changed=None
@@ -287,7 +287,7 @@ def _zero_shot(model, tokenizer, tasks: Any) -> Any:
 
 
 def run_cells(
-    spec: SweepSpec, cells: list[tuple[int, Cell]], sweep_dir: Path, *, progress: bool = False
+    spec: SweepConfig, cells: list[tuple[int, Cell]], sweep_dir: Path, *, progress: bool = False
 ) -> dict[str, list[str]]:
     """Run the given ``(index, cell)`` pairs in order, skipping finished and claimed ones.
 
@@ -401,6 +401,4 @@ def write_table(folder: Path, rows: list[dict]) -> None:
                 for c in cols
             ]
         )
-    tmp = Path(folder) / f".results.csv.{os.getpid()}.tmp"
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, Path(folder) / "results.csv")
+    atomic_write_text(Path(folder) / "results.csv", buf.getvalue())

@@ -27,16 +27,19 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from paretoq_jax.config import ConfigError, read_yaml
+from paretoq_jax.config import ConfigError, from_dict, moved_keys, read_yaml
 from paretoq_jax.errors import ParetoQError
 from paretoq_jax.quant import parse_bits
+from paretoq_jax.run.config import RunConfig
 
 __all__ = [
     "Cell",
     "SweepError",
-    "SweepSpec",
+    "SweepConfig",
+    "SweepEval",
+    "SetWhen",
     "cell_name",
     "expand",
     "load_sweep",
@@ -81,29 +84,62 @@ class Cell:
 
 
 @dataclasses.dataclass
-class SweepSpec:
-    """A parsed sweep file. ``train_config`` is resolved relative to the sweep file."""
+class SweepEval:
+    """How each cell is evaluated after training (the sweep file's ``eval`` section).
+
+    ``batch_size``: validation batch (null: the cell's ``train.batch_size``);
+    ``max_val_blocks``: at most this many validation blocks (null: all);
+    ``tasks``: zero-shot multiple-choice jsonl file(s) (``paretoq_jax.eval``);
+    ``transition_every_checkpoint``: measure the learning transition at every checkpoint (else
+    only at the last one).
+    """
+
+    batch_size: int | None = None
+    max_val_blocks: int | None = None
+    tasks: str | list[str] | None = None
+    transition_every_checkpoint: bool = True
+
+
+@dataclasses.dataclass
+class SetWhen:
+    """``{when: RULE, set: {key: value}}``: set keys on the cells matching ``RULE``."""
+
+    when: dict[str, Any]
+    set: dict[str, Any]
+
+
+@dataclasses.dataclass
+class SweepConfig:
+    """A sweep file (``configs/sweeps/*.yaml``; ``docs/sweeps.md``), read by :func:`load_sweep`
+    with the run config's YAML loader and checks (``paretoq_jax.config.from_dict``).
+
+    Every mapping of config keys (``overrides``, ``grid``, ``exclude``, ``include``,
+    ``set_when``) holds dotted run-config keys once loaded (nested mappings are flattened);
+    ``train_config`` is resolved relative to the sweep file, ``source`` is the file itself.
+    """
 
     train_config: Path
-    name: str
+    name: str | None = None
     out_dir: Path | None = None
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
-    grid: dict[str, list] = dataclasses.field(default_factory=dict)
+    grid: dict[str, Any] = dataclasses.field(default_factory=dict)
     exclude: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     include: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    set_when: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    set_when: list[SetWhen] = dataclasses.field(default_factory=list)
     rtn: bool = False
     float: bool = False
     drop_invalid: bool = False
-    keep_checkpoints: str = "last"
-    eval: dict[str, Any] = dataclasses.field(default_factory=dict)
-    anchors: dict[str, float] = dataclasses.field(default_factory=dict)
-    source: Path | None = None
+    keep_checkpoints: Literal["all", "last", "none"] = "last"
+    eval: SweepEval = dataclasses.field(default_factory=SweepEval)
+    anchors: dict[str, Any] = dataclasses.field(default_factory=dict)
+    source: Path | None = dataclasses.field(default=None, init=False)
 
 
-KEEP_CHECKPOINTS = ("all", "last", "none")
-_TOP_KEYS = {f.name for f in dataclasses.fields(SweepSpec)} - {"source"}
-_EVAL_KEYS = {"tasks", "batch_size", "max_val_blocks", "transition_every_checkpoint"}
+# Run-config keys renamed since sweeps were first run (``train.lr`` -> ``train.optimizer.lr``):
+# a sweep file must use the new key; a cell's name keeps the old spelling (_NAME_KEYS), so the
+# cells (and run directories) of an existing sweep keep their names.
+_MOVED = moved_keys(RunConfig)
+_NAME_KEYS = {new: old for old, new in _MOVED.items()}
 
 
 def _flat(d: Any, what: str) -> dict[str, Any]:
@@ -119,84 +155,57 @@ def _flat(d: Any, what: str) -> dict[str, Any]:
                 out[f"{k}.{k2}"] = v2
         else:
             out[str(k)] = v
+    for k in out:
+        if k in _MOVED:
+            raise SweepError(f"{what}: config key '{k}' moved to '{_MOVED[k]}'; write that instead")
     return out
 
 
-def _rules(items: Any, what: str) -> list[dict[str, Any]]:
-    if items is None:
-        return []
-    if not isinstance(items, list):
-        raise SweepError(f"'{what}' must be a list of mappings, e.g. [{{model.bits: 1}}]")
-    return [_flat(r, f"an entry of '{what}'") for r in items]
-
-
-def load_sweep(path: str | Path) -> SweepSpec:
+def load_sweep(path: str | Path) -> SweepConfig:
     """Parse and check a sweep file (unknown keys are errors)."""
     path = Path(path)
     if not path.is_file():
         raise SweepError(f"sweep file {path} does not exist")
     try:
         data = read_yaml(path)
+        if not isinstance(data, Mapping):
+            raise SweepError(f"sweep file {path} must hold a mapping at the top level")
+        if "train_config" not in data:
+            raise SweepError(
+                f"sweep file {path} needs 'train_config: PATH' (the base training config)"
+            )
+        # a key left empty (``overrides:`` over commented-out lines) is its default
+        spec = from_dict(SweepConfig, {k: v for k, v in data.items() if v is not None})
     except ConfigError as e:
-        raise SweepError(str(e).replace("config file", "sweep file", 1)) from None
-    if not isinstance(data, Mapping):
-        raise SweepError(f"sweep file {path} must hold a mapping at the top level")
-    unknown = set(data) - _TOP_KEYS
-    if unknown:
-        raise SweepError(
-            f"unknown key(s) {sorted(unknown)} in sweep file {path}; valid keys: {sorted(_TOP_KEYS)}"
-        )
-    if "train_config" not in data:
-        raise SweepError(f"sweep file {path} needs 'train_config: PATH' (the base training config)")
-    base = (path.parent / str(data["train_config"])).resolve()
+        msg = str(e).replace("config file", "sweep file", 1).replace("config key", "sweep key")
+        raise SweepError(msg if str(path) in msg else f"sweep file {path}: {msg}") from None
+    base = (path.parent / spec.train_config).resolve()
     if not base.is_file():
         raise SweepError(f"train_config {base} (from {path}) does not exist")
-    grid = _flat(data.get("grid"), "'grid'")
+    grid = _flat(spec.grid, "'grid'")
     for k, v in grid.items():
         if not isinstance(v, list) or not v:
             raise SweepError(f"grid key '{k}' needs a non-empty list of values, got {v!r}")
-    set_when = []
-    for i, r in enumerate(data.get("set_when") or []):
-        if not isinstance(r, Mapping) or set(r) != {"when", "set"}:
-            raise SweepError(f"set_when[{i}] must be {{when: {{key: value}}, set: {{key: value}}}}")
-        set_when.append({"when": _flat(r["when"], "set_when.when"), "set": _flat(r["set"], "set")})
-    ev = dict(data.get("eval") or {})
-    if set(ev) - _EVAL_KEYS:
-        raise SweepError(
-            f"unknown eval key(s) {sorted(set(ev) - _EVAL_KEYS)}: {sorted(_EVAL_KEYS)}"
-        )
-    keep = str(data.get("keep_checkpoints", "last"))
-    if keep not in KEEP_CHECKPOINTS:
-        raise SweepError(
-            f"keep_checkpoints must be one of {list(KEEP_CHECKPOINTS)}, got {keep!r} (what a "
-            "finished cell keeps: every checkpoint, its final one, or none)"
-        )
-    out_dir = data.get("out_dir")
-    return SweepSpec(
+    out = dataclasses.replace(
+        spec,
         train_config=base,
-        name=str(data.get("name") or path.stem),
-        out_dir=None if out_dir is None else Path(str(out_dir)),
-        overrides=_flat(data.get("overrides"), "'overrides'"),
+        name=spec.name or path.stem,
+        overrides=_flat(spec.overrides, "'overrides'"),
         grid=grid,
-        exclude=_rules(data.get("exclude"), "exclude"),
-        include=_rules(data.get("include"), "include"),
-        set_when=set_when,
-        rtn=bool(data.get("rtn", False)),
-        float=bool(data.get("float", False)),
-        drop_invalid=bool(data.get("drop_invalid", False)),
-        keep_checkpoints=keep,
-        eval=ev,
-        anchors=_anchors(data.get("anchors")),
-        source=path.resolve(),
+        exclude=[_flat(r, "an entry of 'exclude'") for r in spec.exclude],
+        include=[_flat(r, "an entry of 'include'") for r in spec.include],
+        set_when=[
+            SetWhen(_flat(r.when, "set_when.when"), _flat(r.set, "set_when.set"))
+            for r in spec.set_when
+        ],
+        anchors=_anchors(spec.anchors),
     )
+    out.source = path.resolve()
+    return out
 
 
-def _anchors(data: Any) -> dict[str, float]:
+def _anchors(data: Mapping[str, Any]) -> dict[str, float]:
     """``anchors: {cell name: reference validation perplexity}`` (shown beside ours in the report)."""
-    if data is None:
-        return {}
-    if not isinstance(data, Mapping):
-        raise SweepError("'anchors' must map cell names to reference perplexities")
     try:
         return {str(k): float(v) for k, v in data.items()}
     except (TypeError, ValueError):
@@ -261,12 +270,12 @@ def cell_name(overrides: Mapping[str, Any]) -> str:
     """
     if not overrides:
         return "base"
-    parts = [
-        f"{ALIASES.get(k, k)}={_fmt(k, overrides[k])}" for k in sorted(overrides, key=_key_order)
-    ]
+    named = {_NAME_KEYS.get(k, k): (k, v) for k, v in overrides.items()}
+    parts = [f"{ALIASES.get(n, n)}={_fmt(*named[n])}" for n in sorted(named, key=_key_order)]
     name = ",".join(parts)
     if len(name) > _MAX_NAME:
-        digest = hashlib.sha1(json.dumps(overrides, sort_keys=True, default=str).encode())
+        by_name = {n: v for n, (_, v) in named.items()}
+        digest = hashlib.sha1(json.dumps(by_name, sort_keys=True, default=str).encode())
         name = f"{name[: _MAX_NAME - 9]}~{digest.hexdigest()[:8]}"
     return name
 
@@ -284,7 +293,7 @@ def _rtn_twin(o: Mapping[str, Any]) -> dict[str, Any]:
     return twin
 
 
-def expand(spec: SweepSpec) -> list[Cell]:
+def expand(spec: SweepConfig) -> list[Cell]:
     """All cells of a sweep in their fixed order (see the module docstring)."""
     keys = list(spec.grid)
     cells = [dict(zip(keys, vals, strict=True)) for vals in itertools.product(*spec.grid.values())]
@@ -295,8 +304,8 @@ def expand(spec: SweepSpec) -> list[Cell]:
     cells += [dict(r) for r in spec.include]
     for rule in spec.set_when:
         for c, keep in zip(cells, own, strict=True):
-            if matches({**spec.overrides, **c}, rule["when"]):
-                c.update({k: v for k, v in rule["set"].items() if k not in keep})
+            if matches({**spec.overrides, **c}, rule.when):
+                c.update({k: v for k, v in rule.set.items() if k not in keep})
     if spec.rtn:
         cells += [_rtn_twin(c) for c in cells if int(c.get("train.steps", 1)) != 0]
     if spec.float:

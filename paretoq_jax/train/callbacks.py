@@ -56,13 +56,14 @@ Callback = Callable[[StepEnd], "bool | None"]
 
 
 def log_row(cfg: RunConfig, schedule: Callable[[int], Any], writer: MetricsWriter) -> Callback:
-    """Every ``train.log_every`` steps and at the last one: the metrics row (``docs/training.md``)."""
+    """Every ``train.logging.log_every`` steps and at the last one: the metrics row
+    (``docs/training.md``)."""
     tcfg = cfg.train
     tokens_per_step = tcfg.batch_size * cfg.data.train_len
     t_start = time.perf_counter()
 
     def log_row(end: StepEnd) -> None:
-        if end.step % tcfg.log_every and end.step != tcfg.steps:
+        if end.step % tcfg.logging.log_every and end.step != tcfg.steps:
             return
         end.row = {
             "step": end.step,
@@ -80,15 +81,16 @@ def log_row(cfg: RunConfig, schedule: Callable[[int], Any], writer: MetricsWrite
 
 
 def evaluation(cfg: RunConfig, model: nnx.Module, val_blocks: Sized, mesh: Any) -> Callback:
-    """On logging steps that are ``train.eval_every`` steps apart (and the last): validation
+    """On logging steps that are ``train.logging.eval_every`` steps apart (and the last): validation
     loss and perplexity over all validation blocks (``eval.perplexity.validation_perplexity``,
     the one measure shared with sweeps and ``eval``)."""
     tcfg = cfg.train
     graphdef, _, rest = nnx.split(model, nnx.Param, ...)
-    on = bool(tcfg.eval_every and len(val_blocks))
+    every = tcfg.logging.eval_every
+    on = bool(every and len(val_blocks))
 
     def evaluation(end: StepEnd) -> None:
-        due = on and (end.step % tcfg.eval_every == 0 or end.step == tcfg.steps)
+        due = on and (end.step % every == 0 or end.step == tcfg.steps)
         if end.row is None or not due:
             return
         model = nnx.merge(graphdef, end.state["params"], rest)

@@ -81,7 +81,7 @@ def make_step_for(
     teacher_args: dict[str, Any] = {}
     if tcfg.uses_teacher:
         if teacher is None:
-            raise ValueError("train.distill / train.distill_layers need the teacher model")
+            raise ValueError("train.distill.logits / train.distill.layers need the teacher model")
         t_graphdef, _, t_rest = nnx.split(teacher, nnx.Param, ...)
         teacher_args = dict(
             teacher_graphdef=t_graphdef,
@@ -90,7 +90,7 @@ def make_step_for(
         )
     step_fn = make_train_step(
         graphdef, rest, tx, mesh, shardings, grad_accum=tcfg.grad_accum,
-        distill=tcfg.distill, layer_weight=tcfg.distill_layers, **teacher_args,
+        distill=tcfg.distill.logits, layer_weight=tcfg.distill.layers, **teacher_args,
     )  # fmt: skip
     return step_fn, tx
 
@@ -151,7 +151,7 @@ def train(
     it = _batch_iterator(cfg, train_blocks, data_state)
     writer = MetricsWriter(
         run_dir, total_steps=tcfg.steps, start_step=start, enabled=is_main,
-        progress=progress, tensorboard=tcfg.tensorboard,
+        progress=progress, tensorboard=tcfg.logging.tensorboard,
     )  # fmt: skip
     if start:
         writer.message(f"[train] resumed from step {start} in {run_dir / 'checkpoints'}")
@@ -163,7 +163,7 @@ def train(
     after_step = [
         cb.log_row(cfg, make_schedule(tcfg), writer),
         cb.evaluation(cfg, model, val_blocks, mesh),
-        cb.quant_statistics(model, tcfg.quant_stats_every, start),
+        cb.quant_statistics(model, tcfg.logging.quant_stats_every, start),
         cb.write_row(writer),
         cb.checkpointing(cfg, save),
         cb.heap_guard(start),
@@ -264,6 +264,7 @@ def _check_finite(end: cb.StepEnd, ckpt: Checkpointer, run_dir: Path) -> None:
     raise NonFiniteLossError(
         f"non-finite loss={end.loss} / grad_norm={end.grad_norm} at step {end.step}; nothing "
         f"was saved for it. The last good checkpoint is step {ckpt.latest_step()} in "
-        f"{run_dir / 'checkpoints'}. Lower train.lr, raise train.warmup_steps or "
-        "set train.grad_clip, then rerun (it resumes from that checkpoint)."
+        f"{run_dir / 'checkpoints'}. Lower train.optimizer.lr, raise "
+        "train.optimizer.warmup_steps or set train.optimizer.grad_clip, then rerun (it resumes "
+        "from that checkpoint)."
     )

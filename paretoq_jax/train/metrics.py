@@ -2,8 +2,8 @@
 
 ``metrics.jsonl`` holds one JSON object per logged step: ``step``, ``loss``, ``lr``,
 ``grad_norm``, ``tokens_per_sec``, ``step_time_s``, ``tokens`` (seen so far), ``elapsed_s``;
-every ``train.quant_stats_every`` steps also ``quant``: for each quantized projection (a module
-path with the layer index, e.g. ``layers.3.self_attn.q_proj``)
+every ``train.logging.quant_stats_every`` steps also ``quant``: for each quantized projection (a
+module path with the layer index, e.g. ``layers.3.self_attn.q_proj``)
 
 - ``scale_mean``: the mean effective scale ``a = max(alpha, 1e-5)`` over output channels,
 - ``outside_clip``: the fraction of weights with ``W / a`` outside the quantizer's clip range,

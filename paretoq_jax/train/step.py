@@ -7,7 +7,8 @@ arrays and can donate the state.
 
 Loss: masked next-token cross entropy ``logsumexp(z) - z[label]`` averaged over the unmasked
 tokens of the global batch (no full log-softmax over the vocabulary is materialized). With
-``train.distill`` the loss is ``KL(teacher || student)`` on the logits of a frozen float teacher.
+``train.distill.logits`` the loss is ``KL(teacher || student)`` on the logits of a frozen float
+teacher.
 Gradient accumulation scans over micro-batches and sums token-loss sums and gradients, so the
 result equals the one-shot step over the whole global batch. The layer-reconstruction term of
 block-wise distillation is a ratio of batch sums, not a sum over tokens: with accumulation a
