@@ -213,7 +213,9 @@ def packed_linear(
     out = packed.shape[-1]
     codes_dtype = jnp.int8 if layout == "int8" else jnp.uint8
     if packed.dtype != codes_dtype:
-        raise ValueError(f"layout {layout!r} needs {codes_dtype.__name__} codes, got {packed.dtype}")
+        raise ValueError(
+            f"layout {layout!r} needs {codes_dtype.__name__} codes, got {packed.dtype}"
+        )
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x2.shape[0], out), jnp.float32))
     y = call(
         x2, packed, scale.astype(jnp.float32), layout=layout,
