@@ -34,6 +34,10 @@
 #include <unistd.h>
 #include <vector>
 
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -42,18 +46,19 @@ namespace {
 
 #if defined(__AVX512F__)
 constexpr int kLanes = 16;  // floats per vector register
-constexpr int kAccRegs = 24;  // accumulator registers out of 32
+constexpr int kAccRegs = 20;  // accumulator registers out of 32
 #else
 constexpr int kLanes = 8;
-constexpr int kAccRegs = 12;  // of 16 (AVX2)
+constexpr int kAccRegs = 9;  // of 16 (AVX2): the rest hold codes, a product term, masks
 #endif
+
+constexpr int kMaxRows = 8;  // batch rows per register block (one activation chunk)
 
 typedef float vf __attribute__((vector_size(4 * kLanes)));
 typedef int32_t vi __attribute__((vector_size(4 * kLanes)));
 typedef uint8_t vu8 __attribute__((vector_size(kLanes)));
 typedef int8_t vs8 __attribute__((vector_size(kLanes)));
 
-constexpr int kMaxRows = 8;  // batch rows per register block
 
 // Code kinds: a bit field of width 1, 2 or 4; base-3 digits; signed int8.
 enum Kind { kW1 = 1, kW2 = 2, kW4 = 4, kBase3 = 3, kInt8 = 8 };
@@ -66,13 +71,15 @@ constexpr int slabs_of(int kind) {
 constexpr int vectors_for(int rows) { return std::min(4, std::max(1, kAccRegs / rows)); }
 
 struct Plane {
-  int kind;       // Kind
-  int x_offset;   // start of this plane's slabs in the per-row activation copy
+  int kind;          // Kind
+  int64_t x_offset;  // this plane's first float in a chunk of the activation copy
 };
 
+// Activations are copied per chunk of kMaxRows batch rows as (plane, byte row r, slab j,
+// kMaxRows rows): the values a byte row multiplies are contiguous, at compile-time offsets.
 struct Problem {
-  const float* xs;     // (B, xs_row) activations in plane/slab order, times 2^shift
-  int64_t xs_row;      // floats per batch row of xs
+  const float* xs;     // activation chunks, each xs_chunk floats
+  int64_t xs_chunk;
   const uint8_t* packed;
   int64_t rows;        // R: byte rows per plane
   int64_t out;         // output columns (the packed array's last axis)
@@ -80,7 +87,16 @@ struct Problem {
   int64_t batch;
 };
 
+// kLanes bytes at p, zero- (or for int8 sign-) extended to 32-bit lanes. Intrinsics where
+// they exist: GCC 12 turns a generic byte-vector conversion into scalar inserts.
 inline vi widen(const uint8_t* p, int kind) {
+#if defined(__AVX512F__)
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return (vi)(kind == kInt8 ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b));
+#elif defined(__AVX2__)
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return (vi)(kind == kInt8 ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b));
+#else
   if (kind == kInt8) {
     vs8 b;
     std::memcpy(&b, p, sizeof(b));
@@ -89,24 +105,25 @@ inline vi widen(const uint8_t* p, int kind) {
   vu8 b;
   std::memcpy(&b, p, sizeof(b));
   return __builtin_convertvector(b, vi);
+#endif
 }
 
 // acc[NB][NV] += the products of one plane over all byte rows, for columns at `col`
 // (`stride` bytes between byte rows).
 template <int KIND, int NB, int NV>
 inline void plane_block(vf (&acc)[NB][NV], const uint8_t* plane, int64_t stride, int64_t rows,
-                        const float* xs, int64_t xs_row) {
+                        const float* xs) {
   constexpr int K = slabs_of(KIND);
   for (int64_t r = 0; r < rows; ++r) {
     const uint8_t* row = plane + r * stride;
+    const float* xr = xs + r * K * kMaxRows;
     vi v[NV];
     for (int n = 0; n < NV; ++n) v[n] = widen(row + n * kLanes, KIND);
     for (int j = 0; j < K; ++j) {
-      vf u[NV];
       for (int n = 0; n < NV; ++n) {
         vi d;
         if constexpr (KIND == kBase3) {
-          vi q = (v[n] * 171) >> 9;  // v / 3, exact for 0 <= v < 256
+          const vi q = (v[n] * 171) >> 9;  // v / 3, exact for 0 <= v < 256
           d = v[n] - q * 3;
           v[n] = q;
         } else if constexpr (KIND == kInt8) {
@@ -114,11 +131,8 @@ inline void plane_block(vf (&acc)[NB][NV], const uint8_t* plane, int64_t stride,
         } else {
           d = (v[n] >> (KIND * j)) & ((1 << KIND) - 1);
         }
-        u[n] = __builtin_convertvector(d, vf);
-      }
-      for (int b = 0; b < NB; ++b) {
-        const float xv = xs[b * xs_row + j * rows + r];
-        for (int n = 0; n < NV; ++n) acc[b][n] += xv * u[n];
+        const vf u = __builtin_convertvector(d, vf);
+        for (int b = 0; b < NB; ++b) acc[b][n] += xr[j * kMaxRows + b] * u;
       }
     }
   }
@@ -138,11 +152,11 @@ void column_block(const Problem& pb, const uint8_t* packed, int64_t stride, int6
     const uint8_t* plane = packed + p * plane_bytes + col;
     const float* x = xs + pb.planes[p].x_offset;
     switch (pb.planes[p].kind) {
-      case kW1: plane_block<kW1, NB, NV>(acc, plane, stride, pb.rows, x, pb.xs_row); break;
-      case kW2: plane_block<kW2, NB, NV>(acc, plane, stride, pb.rows, x, pb.xs_row); break;
-      case kW4: plane_block<kW4, NB, NV>(acc, plane, stride, pb.rows, x, pb.xs_row); break;
-      case kBase3: plane_block<kBase3, NB, NV>(acc, plane, stride, pb.rows, x, pb.xs_row); break;
-      case kInt8: plane_block<kInt8, NB, NV>(acc, plane, stride, pb.rows, x, pb.xs_row); break;
+      case kW1: plane_block<kW1, NB, NV>(acc, plane, stride, pb.rows, x); break;
+      case kW2: plane_block<kW2, NB, NV>(acc, plane, stride, pb.rows, x); break;
+      case kW4: plane_block<kW4, NB, NV>(acc, plane, stride, pb.rows, x); break;
+      case kBase3: plane_block<kBase3, NB, NV>(acc, plane, stride, pb.rows, x); break;
+      case kInt8: plane_block<kInt8, NB, NV>(acc, plane, stride, pb.rows, x); break;
     }
   }
   for (int b = 0; b < NB; ++b)
@@ -160,23 +174,28 @@ constexpr int kWidest = 4 * kLanes;  // widest column block
 void compute_columns(const Problem& pb, int64_t c0, int64_t c1, float* acc) {
   std::vector<uint8_t> tail;
   float buf[kMaxRows * kWidest];
-  for (int64_t b0 = 0; b0 < pb.batch; b0 += kMaxRows) {
-    const int nb = static_cast<int>(std::min<int64_t>(kMaxRows, pb.batch - b0));
-    const int width = vectors_for(nb) * kLanes;
-    const float* xs = pb.xs + b0 * pb.xs_row;
-    for (int64_t c = c0; c < c1; c += width) {
-      const int64_t w = std::min<int64_t>(width, c1 - c);
-      if (w == width && c + width <= pb.out) {
-        kBlocks[nb](pb, pb.packed, pb.out, c, xs, buf);
-      } else {  // partial block: copy its columns of every byte row, zero-padded
-        const int64_t lines = static_cast<int64_t>(pb.planes.size()) * pb.rows;
-        tail.assign(lines * width, 0);
-        for (int64_t l = 0; l < lines; ++l)
-          std::memcpy(tail.data() + l * width, pb.packed + l * pb.out + c, w);
-        kBlocks[nb](pb, tail.data(), width, 0, xs, buf);
+  // Column blocks of the widest width (shared by every batch chunk, so a block's bytes are
+  // read from memory once and stay in cache for the other chunks), split for narrower ones.
+  for (int64_t cb = c0; cb < c1; cb += kWidest) {
+    const int64_t cb_end = std::min<int64_t>(cb + kWidest, c1);
+    for (int64_t b0 = 0; b0 < pb.batch; b0 += kMaxRows) {
+      const int nb = static_cast<int>(std::min<int64_t>(kMaxRows, pb.batch - b0));
+      const int width = vectors_for(nb) * kLanes;
+      const float* xs = pb.xs + (b0 / kMaxRows) * pb.xs_chunk;
+      for (int64_t c = cb; c < cb_end; c += width) {
+        const int64_t w = std::min<int64_t>(width, cb_end - c);
+        if (w == width && c + width <= pb.out) {
+          kBlocks[nb](pb, pb.packed, pb.out, c, xs, buf);
+        } else {  // partial block: copy its columns of every byte row, zero-padded
+          const int64_t lines = static_cast<int64_t>(pb.planes.size()) * pb.rows;
+          tail.assign(lines * width, 0);
+          for (int64_t l = 0; l < lines; ++l)
+            std::memcpy(tail.data() + l * width, pb.packed + l * pb.out + c, w);
+          kBlocks[nb](pb, tail.data(), width, 0, xs, buf);
+        }
+        for (int b = 0; b < nb; ++b)
+          std::memcpy(acc + (b0 + b) * pb.out + c, buf + b * width, w * sizeof(float));
       }
-      for (int b = 0; b < nb; ++b)
-        std::memcpy(acc + (b0 + b) * pb.out + c, buf + b * width, w * sizeof(float));
     }
   }
 }
@@ -318,8 +337,8 @@ ffi::Error PackedLinearImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer packed,
       scale.element_count() != static_cast<size_t>(out) || y->element_count() != batch * out)
     return ffi::Error::InvalidArgument("packed_linear: shapes do not match the layout");
 
-  // Activations per batch row in plane/slab order: plane p, slab j, byte row r, times the
-  // power of two of the plane's field (its bit offset in u); rows past in_features are 0.
+  // Activations in chunks of kMaxRows batch rows (Problem), times the power of two of the
+  // plane's field (its bit offset in u); input rows past in_features are 0.
   Problem pb;
   pb.packed = static_cast<const uint8_t*>(packed.untyped_data());
   pb.rows = rows;
@@ -327,12 +346,12 @@ ffi::Error PackedLinearImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer packed,
   pb.batch = batch;
   int64_t width = 0;
   for (int k : kinds) {
-    pb.planes.push_back({k, static_cast<int>(width)});
-    width += slabs_of(k) * rows;
+    pb.planes.push_back({k, width});
+    width += slabs_of(k) * rows * kMaxRows;
   }
-  pb.xs_row = width;
+  pb.xs_chunk = width;
   thread_local std::vector<float> xs_buf, x_sum;
-  xs_buf.assign(batch * width, 0.f);
+  xs_buf.assign((batch + kMaxRows - 1) / kMaxRows * width, 0.f);
   x_sum.assign(batch, 0.f);
   const float* xin = x.typed_data();
   for (int64_t b = 0; b < batch; ++b) {
@@ -340,6 +359,7 @@ ffi::Error PackedLinearImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer packed,
     float s = 0.f;
     for (int64_t i = 0; i < in_features; ++i) s += xb[i];
     x_sum[b] = s;
+    float* chunk = xs_buf.data() + (b / kMaxRows) * width + b % kMaxRows;
     size_t p = 0;
     int shift = 0;
     while (p < kinds.size()) {
@@ -347,11 +367,11 @@ ffi::Error PackedLinearImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer packed,
       const int field = (kind == kBase3 || kind == kInt8) ? 1 : kind;  // planes in the field
       for (int g = 0; g < field; ++g, ++p) {
         const int k = slabs_of(kind);
-        float* dst = xs_buf.data() + b * width + pb.planes[p].x_offset;
+        float* dst = chunk + pb.planes[p].x_offset;
         for (int j = 0; j < k; ++j) {
           const int64_t first = static_cast<int64_t>(g * k + j) * rows;
           for (int64_t r = 0; r < rows && first + r < in_features; ++r)
-            dst[j * rows + r] = std::ldexp(xb[first + r], shift);
+            dst[(r * k + j) * kMaxRows] = std::ldexp(xb[first + r], shift);
         }
       }
       shift += field;
