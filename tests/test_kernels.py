@@ -131,6 +131,15 @@ def test_resolve_names_and_env(monkeypatch):
         use_kernel(packed_linear(2, None, "2bit", 16, 8, None), "gpu")
 
 
+def test_auto_leaves_long_products_to_xla():
+    """``auto`` keeps the native kernel to decode-sized products (a prefill is a GEMM)."""
+    assert kernels.resolve("xla", rows=1) == "xla"
+    assert kernels.resolve("auto", rows=kernels.AUTO_MAX_ROWS + 1) == "xla"
+    if kernels.native_available():
+        assert kernels.resolve("auto", rows=kernels.AUTO_MAX_ROWS) == "native"
+        assert kernels.resolve("native", rows=10_000) == "native"
+
+
 def test_fallback_without_compiler(monkeypatch, capsys):
     """No compiler: auto runs XLA (one notice, once), native is a clear error, and a packed
     linear still computes (by XLA)."""

@@ -11,7 +11,9 @@ says so once on stderr.
 
 Which path runs is chosen by a kernel name:
 
-* ``"auto"`` (default): native on a CPU backend when the kernel builds, else XLA;
+* ``"auto"`` (default): native on a CPU backend when the kernel builds and the product has at
+  most ``AUTO_MAX_ROWS`` rows (decoding; a long prefill is a matrix product, where XLA's
+  GEMM is faster), else XLA;
 * ``"native"``: the native kernel, an error if it cannot be built;
 * ``"xla"``: the XLA formulation (``quant.packed_matmul``), never compiling anything.
 
@@ -22,7 +24,6 @@ kernel's thread count (default: the CPUs this process may use).
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import hashlib
 import os
 import platform
@@ -38,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
+    "AUTO_MAX_ROWS",
     "KERNELS",
     "NativeUnavailable",
     "native_available",
@@ -47,6 +49,7 @@ __all__ = [
 ]
 
 KERNELS = ("auto", "native", "xla")
+AUTO_MAX_ROWS = 16  # "auto" runs products of more activation rows than this by XLA
 SOURCE = Path(__file__).with_name("packed_linear.cc")
 TARGET = "paretoq_packed_linear"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w")
@@ -87,6 +90,8 @@ def _cache_dir() -> Path:
 def _build(cxx: str) -> Path:
     """The compiled library, built into the cache if missing (temp file + rename under a file
     lock, so concurrent processes build it once and never load a half-written file)."""
+    import fcntl  # POSIX only: imported here so that the package imports anywhere
+
     import jaxlib
 
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
@@ -158,10 +163,11 @@ def native_error() -> str | None:
     return _state.get("error")  # type: ignore[return-value]
 
 
-def resolve(kernel: str | None = None) -> str:
+def resolve(kernel: str | None = None, rows: int | None = None) -> str:
     """``"native"`` or ``"xla"`` for a kernel name (``None``: ``$PARETOQ_KERNEL`` or
-    ``"auto"``). ``"auto"`` falls back to XLA off CPU or when the kernel cannot be built, with
-    a one-line notice; ``"native"`` raises :class:`NativeUnavailable` then."""
+    ``"auto"``) and a product of ``rows`` activation rows. ``"auto"`` takes XLA for more than
+    ``AUTO_MAX_ROWS`` rows, off CPU, or when the kernel cannot be built (then with a one-line
+    notice); ``"native"`` raises :class:`NativeUnavailable` where it cannot run."""
     name = kernel if kernel is not None else os.environ.get("PARETOQ_KERNEL", "auto")
     if name not in KERNELS:
         source = "kernel" if kernel is not None else "$PARETOQ_KERNEL"
@@ -175,7 +181,7 @@ def resolve(kernel: str | None = None) -> str:
             )
         _load()
         return "native"
-    if jax.default_backend() != "cpu":
+    if jax.default_backend() != "cpu" or (rows is not None and rows > AUTO_MAX_ROWS):
         return "xla"
     if native_available():
         return "native"

@@ -274,7 +274,7 @@ class Pool {
     for (;;) {
       // Spin a little (decode calls follow each other within microseconds), then sleep.
       auto current = [&] { return state_.load(std::memory_order_acquire) >> 32; };
-      for (int s = 0; s < 20000 && current() == seen; ++s) pause();
+      for (int s = 0; s < 4000 && current() == seen; ++s) pause();
       if (current() == seen) {
         std::unique_lock<std::mutex> lock(m_);
         cv_.wait(lock, [&] { return current() != seen; });
@@ -379,11 +379,12 @@ ffi::Error PackedLinearImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer packed,
   }
   pb.xs = xs_buf.data();
 
-  // Column ranges per task: whole blocks of the widest block width.
+  // Column ranges per task: whole blocks of the widest block width, a few tasks per thread
+  // so that the threads that run (on a loaded machine some wait) take the work between them.
   float* acc = y->typed_data();
   Pool& pool = Pool::get();
   const int64_t blocks = (out + kWidest - 1) / kWidest;
-  const int tasks = static_cast<int>(std::min<int64_t>(blocks, pool.size()));
+  const int tasks = static_cast<int>(std::min<int64_t>(blocks, 4 * pool.size()));
   pool.run(tasks, [&](int t) {
     const int64_t c0 = blocks * t / tasks * kWidest;
     const int64_t c1 = std::min(out, blocks * (t + 1) / tasks * kWidest);

@@ -18,6 +18,8 @@ it on a whole model; :func:`_product` is the one place the choice is made.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -53,7 +55,8 @@ def _product(module: PackedLinear | Int8Embedding, x: Array) -> Array:
     """The module's float32 product with ``x`` (already in the module's compute dtype): the
     native kernel or XLA, as ``module.kernel`` resolves (:func:`paretoq_jax.kernels.resolve`).
     Both compute the same sum (float rounding aside)."""
-    native = kernels.resolve(module.kernel) == "native"
+    rows = math.prod(x.shape[:-1])
+    native = kernels.resolve(module.kernel, rows) == "native"
     if isinstance(module, Int8Embedding):  # logits = (h @ codes_t) * scale
         if native:
             codes = module.codes_t[...]
