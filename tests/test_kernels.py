@@ -183,3 +183,26 @@ def test_build_into_a_fresh_cache(monkeypatch, tmp_path):
     assert lib.is_file() and lib.parent.parent == tmp_path
     mtime = os.stat(lib).st_mtime_ns
     assert kernels._build(kernels._compiler()) == lib and os.stat(lib).st_mtime_ns == mtime
+
+
+def test_generate_cli_kernel_option(tmp_path, capsys):
+    """``python -m paretoq_jax.generate --kernel`` on a packed export: xla (and native where it
+    builds) print the same greedy text; an unknown name is a usage error."""
+    from paretoq_jax.generate import main
+    from paretoq_jax.io import load_tokenizer
+    from paretoq_jax.io.packed import save_packed
+
+    tok = load_tokenizer(Path(__file__).parent / "fixtures" / "tokenizer")
+    cfg = dataclasses.replace(LlamaConfig.from_json(TINY), vocab_size=len(tok), hidden_size=32,
+                              intermediate_size=48, num_hidden_layers=1, tie_word_embeddings=True)  # fmt: skip
+    save_packed(Llama(cfg, quant=QuantRules.paretoq(2), rngs=nnx.Rngs(0)), tmp_path / "p",
+                tokenizer=tok)  # fmt: skip
+    args = ["--model", str(tmp_path / "p"), "--prompt", "the cat", "--max-new-tokens", "4"]
+    texts = {}
+    for k in ["xla", "native"] if kernels.native_available() else ["xla"]:
+        assert main([*args, "--kernel", k]) == 0
+        texts[k] = capsys.readouterr().out
+    assert texts["xla"].startswith("the cat") and len(set(texts.values())) == 1
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--kernel", "gpu"])
+    assert e.value.code == 2
