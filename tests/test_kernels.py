@@ -74,7 +74,8 @@ def test_native_matches_xla(bits, method, ternary):
 
 @native
 def test_native_bfloat16_and_leading_axes():
-    """bf16 activations (the kernel computes in float32 and casts back) and (B, S, in) inputs."""
+    """bf16 activations (the kernel computes in float32 and casts back), (B, S, in) inputs,
+    vmap."""
     lin = packed_linear(2, None, "2bit", 72, 40, "native")
     lin.dtype = jnp.bfloat16
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 72)).astype(jnp.bfloat16)
@@ -83,6 +84,11 @@ def test_native_bfloat16_and_leading_axes():
     assert got.dtype == ref.dtype == jnp.bfloat16 and got.shape == (2, 3, 40)
     got, ref = got.astype(np.float32), ref.astype(np.float32)
     np.testing.assert_allclose(got, ref, rtol=0, atol=2e-2 * np.abs(ref).max())
+    # under vmap (the kernel runs once per mapped slice)
+    lin = packed_linear(2, None, "2bit", 72, 40, "native")
+    x = x.astype(jnp.float32)
+    mapped = np.asarray(jax.vmap(lambda xi: lin(xi))(x))
+    np.testing.assert_allclose(mapped, run(use_kernel(lin, "xla"), x), rtol=0, atol=1e-5)
 
 
 @native

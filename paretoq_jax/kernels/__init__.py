@@ -222,7 +222,9 @@ def packed_linear(
         raise ValueError(
             f"layout {layout!r} needs {codes_dtype.__name__} codes, got {packed.dtype}"
         )
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x2.shape[0], out), jnp.float32))
+    call = jax.ffi.ffi_call(
+        TARGET, jax.ShapeDtypeStruct((x2.shape[0], out), jnp.float32), vmap_method="sequential"
+    )
     y = call(
         x2, packed, scale.astype(jnp.float32), layout=layout,
         in_features=np.int64(in_features), mult=np.float32(mult), offset=np.float32(offset),

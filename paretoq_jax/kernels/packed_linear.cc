@@ -205,8 +205,8 @@ void compute_columns(const Problem& pb, int64_t c0, int64_t c1, float* acc) {
 class Pool {
  public:
   static Pool& get() {
-    static Pool pool;
-    return pool;
+    static Pool* pool = new Pool;  // never destroyed: no join of sleeping workers at exit
+    return *pool;
   }
   int size() const { return static_cast<int>(workers_.size()) + 1; }
 
@@ -243,15 +243,6 @@ class Pool {
     }
     for (int i = 1; i < std::max(1, n); ++i) workers_.emplace_back([this] { loop(); });
   }
-  ~Pool() {
-    {
-      std::lock_guard<std::mutex> lock(m_);
-      stop_ = true;
-      state_.fetch_add(uint64_t{1} << 32);
-    }
-    cv_.notify_all();
-    for (auto& t : workers_) t.join();
-  }
   static void pause() {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_pause();
@@ -280,7 +271,6 @@ class Pool {
         cv_.wait(lock, [&] { return current() != seen; });
       }
       seen = current();
-      if (stop_) return;
       work(seen);
     }
   }
@@ -291,7 +281,6 @@ class Pool {
   std::atomic<uint64_t> state_{0};  // generation << 32 | next task index
   std::atomic<int> n_tasks_{0}, pending_{0};
   std::atomic<const std::function<void(int)>*> task_{nullptr};
-  bool stop_ = false;
   pid_t pid_;
 };
 
