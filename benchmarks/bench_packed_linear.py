@@ -2,27 +2,39 @@
 
 For each kernel shape ``(in, out)`` and batch size, times (median of ``--reps`` runs after a
 warm-up) ``x @ W`` with a dense float32 kernel, a dense bfloat16 kernel (bf16 activations) and
-``packed_matmul`` at each ``--bits`` (float32 activations), and prints beside each the bytes it
-must read and the physical limit ``bytes / bandwidth``, with the bandwidth of this machine
-measured in the same run by copying a large array (read + write bytes counted).
+the packed product at each ``--bits`` (float32 activations) by each ``--kernels`` path (``xla``:
+``quant.packed_matmul``; ``native``: the ``jax.ffi`` CPU kernel of ``paretoq_jax.kernels``),
+and prints beside each the bytes it must read, the rate it reads the weight bytes at (GB/s) and
+the physical limit ``bytes / bandwidth``, with the bandwidth of this machine measured in the
+same run by copying a large array (read + write bytes counted). The load average is printed.
 
     python benchmarks/bench_packed_linear.py            # ~2-3 minutes on 2 CPU cores
     python benchmarks/bench_packed_linear.py --bits 1 1.58 2 3 4 --ternary base3 --reps 10
+    python benchmarks/bench_packed_linear.py --shapes 576x1536 1536x576 --bits 2   # SmolLM2
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from paretoq_jax.quant.packed_linear import packed_matmul
+from paretoq_jax import kernels, quant
+from paretoq_jax.models.packed import PackedLinear, use_kernel
 from paretoq_jax.quant.packing import pack, pack_format
 
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # q/o proj, gate/up proj, down proj
+
+
+@partial(jax.jit, static_argnums=0)
+def apply(graphdef, state, x):
+    return nnx.merge(graphdef, state)(x)
 
 
 def median_seconds(fn, *args, reps: int) -> float:
@@ -68,14 +80,20 @@ def main() -> None:
     ap.add_argument("--ternary", default="2bit", choices=["2bit", "base3"])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--copy-mib", type=int, default=512, help="array size for the bandwidth test")
+    ap.add_argument("--kernels", nargs="+", default=["xla", "native"], choices=["xla", "native"])
     args = ap.parse_args()
+    if "native" in args.kernels and not kernels.native_available():
+        print(f"native kernel unavailable, skipped: {kernels.native_error()}")
+        args.kernels = [k for k in args.kernels if k != "native"]
 
     bw = copy_bandwidth(args.copy_mib << 20, reps=args.reps)
     print(f"device: {jax.devices()[0].device_kind} x{len(jax.devices())}; jax {jax.__version__}")
     print(f"copy bandwidth ({args.copy_mib} MiB array, read+write): {bw / 1e9:.1f} GB/s")
-    print(f"medians of {args.reps} runs; limit = bytes read / copy bandwidth\n")
-    print("| in x out | batch | kernel | median ms | MB read | limit ms | x limit | vs f32 |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"medians of {args.reps} runs; limit = bytes read / copy bandwidth; weight GB/s = "
+          f"weight bytes / median time; load average {os.getloadavg()[0]:.2f}\n")  # fmt: skip
+    print("| in x out | batch | kernel | median ms | MB read | weight GB/s | limit ms | x limit "
+          "| vs f32 |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
     dot = jax.jit(jnp.dot)
     for shape in args.shapes:
@@ -97,13 +115,13 @@ def main() -> None:
             ]
             for b, p in packed.items():
                 bits = float(b) if b != "ternary" else 1.58
-                fn = jax.jit(
-                    lambda x, p, s, bits=bits, n_in=n_in: packed_matmul(
-                        x, p, s, bits, n_in, ternary=args.ternary
-                    )
-                )
-                name = f"packed {b}b" + (f" {args.ternary}" if bits == 1.58 else "")
-                rows.append((name, fn, (x32, p, scale), p.nbytes + scale.nbytes, 4))
+                lin = PackedLinear(p, scale, spec=quant.resolve(bits), in_features=n_in,
+                                   ternary=args.ternary)  # fmt: skip
+                for kernel in args.kernels:
+                    graphdef, state = nnx.split(use_kernel(lin, kernel))  # kernel: static
+                    name = f"packed {b}b" + (f" {args.ternary}" if bits == 1.58 else "")
+                    rows.append((f"{name} {kernel}", partial(apply, graphdef), (state, x32),
+                                 p.nbytes + scale.nbytes, 4))  # fmt: skip
             t_f32 = None
             for name, fn, fargs, w_bytes, act_bytes in rows:
                 t = median_seconds(fn, *fargs, reps=args.reps)
@@ -112,7 +130,8 @@ def main() -> None:
                 limit = n_bytes / bw
                 print(
                     f"| {n_in}x{n_out} | {batch} | {name} | {t * 1e3:.2f} | {n_bytes / 1e6:.1f} "
-                    f"| {limit * 1e3:.2f} | {t / limit:.1f} | {t / t_f32:.2f} |",
+                    f"| {w_bytes / t / 1e9:.2f} | {limit * 1e3:.2f} | {t / limit:.1f} "
+                    f"| {t / t_f32:.2f} |",
                     flush=True,
                 )
 

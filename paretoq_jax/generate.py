@@ -26,6 +26,7 @@ from flax import nnx
 from paretoq_jax.cli import run_cli
 from paretoq_jax.models.decode import forward_cached, init_cache, materialize_quantized
 from paretoq_jax.models.llama import Llama
+from paretoq_jax.models.packed import use_kernel
 from paretoq_jax.run.load import load_model
 
 __all__ = [
@@ -142,6 +143,7 @@ def generate_tokens(
     should_stop: Callable[[int, list[int]], bool] | None = None,
     return_logits: bool = False,
     materialize: bool = True,
+    kernel: str | None = None,
 ) -> list[list[int]] | tuple[list[list[int]], np.ndarray]:
     """New token ids for each prompt (token-id lists), decoded with a KV cache.
 
@@ -151,6 +153,9 @@ def generate_tokens(
     float32 logits of every step ``(B, steps, V)`` (for tests). ``materialize`` folds the
     fake-quantized weights once (:func:`~paretoq_jax.models.decode.materialize_quantized`)
     into a copy that scans its layers; ``materialize=False`` decodes ``model`` as it is.
+    ``kernel``: how a packed model's products run, ``"auto"`` (the native CPU kernel when it
+    builds, else XLA), ``"native"`` or ``"xla"``; ``None`` keeps the model's own setting
+    (default ``$PARETOQ_KERNEL`` or auto; :mod:`paretoq_jax.kernels`).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -176,6 +181,8 @@ def generate_tokens(
         # One decode step scans the stacked layers: on CPU, SmolLM2-135M decodes 5.7x faster
         # scanned than unrolled (9.4 vs 1.6 tokens/s, batch 1; docs/evaluation.md).
         run_model.scan_layers = True
+    if kernel is not None:
+        run_model = use_kernel(run_model if materialize else nnx.clone(model), kernel)
     graphdef, state = nnx.split(run_model)
     cache = init_cache(run_model, b, t_len, start=start)
     key = jax.random.PRNGKey(seed)
@@ -250,12 +257,13 @@ def generate(
     stop: Sequence[str] = (),
     add_bos: bool | None = None,
     stop_at_eos: bool = True,
+    kernel: str | None = None,
 ) -> list[str]:
     """Continuations of text ``prompts`` (the prompt is not included).
 
     ``stop``: strings that end a row; the returned text is cut before the first one.
     ``add_bos``: prepend the tokenizer's BOS token (default: when the tokenizer defines one and
-    its encoding does not already add it).
+    its encoding does not already add it). ``kernel``: as for :func:`generate_tokens`.
     """
     sampling = SamplingConfig(temperature, top_k, top_p)
     bos = getattr(tokenizer, "bos_token_id", None)
@@ -282,6 +290,7 @@ def generate(
         model, encoded, max_new_tokens, sampling=sampling, seed=seed,
         eos_ids=_eos_ids(tokenizer, model) if stop_at_eos else (),
         pad_id=0 if pad is None else int(pad), should_stop=should_stop if stop else None,
+        kernel=kernel,
     )  # fmt: skip
     texts = []
     for toks in new_tokens:
@@ -325,13 +334,18 @@ def _main(argv: Sequence[str] | None = None) -> int:
         "--dequantize", action="store_true",
         help="packed export: load it as float weights instead of computing from its codes",
     )  # fmt: skip
+    p.add_argument(
+        "--kernel", choices=("auto", "native", "xla"), default=None,
+        help="packed export: native CPU kernel (auto: when it builds) or XLA; default "
+        "$PARETOQ_KERNEL or auto",
+    )  # fmt: skip
     args = p.parse_args(argv)
     model, tokenizer = load_for_generation(
         args.model, bits=args.bits, method=args.method, dequantize=args.dequantize
     )
     texts = generate(
         model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
+        top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop, kernel=args.kernel,
     )  # fmt: skip
     for prompt, text in zip(args.prompt, texts, strict=True):
         sys.stdout.write(f"{prompt}{text}\n")

@@ -9,15 +9,22 @@ one tile of codes at a time inside the jitted computation, so the whole float we
 :func:`to_packed_model` swaps every quantized ``QuantLinear`` of a model for a ``PackedLinear``
 (NNX module surgery); stacked decoder layers keep their leading layer axis, so the decoder's
 scan and the KV-cache decoder (:mod:`paretoq_jax.models.decode`) run it unchanged.
+
+Each ``PackedLinear`` / ``Int8Embedding`` has a ``kernel`` (``"auto"``, ``"native"``,
+``"xla"``; ``None`` = ``$PARETOQ_KERNEL`` or ``"auto"``) that picks how its product runs: the
+native CPU kernel of :mod:`paretoq_jax.kernels` (``jax.ffi``) or XLA. :func:`use_kernel` sets
+it on a whole model; :func:`_product` is the one place the choice is made.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from paretoq_jax import quant
+from paretoq_jax import kernels, quant
 from paretoq_jax.models.layers import QuantLinear
 from paretoq_jax.models.linears import quant_linears
 
@@ -29,6 +36,7 @@ __all__ = [
     "linear_codes",
     "packed_linears",
     "to_packed_model",
+    "use_kernel",
 ]
 
 Array = jax.Array
@@ -36,6 +44,39 @@ Array = jax.Array
 EMBED_TYPES = ("float", "int8")  # how a packed model stores its token embedding / tied head
 
 _codes_and_scale = jax.jit(quant.export_codes, static_argnums=2)
+
+
+def _layout(fmt: quant.PackFormat) -> str:
+    """The native kernel's name of a packed layout: field widths (``"2,1"``) or ``"base3"``."""
+    return "base3" if fmt.base3 else ",".join(map(str, fmt.fields))
+
+
+def _product(module: PackedLinear | Int8Embedding, x: Array) -> Array:
+    """The module's float32 product with ``x`` (already in the module's compute dtype): the
+    native kernel or XLA, as ``module.kernel`` resolves (:func:`paretoq_jax.kernels.resolve`).
+    Both compute the same sum (float rounding aside)."""
+    rows = math.prod(x.shape[:-1])
+    native = kernels.resolve(module.kernel, rows) == "native"
+    if isinstance(module, Int8Embedding):  # logits = (h @ codes_t) * scale
+        if native:
+            codes = module.codes_t[...]
+            return kernels.packed_linear(
+                x, codes[None], module.scale[...], layout="int8", in_features=codes.shape[0],
+                mult=1.0, offset=0.0, n=1.0, eps=0.0,
+            )  # fmt: skip
+        logits = jnp.dot(x, module.codes_t[...].astype(x.dtype), preferred_element_type=jnp.float32)
+        return logits * module.scale[...]
+    spec, fmt = module.spec, quant.pack_format(module.spec.bits, module.ternary)
+    if native:
+        return kernels.packed_linear(
+            x, module.packed[...], module.scale[...], layout=_layout(fmt),
+            in_features=module.in_features, mult=fmt.mult, offset=fmt.kmin + spec.z, n=spec.n,
+            eps=quant.SCALE_EPS,
+        )  # fmt: skip
+    return quant.packed_matmul(
+        x, module.packed[...], module.scale[...], spec.bits, module.in_features,
+        method=spec.method, ternary=module.ternary, tile_rows=module.tile_rows,
+    )  # fmt: skip
 
 
 def linear_codes(lin: QuantLinear) -> tuple[Array, Array]:
@@ -76,6 +117,8 @@ class PackedLinear(nnx.Module):
       bias: optional ``(out,)`` (``(L, out)``) parameter.
       spec: the :class:`~paretoq_jax.quant.QuantSpec` the codes came from.
       ternary: the 1.58-bit layout (``"2bit"`` or ``"base3"``).
+      kernel: ``"auto"``, ``"native"`` or ``"xla"`` (``None``: ``$PARETOQ_KERNEL``, else
+        auto); see :mod:`paretoq_jax.kernels`.
     """
 
     def __init__(
@@ -89,6 +132,7 @@ class PackedLinear(nnx.Module):
         bias: Array | None = None,
         dtype=jnp.float32,
         tile_rows: int | None = None,
+        kernel: str | None = None,
     ):
         out_features = int(packed.shape[-1])
         stack = tuple(packed.shape[:-3])
@@ -106,6 +150,7 @@ class PackedLinear(nnx.Module):
             )
         self.in_features, self.out_features = in_features, out_features
         self.spec, self.ternary, self.dtype, self.tile_rows = spec, ternary, dtype, tile_rows
+        self.kernel = kernel
         self.packed = PackedCodes(jnp.asarray(packed, jnp.uint8))
         self.scale = PackedScale(jnp.asarray(scale, jnp.float32))
         self.bias = None if bias is None else nnx.Param(jnp.asarray(bias))
@@ -122,11 +167,7 @@ class PackedLinear(nnx.Module):
                 f"PackedLinear called with stacked codes {self.packed.shape}: the decoder runs "
                 "one layer slice at a time (call it on a slice)"
             )
-        y = quant.packed_matmul(
-            x.astype(self.dtype), self.packed[...], self.scale[...], self.spec.bits,
-            self.in_features, method=self.spec.method, ternary=self.ternary,
-            tile_rows=self.tile_rows,
-        )  # fmt: skip
+        y = _product(self, x.astype(self.dtype)).astype(self.dtype)
         if out_dtype is not None:
             y = y.astype(out_dtype)
         if self.bias is not None:
@@ -145,13 +186,13 @@ class Int8Embedding(nnx.Module):
     Relative error per entry is at most ``0.5 / 127`` of its row's largest magnitude.
     """
 
-    def __init__(self, codes: Array, scale: Array, *, dtype=jnp.float32):
+    def __init__(self, codes: Array, scale: Array, *, dtype=jnp.float32, kernel: str | None = None):
         if codes.ndim != 2 or tuple(scale.shape) != (codes.shape[0],):
             raise ValueError(
                 f"int8 embedding needs codes (V, D) and one scale per row (V,), got "
                 f"{tuple(codes.shape)} and {tuple(scale.shape)}"
             )
-        self.dtype = dtype
+        self.dtype, self.kernel = dtype, kernel
         # Held transposed, (D, V): the LM head's ``h @ codes_t`` then reads the int8 table
         # in the layout XLA's CPU dot converts fastest (measured 2x over (V, D)).
         self.codes_t = PackedCodes(jnp.asarray(codes, jnp.int8).T)
@@ -186,11 +227,7 @@ class Int8Embedding(nnx.Module):
     def attend(self, hidden: Array) -> Array:
         """Float32 logits ``hidden @ weight().T``: the int8 codes feed the product (the scale
         is applied to its ``V`` outputs), so the float table is never formed."""
-        logits = jnp.dot(
-            hidden.astype(self.dtype), self.codes_t[...].astype(self.dtype),
-            preferred_element_type=jnp.float32,
-        )  # fmt: skip
-        return logits * self.scale[...]
+        return _product(self, hidden.astype(self.dtype))
 
 
 def int8_embeddings(model: nnx.Module) -> nnx.Module:
@@ -200,6 +237,17 @@ def int8_embeddings(model: nnx.Module) -> nnx.Module:
     if isinstance(table, Int8Embedding):
         return model
     model.embed_tokens = Int8Embedding.quantize(table[...], dtype=model.dtype)
+    return model
+
+
+def use_kernel(model: nnx.Module, kernel: str | None) -> nnx.Module:
+    """``model`` (changed in place) with every :class:`PackedLinear` and :class:`Int8Embedding`
+    computing by ``kernel`` (``"auto"``, ``"native"``, ``"xla"`` or ``None``). Returns it."""
+    if kernel is not None and kernel not in kernels.KERNELS:
+        raise ValueError(f"kernel={kernel!r}: choose one of {kernels.KERNELS}")
+    for _, m in nnx.iter_modules(model):
+        if isinstance(m, (PackedLinear, Int8Embedding)):
+            m.kernel = kernel
     return model
 
 
