@@ -143,8 +143,9 @@ def _is_union(tp: Any) -> bool:
 
 def _unknown_key_error(cls: type, key: str, prefix: str, root: type | None) -> ConfigError:
     full = f"{prefix}{key}"
-    candidates = valid_keys(root or cls)
-    close = difflib.get_close_matches(full, candidates, n=1, cutoff=0.5)
+    moved = moved_keys(root or cls)  # a slip of an old key: name the key it moved to
+    close = difflib.get_close_matches(full, valid_keys(root or cls) + list(moved), n=1, cutoff=0.5)
+    close = [moved.get(c, c) for c in close]
     if not close:  # try the bare name against the same level
         local = [f.name for f, _ in _fields(cls)]
         near = difflib.get_close_matches(key, local, n=1, cutoff=0.5)
