@@ -271,9 +271,10 @@ def from_dict(
     if not isinstance(data, Mapping):
         raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping")
     fields = dict((f.name, (f, tp)) for f, tp in _fields(cls))
-    for key in _old_keys(cls, data):
-        new = prefix + _moved(cls)[key]
-        raise ConfigError(f"config key '{prefix}{key}' moved to '{new}'; write {new} instead")
+    old = _old_keys(cls, data)
+    if old:  # every one at once: an old config file is fixed in one go
+        moves = "; ".join(f"'{prefix}{k}' moved to '{prefix}{_moved(cls)[k]}'" for k in old)
+        raise ConfigError(f"config key {moves}: write the new key{'s' * (len(old) > 1)} instead")
     for key in data:
         if key not in fields:
             raise _unknown_key_error(cls, str(key), prefix, root)
