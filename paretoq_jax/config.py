@@ -143,8 +143,9 @@ def _is_union(tp: Any) -> bool:
 
 def _unknown_key_error(cls: type, key: str, prefix: str, root: type | None) -> ConfigError:
     full = f"{prefix}{key}"
-    candidates = valid_keys(root or cls)
-    close = difflib.get_close_matches(full, candidates, n=1, cutoff=0.5)
+    moved = moved_keys(root or cls)  # a slip of an old key: name the key it moved to
+    close = difflib.get_close_matches(full, valid_keys(root or cls) + list(moved), n=1, cutoff=0.5)
+    close = [moved.get(c, c) for c in close]
     if not close:  # try the bare name against the same level
         local = [f.name for f, _ in _fields(cls)]
         near = difflib.get_close_matches(key, local, n=1, cutoff=0.5)
@@ -270,9 +271,10 @@ def from_dict(
     if not isinstance(data, Mapping):
         raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping")
     fields = dict((f.name, (f, tp)) for f, tp in _fields(cls))
-    for key in _old_keys(cls, data):
-        new = prefix + _moved(cls)[key]
-        raise ConfigError(f"config key '{prefix}{key}' moved to '{new}'; write {new} instead")
+    old = _old_keys(cls, data)
+    if old:  # every one at once: an old config file is fixed in one go
+        moves = "; ".join(f"'{prefix}{k}' moved to '{prefix}{_moved(cls)[k]}'" for k in old)
+        raise ConfigError(f"config key {moves}: write the new key{'s' * (len(old) > 1)} instead")
     for key in data:
         if key not in fields:
             raise _unknown_key_error(cls, str(key), prefix, root)

@@ -134,6 +134,8 @@ def test_moved_keys_are_rejected_naming_the_new_key():
     with pytest.raises(ConfigError, match="'flag' moved to 'flag.on'"):
         from_dict(Moved, {"flag": True})
     assert from_dict(Moved, {"flag": {"on": True}}).flag.on is True
+    with pytest.raises(ConfigError, match="'lr' moved to 'opt.lr'; 'clip' moved to 'opt.clip'"):
+        from_dict(Moved, {"lr": 0.5, "clip": 2.0})  # all of them in one message
     assert moved_keys(Moved) == {"lr": "opt.lr", "clip": "opt.clip", "flag": "flag.on"}
 
 

@@ -22,8 +22,10 @@ from typing import Any
 from paretoq_jax.run.records import record_config
 
 from .build import findings, load_rows
+from .figures import METHOD_ORDER, bits_label
 from .numbers import finite, lr, markdown_table, num
 from .published import REPORTS_DIR
+from .scaling import budget_block, frontier_block
 
 __all__ = ["README", "blocks", "update_readme", "BLOCK"]
 
@@ -94,8 +96,6 @@ def _anchors(folder: Path) -> dict[str, float]:
 
 def bits_block(rows: Sequence[dict], anchors: Mapping[str, float]) -> str:
     """QAT and round-to-nearest perplexity per bit-width (and learning rate) and method."""
-    from .figures import METHOD_ORDER, bits_label
-
     train = [r for r in rows if r["kind"] == "train" and r["status"] == "ok"]
     rtn = {(r["bits"], r["method"]): r["val_ppl"] for r in rows if r["kind"] == "rtn"}
     methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in train)]
@@ -220,8 +220,6 @@ def blocks(reports: str | Path | None = None) -> dict[str, str]:
         out["smollm2-recovery-summary"] = recovery_summary(rows, baseline, anchors)
     scaling_dir = root / "scaling"
     if (scaling_dir / "results.json").is_file():
-        from .scaling import budget_block, frontier_block
-
         rows = load_rows(scaling_dir)
         out["scaling-budget"] = budget_block(rows)
         out["scaling-frontier"] = frontier_block(rows)
