@@ -273,6 +273,17 @@ def step_cost(cfg, mesh, arch, teacher_arch, compile_kw, compiled=None) -> tuple
     return flops, nbytes
 
 
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".gz":
+        import gzip
+
+        with gzip.open(path, "wt") as f:
+            f.write(text)
+    else:
+        path.write_text(text)
+
+
 def plan(
     cfg: RunConfig,
     topology: str,
@@ -280,9 +291,11 @@ def plan(
     *,
     count_flops: bool = True,
     name: str = "the step",
+    hlo_out: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Compile ``cfg``'s train step for ``topology`` x ``slices``; returns the plan as a dict
-    (see ``docs/scale.md``). Raises ``HBMError`` when it does not fit."""
+    (see ``docs/scale.md``). Raises ``HBMError`` when it does not fit. ``hlo_out``: also keep
+    the optimized HLO text there (gzip when it ends in ``.gz``) to re-read its collectives."""
 
     chip = chip_for(topology)
     on_gpu = topology.split(":")[0].lower() in GPU_TARGETS
@@ -308,6 +321,9 @@ def plan(
 
     fn, args, _, state, gathering = _abstract_args(cfg, mesh, arch, teacher_arch, backend)
     compiled = _compile(fn, args, **compile_kw)
+    text = compiled.as_text()
+    if hlo_out is not None:
+        _write_text(Path(hlo_out), text)
     mem = compiled.memory_analysis()
     peak = (
         mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
@@ -318,7 +334,7 @@ def plan(
         raise HBMError(hbm_advice(cfg, mesh, topology, chip, used, name))
     n = len(devices)
     slice_of = [getattr(d, "slice_index", 0) or 0 for d in mesh.devices.flat]
-    found = hlo.collectives(compiled.as_text(), n, num_slices(devices))
+    found = hlo.collectives(text, n, num_slices(devices))
     coll = hlo.summarize(found, slice_of if num_slices(devices) > 1 else None)
     codes = hlo.summarize([c for c in found if code_gather.SCOPE in c.op_name])
     t_ici = sum(v["bytes"] for k, v in coll.items() if "DCN" not in k) / (chip.ici_GBps * 1e9)
