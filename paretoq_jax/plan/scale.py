@@ -105,7 +105,10 @@ def plan_config(
 GATHER = [
     ("configs/paper/llama-3-8b.yaml", "2", "v5p:4x4x4", []),
     ("configs/paper/llama-3-8b.yaml", "2", "v5e:16x16", ["mesh.fsdp=128", "mesh.tensor=2"]),
+    ("configs/paper/llama-3-8b.yaml", "4", "v5p:4x4x4", []),
 ]
+# issue 16's goal: code-gathered weight all-gather bytes / the bf16 path's, per bit-width
+GATHER_GOAL = {"1": 1 / 8, "2": 1 / 6, "3": 1 / 4, "4": 1 / 3}
 GATHER_MODES = ("auto", "off")
 
 
@@ -156,7 +159,8 @@ def render_gather(results: Path) -> str:
         files = {m: gather_file(results, path, bits, topo, m) for m in GATHER_MODES}
         if not all(f.exists() for f in files.values()):
             missing = ", ".join(str(f) for f in files.values() if not f.exists())
-            rows.append(f"| `{path}` | {bits} | {topo} | not planned yet ({missing}) |||||||")
+            cmd = f"python -m paretoq_jax.plan.scale --gather  # {missing}"
+            rows.append(f"| `{path}` | {bits} | {topo} | not planned yet: `{cmd}` |||||||||")
             continue
         on, off = (json.loads(files[m].read_text()) for m in GATHER_MODES)
         chip = chip_for(topo)
@@ -166,6 +170,19 @@ def render_gather(results: Path) -> str:
             for k in kinds
         )
         total = [sum(v["bytes"] for v in p["collectives"].values()) for p in (on, off)]
+        weights = "-"
+        if "traffic" in on and "traffic" in off:
+            w_off, w_on = off["weight_gather_bytes"], on["weight_gather_bytes"]
+            r_off, r_on = (p["traffic"].get("reductions", {}).get("bytes", 0.0) for p in (off, on))
+            goal = GATHER_GOAL.get(bits)
+            met = "" if goal is None else (" met" if w_on <= goal * w_off else " NOT met")
+            weights = (
+                f"{_change(w_off, w_on)}, goal <= 1/{round(1 / goal)}:{met} | "
+                if goal
+                else f"{_change(w_off, w_on)} | "
+            ) + _change(r_off, r_on)
+        else:
+            weights = "not split (planned before the split: replan) | -"
         t = [p["time"]["collectives_ici_s"] + p["time"]["collectives_dcn_s"] for p in (on, off)]
         # the step's model FLOPs at the chip's peak: the compute the collectives hide behind
         t_model = on["model_flops_per_step"] / on["devices"] / chip.peak_flops
@@ -173,15 +190,16 @@ def render_gather(results: Path) -> str:
         linears = on.get("gather_codes", {}).get("linears", "-")
         rows.append(
             f"| `{path}` {' '.join(overrides)} | {bits} | {topo} ({on['devices']}) | {mesh} | "
-            f"{linears} | {by_kind} | {_change(total[1], total[0])} | "
+            f"{linears} | {weights} | {by_kind} | {_change(total[1], total[0])} | "
             f"{1e3 * t[1]:.0f} -> {1e3 * t[0]:.0f} ms | {1e3 * t_model:.0f} ms | "
             f"{100 * t[1] / (t[1] + t_model):.0f}% -> {100 * t[0] / (t[0] + t_model):.0f}% |"
         )
     header = (
         "| config | bits | topology (chips) | mesh data x fsdp x tensor | linears gathering "
-        "codes | bytes sent / chip / step by kind, off -> on | all collectives, off -> on "
-        "| collective time (ICI), off -> on | model FLOPs at peak | collective share, off -> "
-        "on |\n|---|---|---|---|---|---|---|---|---|---|"
+        "codes | weight gathers (linears) / chip / step, off -> on | reductions (gradients) "
+        "/ chip / step, off -> on | bytes sent / chip / step by kind, off -> on | all "
+        "collectives, off -> on | collective time (ICI), off -> on | model FLOPs at peak | "
+        "collective share, off -> on |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     return header + "\n" + "\n".join(rows)
 
