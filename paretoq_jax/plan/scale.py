@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import sys
 import time
@@ -41,8 +42,11 @@ BITS = {
 }
 
 
-def _state_bytes_per_chip(cfg, chips: int) -> float:
-    """float32 weights + AdamW moments, fully sharded: a lower bound to skip hopeless slices."""
+def lower_bound_bytes(cfg, chips: int) -> float:
+    """Bytes per chip no plan of ``cfg`` on ``chips`` chips can go below (a slice whose HBM is
+    smaller is skipped without compiling): float32 weights + AdamW moments fully sharded, the
+    bf16 layer inputs that remat keeps for the backward and the bf16 logits of one
+    micro-batch, its tokens split over every chip."""
     from .core import architecture
 
     a = architecture(cfg.model.path)
@@ -51,7 +55,13 @@ def _state_bytes_per_chip(cfg, chips: int) -> float:
     n = L * (2 * d * q + 2 * d * kv + 3 * d * f) + a.vocab_size * d * (
         1 if a.tie_word_embeddings else 2
     )
-    return 12.0 * n / chips
+    tokens = cfg.train.batch_size // max(cfg.train.grad_accum, 1) * cfg.data.train_len / chips
+    saved = L if cfg.model.remat else 0
+    return 12.0 * n / chips + 2.0 * tokens * (saved * d + a.vocab_size)
+
+
+def _chips(topology: str) -> int:
+    return math.prod(int(x) for x in topology.split(":")[1].split("x"))
 
 
 def plan_config(
@@ -62,33 +72,50 @@ def plan_config(
     flops: bool,
     topologies: list[str] | None = None,
     chip: str = "v5p",
+    hlo_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Find the smallest ``chip`` slice (``SLICES``) for ``path`` at ``bits``; cache the
-    result as JSON."""
-    from .core import HBMError, plan
+    result as JSON. Slices below :func:`lower_bound_bytes` are skipped, and so are those smaller
+    than the slice the config fits at another bit-width (memory does not depend on the
+    bit-width: the same float32 weights and per-channel scales); the search stops at the first
+    fit."""
+    from .core import HBMError, PlanError, plan
 
     suffix = "" if chip == "v5p" else f"-{chip}"  # v5p: the page's main table
     out_file = results / f"{Path(path).stem}-{bits}bit{suffix}.json"
     if out_file.exists():
         return json.loads(out_file.read_text())
+    order = topologies or SLICES[chip]
+    fits_elsewhere = [
+        json.loads(f.read_text()).get("plan", {}).get("topology")
+        for f in results.glob(f"{Path(path).stem}-*bit{suffix}.json")
+    ]
+    start = min((order.index(t) for t in fits_elsewhere if t in order), default=0)
     tried = []
     record: dict[str, Any] = {"config": path, "bits": bits}
-    for topo in topologies or SLICES[chip]:
+    for i, topo in enumerate(order):
         cfg = load_config(RunConfig, path, BITS[bits])
-        chips = 1
-        for x in topo.split(":")[1].split("x"):
-            chips *= int(x)
-        if _state_bytes_per_chip(cfg, chips) > 0.8 * CHIPS[chip].hbm_bytes:
-            tried.append({"topology": topo, "result": "skipped: state alone > 80% of HBM"})
+        if i < start:
+            tried.append({"topology": topo, "result": f"skipped: below {order[start]}, the "
+                          "fit at another bit-width (memory does not depend on bits)"})  # fmt: skip
+            continue
+        bound = lower_bound_bytes(cfg, _chips(topo))
+        if bound > CHIPS[chip].hbm_bytes:
+            tried.append({"topology": topo, "result": f"skipped: lower bound {gib(bound)} "
+                          f"per chip > HBM"})  # fmt: skip
             continue
         t0 = time.time()
+        hlo_out = hlo_dir / f"{out_file.stem}-{topo.replace(':', '_')}.hlo.gz" if hlo_dir else None
         try:
-            p = plan(cfg, topo, count_flops=flops, name=path)
+            p = plan(cfg, topo, count_flops=flops, name=path, hlo_out=hlo_out)
         except HBMError as e:
-            tried.append({"topology": topo, "result": str(e)})
+            tried.append({"topology": topo, "result": str(e), "compile_s": time.time() - t0})
+            continue
+        except PlanError as e:  # e.g. the batch does not divide over this many chips
+            tried.append({"topology": topo, "result": f"cannot plan: {e}"})
             continue
         p["compile_s"] = time.time() - t0
-        tried.append({"topology": topo, "result": "fits"})
+        tried.append({"topology": topo, "result": "fits", "compile_s": p["compile_s"]})
         record["plan"] = p
         if flops and bits != "16":
             f16 = load_config(RunConfig, path, BITS["16"])
@@ -359,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         "are kept as <config>-<bits>bit-<chip>.json)",
     )
     parser.add_argument("--render-only", action="store_true")
+    parser.add_argument("--hlo-dir", help="also keep each compiled step's optimized HLO here")
     parser.add_argument(
         "--gather",
         action="store_true",
@@ -376,7 +404,10 @@ def main(argv: list[str] | None = None) -> int:
             if Path(path).name == "base.yaml":
                 continue
             for bits in args.bits:
-                r = plan_config(path, bits, results, flops=args.flops, chip=args.chip)
+                r = plan_config(
+                    path, bits, results, flops=args.flops, chip=args.chip,
+                    hlo_dir=Path(args.hlo_dir) if args.hlo_dir else None,
+                )  # fmt: skip
                 print(f"[scale] {path} {bits}-bit: {r.get('plan', {}).get('topology', 'no fit')}")
     Path(args.out).write_text(render(results))
     print(f"[scale] wrote {args.out}")
