@@ -223,16 +223,23 @@ def _operands(rest: str) -> list[str]:
     return _OPERAND.findall(rest[:end])
 
 
-def _is_zeros(defs: Defs, comp: str, name: str, depth: int = 0) -> bool:
-    """Whether ``name`` in ``comp`` is an array of zeros (a broadcast zero constant)."""
+def _is_zeros(
+    defs: Defs, comp: str, name: str, depth: int = 0, outer: tuple[str, list[str]] | None = None
+) -> bool:
+    """Whether ``name`` in ``comp`` is an array of zeros (a broadcast zero constant); in a fusion
+    computation, ``outer`` = (the calling computation, the fusion's operands) maps parameters."""
     op, rest = defs.get(comp, {}).get(name, ("", ""))
     if depth > 8 or not op:
         return False
     if op == "constant":
         return bool(_ZERO.search(f"constant({rest}"))
+    if op == "parameter" and outer is not None:
+        m = _PARAM.search(f"parameter({rest}")
+        i = int(m[1]) if m else len(outer[1])
+        return i < len(outer[1]) and _is_zeros(defs, outer[0], outer[1][i], depth + 1)
     if op == "broadcast" or op in _PASS:
         args = _operands(rest)
-        return bool(args) and _is_zeros(defs, comp, args[0], depth + 1)
+        return bool(args) and _is_zeros(defs, comp, args[0], depth + 1, outer)
     return False
 
 
@@ -261,28 +268,20 @@ def _is_zero_padded_shard(defs: Defs, comp: str, name: str, depth: int = 0) -> b
 def _fused_padded(
     defs: Defs, inner: str, name: str, outer: str, outer_args: list[str], depth: int
 ) -> bool:
-    """``_is_zero_padded_shard`` inside a fusion computation; zero buffers may come in as
-    fusion parameters (traced to the fusion's operands in ``outer``)."""
+    """``_is_zero_padded_shard`` inside a fusion computation (its zero buffer may come in as a
+    fusion parameter: traced to the fusion's operands in ``outer``)."""
     op, rest = defs.get(inner, {}).get(name, ("", ""))
     if depth > 8 or not op:
         return False
     args = _operands(rest)
-
-    def zeros(arg: str) -> bool:
-        a_op, a_rest = defs[inner].get(arg, ("", ""))
-        m = _PARAM.search(f"parameter({a_rest}") if a_op == "parameter" else None
-        if m:
-            i = int(m[1])
-            return i < len(outer_args) and _is_zeros(defs, outer, outer_args[i])
-        return _is_zeros(defs, inner, arg)
-
     if op in _PASS:
         return bool(args) and _fused_padded(defs, inner, args[0], outer, outer_args, depth + 1)
-    if op == "dynamic-update-slice":
-        return bool(args) and zeros(args[0])
-    if op == "pad":
-        return len(args) > 1 and zeros(args[1])
-    return False
+    base = {"dynamic-update-slice": 0, "pad": 1}.get(op)
+    return (
+        base is not None
+        and len(args) > base
+        and _is_zeros(defs, inner, args[base], outer=(outer, outer_args))
+    )
 
 
 def _trip_count(comps: dict[str, list[str]], line: str) -> int | None:

@@ -33,6 +33,8 @@ SLICES = {
     "v4": [t.replace("v5p", "v4") for t in V5P],
     "v5e": [f"v5e:{s}" for s in _2D],
     "v6e": [f"v6e:{s}" for s in _2D],
+    # H100 SXM nodes of 8 (compile-only, configs/gpu/h100_sxm.txtpb): 1, 2, 4, 8 nodes
+    "h100": [f"h100:1x{n}x8" for n in (1, 2, 4, 8)],
 }
 # bits -> overrides, as the comments of configs/paper/*.yaml give them
 BITS = {
@@ -145,7 +147,14 @@ def gather_file(results: Path, path: str, bits: str, topo: str, mode: str) -> Pa
 
 
 def plan_gather(
-    path: str, bits: str, topo: str, overrides: list[str], results: Path, *, flops: bool
+    path: str,
+    bits: str,
+    topo: str,
+    overrides: list[str],
+    results: Path,
+    *,
+    flops: bool,
+    hlo_dir: Path | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Plan ``path`` at ``bits`` on ``topo`` with mesh.gather_codes auto and off; each plan is
     cached as the JSON that ``python -m paretoq_jax.plan --out`` writes."""
@@ -162,7 +171,10 @@ def plan_gather(
             cfg = load_config(
                 RunConfig, path, [*BITS[bits], *overrides, f"mesh.gather_codes={mode}"]
             )
-            p = plan(cfg, topo, count_flops=flops, name=path)
+            t0 = time.time()
+            hlo_out = hlo_dir / f"{f.stem}.hlo.gz" if hlo_dir else None
+            p = plan(cfg, topo, count_flops=flops, name=path, hlo_out=hlo_out)
+            p["compile_wall_s"] = time.time() - t0
             f.parent.mkdir(parents=True, exist_ok=True)
             f.write_text(json.dumps({JSON_KIND_KEY: "plan", **p}, indent=2) + "\n")
         out[mode] = json.loads(f.read_text())
@@ -397,7 +409,10 @@ def main(argv: list[str] | None = None) -> int:
     results = Path(args.results)
     if args.gather and not args.render_only:
         for path, bits, topo, overrides in GATHER:
-            plan_gather(path, bits, topo, overrides, results, flops=args.flops)
+            plan_gather(
+                path, bits, topo, overrides, results, flops=args.flops,
+                hlo_dir=Path(args.hlo_dir) if args.hlo_dir else None,
+            )  # fmt: skip
             print(f"[scale] {path} {bits}-bit on {topo}: gather_codes auto and off planned")
     elif not args.render_only:
         for path in args.configs:
