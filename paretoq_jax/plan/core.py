@@ -46,7 +46,7 @@ from .chips import Chip, chip_for
 
 __all__ = [
     "PlanError", "HBMError", "plan", "tpu_devices", "gpu_devices", "architecture", "MODELS_DIR",
-    "GPU_TARGETS", "traffic", "token_elements", "weight_gather_bytes",
+    "GPU_TARGETS", "traffic", "weight_gather_bytes",
 ]  # fmt: skip
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
@@ -274,40 +274,27 @@ def step_cost(cfg, mesh, arch, teacher_arch, compile_kw, compiled=None) -> tuple
 
 
 _INDEX_DTYPES = ("s32", "s64", "pred")  # token ids, positions, masks (codes are unsigned)
-_INT_DTYPES = ("s8", "u8", "s16", "u16", "s32", "u32", "s64", "u64", "pred")
 
 
-def traffic(
-    found: list[hlo.Collective],
-    arch: LlamaConfig,
-    tensor: int = 1,
-    token_elements: set[int] = frozenset(),
-) -> dict[str, dict]:
+def traffic(found: list[hlo.Collective], arch: LlamaConfig, tensor: int = 1) -> dict[str, dict]:
     """Collective bytes sent per chip per step by what they move (``hlo.Collective.role``):
     ``"weights <dtype>"``: gathers of the decoder linears' weights (packed codes, which XLA
-    may gather as ``u8`` or as ``u32`` words, and ``f32`` scales with code gathering; ``bf16``
+    gathers as ``u8`` or as ``u32`` words, and ``f32`` scales with code gathering; ``bf16``
     kernels without), ``"embedding"``: gathers of the embedding / LM head, ``"indices"``:
-    signed integer gathers and those of ``token_elements`` elements (token ids, positions), ``"reductions"``: all-reduces
-    and reduce-scatters (gradients, Megatron activations, the loss), ``"other"``: all-to-all and
-    permutes. Forward and rematerialized gathers both count (the backward recomputes them)."""
+    signed integer gathers (token ids), ``"reductions"``: all-reduces and reduce-scatters
+    (gradients, Megatron activations, the loss), ``"other"``: all-to-all and permutes. Forward
+    and rematerialized gathers both count (the backward recomputes them)."""
     embed = arch.vocab_size * arch.hidden_size
     embed_sizes = {embed, embed // max(tensor, 1)}
 
     def classify(c: hlo.Collective, dtype: str, shape: tuple[int, ...]) -> str:
         if c.role != "gather":
             return "reductions" if c.role == "reduce" else "other"
-        n = math.prod(shape)
-        if dtype in _INDEX_DTYPES or (dtype in _INT_DTYPES and n in token_elements):
+        if dtype in _INDEX_DTYPES:
             return "indices"
-        return "embedding" if n in embed_sizes else f"weights {dtype}"
+        return "embedding" if math.prod(shape) in embed_sizes else f"weights {dtype}"
 
     return hlo.summarize_roles(found, classify)
-
-
-def token_elements(cfg: RunConfig) -> set[int]:
-    """Element counts of the batch's integer arrays (tokens, labels; whole or per micro-batch)."""
-    b, s, k = cfg.train.batch_size, cfg.data.train_len, max(cfg.train.grad_accum, 1)
-    return {rows * cols for rows in (b, b // k) for cols in (s - 1, s, s + 1)}
 
 
 def weight_gather_bytes(split: dict[str, dict]) -> float:
@@ -379,7 +366,7 @@ def plan(
     found = hlo.collectives(text, n, num_slices(devices))
     coll = hlo.summarize(found, slice_of if num_slices(devices) > 1 else None)
     codes = hlo.summarize([c for c in found if code_gather.SCOPE in c.op_name])
-    split = traffic(found, arch, mesh.shape["tensor"], token_elements(cfg))
+    split = traffic(found, arch, mesh.shape["tensor"])
     t_ici = sum(v["bytes"] for k, v in coll.items() if "DCN" not in k) / (chip.ici_GBps * 1e9)
     t_dcn = sum(v["bytes"] for k, v in coll.items() if "DCN" in k) / (chip.dcn_GBps * 1e9)
 
