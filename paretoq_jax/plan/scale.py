@@ -398,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
         "are kept as <config>-<bits>bit-<chip>.json)",
     )
     parser.add_argument("--render-only", action="store_true")
+    parser.add_argument(
+        "--topologies", nargs="*", help="search these slices instead of the chip's list"
+    )
     parser.add_argument("--hlo-dir", help="also keep each compiled step's optimized HLO here")
     parser.add_argument(
         "--gather",
@@ -421,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
             for bits in args.bits:
                 r = plan_config(
                     path, bits, results, flops=args.flops, chip=args.chip,
+                    topologies=args.topologies,
                     hlo_dir=Path(args.hlo_dir) if args.hlo_dir else None,
                 )  # fmt: skip
                 print(f"[scale] {path} {bits}-bit: {r.get('plan', {}).get('topology', 'no fit')}")
