@@ -247,44 +247,154 @@ def _pct(a: float, b: float) -> str:
     return f"{100 * (a / b - 1):+.1f}%"
 
 
+def _paper_configs() -> list[str]:
+    return [p for p in sorted(glob.glob("configs/paper/*.yaml")) if Path(p).name != "base.yaml"]
+
+
+def _slice_cell(r: dict[str, Any], chip: str) -> str:
+    """The fitting topology, with the smaller slices that were not compiled named."""
+    p = r["plan"]
+    order = SLICES.get(chip, [])
+    below = order[: order.index(p["topology"])] if p["topology"] in order else []
+    tried = {t["topology"] for t in r.get("tried", []) if t["result"] != "fits"}
+    untried = [t for t in below if t not in tried]
+    cell = f"{p['topology']} ({p['devices']})"
+    return cell + (f", smaller not compiled: {', '.join(untried)}" if untried else "")
+
+
+def _grid_row(r: dict[str, Any], chip: str) -> str:
+    p = r["plan"]
+    b, t = p["bytes"], p["time"]
+    mesh = "x".join(str(v) for v in p["mesh"].values())
+    mfu = f"{100 * p['mfu']:.0f}%" if "mfu" in p else "-"
+    coll = 1e3 * (t["collectives_ici_s"] + t["collectives_dcn_s"])
+    share = f"{100 * t['collective_share']:.0f}%" if "collective_share" in t else "-"
+    fl = by = "-"
+    if "float" in r and "flops_per_device" in p:
+        q, fp = p, r["float"]
+        fl = f"{q['flops_per_device']:.3g} vs {fp['flops_per_device']:.3g} ({_pct(q['flops_per_device'], fp['flops_per_device'])})"
+        by = f"{q['hbm_bytes_per_device']:.3g} vs {fp['hbm_bytes_per_device']:.3g} ({_pct(q['hbm_bytes_per_device'], fp['hbm_bytes_per_device'])})"
+    secs = [x["compile_s"] for x in r.get("tried", []) if "compile_s" in x]
+    compiled = f"{sum(secs) / 60:.0f} min" if secs else "-"
+    if "traffic" in p:
+        coll_cell = f"{coll:.0f} ms ({share})"
+    else:  # planned before loops were counted by their trip counts
+        coll_cell = "- (stale: see the code-gathering table)"
+    return (
+        f"| `{r['config']}` | {r['bits']} | {_slice_cell(r, chip)} | {mesh} | "
+        f"{p['grad_accum']} | {gib(b['peak'])} ({100 * b['peak'] / b['hbm']:.0f}%) | "
+        f"{mfu} | {coll_cell} | {fl} | {by} | {compiled} |"
+    )
+
+
+def render_grid(results: Path, chip: str = "v5p") -> str:
+    """Smallest slice of every paper config at 2 and 4 bits; missing cells name their command."""
+    rows, missing = [], []
+    suffix = "" if chip == "v5p" else f"-{chip}"
+    for path in _paper_configs():
+        for bits in ("2", "4"):
+            f = results / f"{Path(path).stem}-{bits}bit{suffix}.json"
+            if not f.exists():
+                opt = "" if chip == "v5p" else f" --chip {chip}"
+                missing.append(
+                    f"- `{path}` {bits}-bit: `python -m paretoq_jax.plan.scale --configs "
+                    f"{path} --bits {bits}{opt}`"
+                )
+                continue
+            r = json.loads(f.read_text())
+            if r.get("plan") is None:
+                tried = ", ".join(t["topology"] for t in r.get("tried", []))
+                rows.append(f"| `{path}` | {bits} | none of {tried} fits |||||||||")
+                continue
+            rows.append(_grid_row(r, chip))
+    header = (
+        "| config | bits | smallest slice (chips) | mesh data x fsdp x tensor | grad_accum "
+        "| peak / chip (% HBM) | projected MFU | collective time (share) | step FLOPs / chip, "
+        "QAT vs float | HBM bytes / chip, QAT vs float | compile (wall, this host) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|"
+    )
+    out = header + "\n" + "\n".join(rows)
+    if missing:
+        out += "\n\nNot planned yet (one command each; JSON lands in `docs/scale/`):\n"
+        out += "\n".join(missing)
+    return out
+
+
+def render_flops(results: Path) -> str:
+    """Plans with the FLOP count (``--flops``) kept under ``docs/scale/flops/``."""
+    rows = []
+    for f in sorted((results / "flops").glob("*.json")):
+        r = json.loads(f.read_text())
+        if r.get("plan"):
+            rows.append(_grid_row(r, ""))
+    header = (
+        "| config | bits | slice (chips) | mesh data x fsdp x tensor | grad_accum | peak / chip "
+        "(% HBM) | projected MFU | collective time (share) | step FLOPs / chip, QAT vs float | "
+        "HBM bytes / chip, QAT vs float | compile (wall, this host) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|"
+    )
+    return header + "\n" + "\n".join(rows) if rows else "(none yet: `--flops`)"
+
+
+# fsdp vs fsdp x tensor on one slice: (config, bits, topology, tensor sizes)
+MESHES = [("configs/paper/llama-3-8b.yaml", "2", "v5p:4x4x4", (1, 4))]
+
+
+def mesh_file(results: Path, path: str, bits: str, topo: str, tensor: int) -> Path:
+    """The plan of one mesh-comparison cell (tensor 1 is the code-gathering table's auto)."""
+    if tensor == 1:
+        return gather_file(results, path, bits, topo, "auto")
+    stem = f"{Path(path).stem}-{bits}bit-{topo.replace(':', '_')}-tensor{tensor}"
+    return results / "mesh" / f"{stem}.json"
+
+
+def render_meshes(results: Path) -> str:
+    """Memory and collectives of fsdp-only vs fsdp x tensor meshes on the same slice."""
+    rows = []
+    for path, bits, topo, tensors in MESHES:
+        for n in tensors:
+            f = mesh_file(results, path, bits, topo, n)
+            if not f.exists():
+                cmd = (
+                    f"python -m paretoq_jax.plan --config {path} --topology {topo} --no-flops "
+                    f"{' '.join(BITS[bits])} mesh.tensor={n} --out {f}"
+                )
+                rows.append(
+                    f"| `{path}` | {bits} | {topo} | tensor={n}: not planned: `{cmd}` ||||||||"
+                )
+                continue
+            p = json.loads(f.read_text())
+            b, tr = p["bytes"], p.get("traffic", {})
+            red = tr.get("reductions", {}).get("bytes", 0.0)
+            total = sum(v["bytes"] for v in p["collectives"].values())
+            t = p["time"]["collectives_ici_s"] + p["time"]["collectives_dcn_s"]
+            mesh = "x".join(str(v) for v in p["mesh"].values())
+            rows.append(
+                f"| `{path}` | {bits} | {topo} | {mesh} | {gib(b['params'] + b['optimizer'])} | "
+                f"{gib(b['temporaries'])} | {gib(b['peak'])} | {_mib(p.get('weight_gather_bytes', 0))} | "
+                f"{_mib(red)} | {_mib(total)} | {1e3 * t:.0f} ms |"
+            )
+    header = (
+        "| config | bits | topology | mesh data x fsdp x tensor | params + AdamW / chip | "
+        "temporaries / chip | peak / chip | weight gathers / chip / step | reductions / chip / "
+        "step | all collectives | collective time (ICI) |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    )
+    return header + "\n" + "\n".join(rows)
+
+
 def render(results: Path) -> str:
     """docs/scale.md from the JSON results."""
-    rows = []
-    for f in sorted(glob.glob(str(results / "*.json"))):
-        r = json.loads(Path(f).read_text())
-        p = r.get("plan")
-        name = f"`{r['config']}`"
-        if p is None:
-            tried = ", ".join(t["topology"] for t in r.get("tried", []))
-            rows.append(f"| {name} | {r['bits']} | none of {tried} | | | | | | |")
-            continue
-        b, t = p["bytes"], p["time"]
-        mesh = "x".join(str(v) for v in p["mesh"].values())
-        mfu = f"{100 * p['mfu']:.0f}%" if "mfu" in p else "-"
-        share = f"{100 * t['collective_share']:.0f}%" if "collective_share" in t else "-"
-        fl = by = "-"
-        if "float" in r and "flops_per_device" in p:
-            q, fp = p, r["float"]
-            fl = f"{q['flops_per_device']:.3g} vs {fp['flops_per_device']:.3g} ({_pct(q['flops_per_device'], fp['flops_per_device'])})"
-            by = f"{q['hbm_bytes_per_device']:.3g} vs {fp['hbm_bytes_per_device']:.3g} ({_pct(q['hbm_bytes_per_device'], fp['hbm_bytes_per_device'])})"
-        rows.append(
-            f"| {name} | {r['bits']} | {p['topology']} ({p['devices']}) | {mesh} | "
-            f"{p['grad_accum']} | {gib(b['peak'])} ({100 * b['peak'] / b['hbm']:.0f}%) | "
-            f"{mfu} | {share} | {fl} | {by} |"
-        )
     chips = "\n".join(
         f"| {c.name} | {c.bf16_tflops:g} | {c.hbm_bytes / 2**30:.0f} | {c.hbm_GBps:g} | "
         f"{c.ici_GBps:g} | {c.dcn_GBps:g} | {c.source} |"
         for c in CHIPS.values()
     )
-    header = (
-        "| config | bits | smallest slice (chips) | mesh data x fsdp x tensor | grad_accum "
-        "| peak / chip (% HBM) | projected MFU | collective share | step FLOPs / chip, QAT vs "
-        "float | HBM bytes / chip, QAT vs float |\n|---|---|---|---|---|---|---|---|---|---|"
-    )
     notes = (results / "NOTES.md").read_text() if (results / "NOTES.md").exists() else ""
     return TEMPLATE.format(
-        table=header + "\n" + "\n".join(rows),
+        table=render_grid(results),
+        gpus=render_grid(results, "h100"),
+        flops=render_flops(results),
+        meshes=render_meshes(results),
         gather=render_gather(results),
         chips=chips,
         notes=notes,
@@ -300,9 +410,39 @@ state, `model.remat`, `model.scan_layers`, `train.grad_accum`, `mesh.fsdp: -1`; 
 global batch 128) compiled by XLA for compile-only TPU devices (`jax[tpu]`'s libtpu on a
 CPU-only host; no TPU, no weights, no data). "Smallest slice" is the first slice of the chip
 family, from the smallest up (v5p-8, 4 chips, by default; `--chip v5e|v6e|v4` searches those),
-whose compile fits HBM.
+whose compile fits HBM. Slices below an analytic lower bound (float32 weights + AdamW state
+fully sharded, remat's saved bf16 layer inputs and the logits of one micro-batch) and below
+the config's fit at the other bit-width (memory does not depend on the bit-width) are skipped
+without compiling; the search stops at the first fit. "Projected MFU" and the FLOP / byte
+columns need `--flops` (4 more compiles per cell, and 4 for the float step): see the next
+table for the plans that have them.
 
 {table}
+
+### With the FLOP count (`--flops`)
+
+The step's FLOPs and HBM bytes (`cost_analysis()`, scan bodies extrapolated) next to the
+same step at `model.bits=16`, and the roofline MFU they imply (JSON in `docs/scale/flops/`).
+
+{flops}
+
+### H100 counts (compile-only, `--chip h100`)
+
+The smallest number of H100 SXM GPUs (nodes of 8) whose compiled peak is within 80 GB
+(XLA:GPU raises no OOM at compile time: the planner compares the peak itself). No FLOP count
+on GPUs (no `cost_analysis()` for compile-only devices).
+
+{gpus}
+
+## fsdp vs fsdp x tensor, same slice
+
+The same step on the same chips with the tensor axis at 1 and 4 (Megatron: heads, MLP and
+vocabulary split over `tensor`, activations pinned to the batch axes): tensor parallelism
+shrinks what each chip holds of the weights' gathers and of the gradient reductions (its
+shards are not gathered) but adds activation all-reduces, and each fsdp shard now holds 4x
+the batch.
+
+{meshes}
 
 ## FSDP gathering integer codes (`mesh.gather_codes`), on vs off
 
