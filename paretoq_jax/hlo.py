@@ -24,6 +24,14 @@ Every all-gather / reduce-scatter / all-reduce / all-to-all / collective-permute
   - all-reduce: ``2 S (n - 1) / n``
   - all-to-all: ``S (n - 1) / n``;  collective-permute: ``S``
 
+Each collective also has a ``role``: ``"gather"`` when it assembles an array from shards (an
+all-gather, or an all-reduce whose operand is a zero buffer with the device's shard written in:
+XLA:TPU's all-gather done as an all-reduce, which drops the op's metadata and may be combined
+with gradient reductions into one tuple all-reduce, so each operand is classified by tracing it
+to that ``dynamic-update-slice`` / ``pad`` of zeros), ``"reduce"`` when it sums (gradients,
+Megatron activations, the loss) and ``"other"`` (all-to-all, collective-permute). A combined
+all-reduce whose operands have both roles is two :class:`Collective` records.
+
 Across TPU slices XLA lowers the DCN part of a collective to host ``send`` / ``recv`` pairs of
 the megascale runtime (``_xla_megascale_*`` attributes; the rendezvous names the collective):
 those are ``"<kind> (DCN)"`` with ``S`` = the payload a device sends, over ``n`` = the number of
@@ -47,6 +55,7 @@ __all__ = [
     "collectives",
     "collective_bytes",
     "summarize",
+    "summarize_roles",
     "shape_bytes",
 ]
 
@@ -74,6 +83,11 @@ _LIST_GROUPS = re.compile(r"replica_groups=\{\{([0-9,]*)\}")
 _RENDEZVOUS = re.compile(r'_xla_host_transfer_rendezvous="([a-z\-]+)')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _PARTITIONS = re.compile(r"\bnum_partitions=(\d+)")
+_OPERAND = re.compile(r"%([\w.\-]+)")
+_ZERO = re.compile(r"\bconstant\((-?0(?:\.0*)?|false)\)")
+_PARAM = re.compile(r"\bparameter\((\d+)\)")
+# ops that pass an array through unchanged in value (layout, memory space, element type)
+_PASS = ("copy-done", "copy-start", "bitcast", "copy", "convert", "reshape", "transpose")
 
 
 def _arrays(text: str) -> list[tuple[str, tuple[int, ...]]]:
@@ -135,6 +149,8 @@ class Collective:
     computation: str
     members: tuple[int, ...]  # partition ids of the first replica group
     buffer_bytes: float  # S: the full buffer of the ring-algorithm count
+    role: str = "other"  # "gather" (assembles shards), "reduce" (sums) or "other"
+    dtypes: tuple[str, ...] = ()  # element type of each result array
 
     @property
     def total_bytes(self) -> int:
@@ -177,6 +193,95 @@ def _split_computations(hlo: str) -> tuple[dict[str, list[str]], str]:
     if not entry:
         raise ValueError("not an HLO module's text: no ENTRY computation found")
     return comps, entry
+
+
+Defs = dict[str, dict[str, tuple[str, str]]]  # computation -> instruction -> (op, rest of line)
+
+
+def _definitions(comps: dict[str, list[str]]) -> Defs:
+    defs: Defs = {}
+    for comp, lines in comps.items():
+        d = defs.setdefault(comp, {})
+        for line in lines:
+            m = _INST.match(line)
+            if m:
+                d[m[1]] = (m[3], m[4])
+            if line.lstrip().startswith("ROOT") and m:
+                d["__root__"] = (m[3], m[4])
+                d["__root_name__"] = (m[1], "")
+    return defs
+
+
+def _operands(rest: str) -> list[str]:
+    """Operand names of an instruction (``rest``: the text after ``op(``)."""
+    depth, end = 1, len(rest)
+    for i, ch in enumerate(rest):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if depth == 0:
+            end = i
+            break
+    return _OPERAND.findall(rest[:end])
+
+
+def _is_zeros(
+    defs: Defs, comp: str, name: str, depth: int = 0, outer: tuple[str, list[str]] | None = None
+) -> bool:
+    """Whether ``name`` in ``comp`` is an array of zeros (a broadcast zero constant); in a fusion
+    computation, ``outer`` = (the calling computation, the fusion's operands) maps parameters."""
+    op, rest = defs.get(comp, {}).get(name, ("", ""))
+    if depth > 8 or not op:
+        return False
+    if op == "constant":
+        return bool(_ZERO.search(f"constant({rest}"))
+    if op == "parameter" and outer is not None:
+        m = _PARAM.search(f"parameter({rest}")
+        i = int(m[1]) if m else len(outer[1])
+        return i < len(outer[1]) and _is_zeros(defs, outer[0], outer[1][i], depth + 1)
+    if op == "broadcast" or op in _PASS:
+        args = _operands(rest)
+        return bool(args) and _is_zeros(defs, comp, args[0], depth + 1, outer)
+    return False
+
+
+def _is_zero_padded_shard(defs: Defs, comp: str, name: str, depth: int = 0) -> bool:
+    """Whether ``name`` in ``comp`` is zeros with one block written in (``dynamic-update-slice``
+    of a shard into a zero buffer, or ``pad`` with zeros): the operand of an all-gather that XLA
+    does as an all-reduce. Traced through copies, bitcasts and fusions (their root)."""
+    op, rest = defs.get(comp, {}).get(name, ("", ""))
+    if depth > 8 or not op:
+        return False
+    args = _operands(rest)
+    if op in _PASS:
+        return bool(args) and _is_zero_padded_shard(defs, comp, args[0], depth + 1)
+    if op == "dynamic-update-slice":
+        return bool(args) and _is_zeros(defs, comp, args[0])
+    if op == "pad":
+        return len(args) > 1 and _is_zeros(defs, comp, args[1])
+    if op == "fusion":
+        called = _CALLS.search(rest)
+        inner = called[2] if called else ""
+        root, _ = defs.get(inner, {}).get("__root_name__", ("", ""))
+        return bool(root) and _fused_padded(defs, inner, root, comp, args, depth + 1)
+    return False
+
+
+def _fused_padded(
+    defs: Defs, inner: str, name: str, outer: str, outer_args: list[str], depth: int
+) -> bool:
+    """``_is_zero_padded_shard`` inside a fusion computation (its zero buffer may come in as a
+    fusion parameter: traced to the fusion's operands in ``outer``)."""
+    op, rest = defs.get(inner, {}).get(name, ("", ""))
+    if depth > 8 or not op:
+        return False
+    args = _operands(rest)
+    if op in _PASS:
+        return bool(args) and _fused_padded(defs, inner, args[0], outer, outer_args, depth + 1)
+    base = {"dynamic-update-slice": 0, "pad": 1}.get(op)
+    return (
+        base is not None
+        and len(args) > base
+        and _is_zeros(defs, inner, args[base], outer=(outer, outer_args))
+    )
 
 
 def _trip_count(comps: dict[str, list[str]], line: str) -> int | None:
@@ -256,6 +361,7 @@ def collectives(hlo: str, n_devices: int | None = None, n_slices: int = 1) -> li
         m = _PARTITIONS.search(hlo.split("\n", 1)[0])
         n_devices = int(m[1]) if m else 1
     mult, exact = _multiplicities(comps, entry)
+    defs = _definitions(comps)
     found = []
     for comp, lines in comps.items():
         count = mult.get(comp, 0)
@@ -283,9 +389,11 @@ def collectives(hlo: str, n_devices: int | None = None, n_slices: int = 1) -> li
                         kind=f"{base} (DCN)",
                         dtype=arrays[0][0] if arrays else "",
                         shapes=tuple(s for _, s in arrays),
+                        dtypes=tuple(d for d, _ in arrays),
                         bytes=math.ceil(_nbytes(arrays)),
                         members=tuple(range(n_slices)),
                         buffer_bytes=payload,
+                        role="gather" if base == "all-gather" else "reduce",
                         **common,
                     )  # fmt: skip
                 )
@@ -296,24 +404,41 @@ def collectives(hlo: str, n_devices: int | None = None, n_slices: int = 1) -> li
             arrays = _result_arrays(kind, op, out_type)
             if not arrays:
                 continue
-            out_bytes = _nbytes(arrays)
             members = _first_group(rest, n_devices)
-            buffer = out_bytes
+            role = {"all-gather": "gather", "all-reduce": "reduce", "reduce-scatter": "reduce"}
             if kind == "all-reduce" and comp.startswith("all-reduce-scatter"):
                 kind = "reduce-scatter"  # the full input is all-reduce's operand/result
-            elif kind == "reduce-scatter":
-                buffer = out_bytes * len(members)  # S is the input: n times the output
-            found.append(
-                Collective(
-                    kind=kind,
-                    dtype=arrays[0][0],
-                    shapes=tuple(s for _, s in arrays),
-                    bytes=math.ceil(out_bytes),
-                    members=members,
-                    buffer_bytes=buffer,
-                    **common,
-                )  # fmt: skip
-            )
+            parts = [(role.get(kind, "other"), arrays)]
+            if kind == "all-reduce":  # all-gathers done as all-reduces: split the tuple by role
+                operands = _operands(rest)
+                gathered = [
+                    i < len(operands) and _is_zero_padded_shard(defs, comp, operands[i])
+                    for i in range(len(arrays))
+                ]
+                parts = [
+                    (r, [a for a, g in zip(arrays, gathered, strict=True) if g == (r == "gather")])
+                    for r in ("gather", "reduce")
+                ]
+            for part_role, part in parts:
+                if not part:
+                    continue
+                out_bytes = _nbytes(part)
+                buffer = out_bytes
+                if kind == "reduce-scatter" and not comp.startswith("all-reduce-scatter"):
+                    buffer = out_bytes * len(members)  # S is the input: n times the output
+                found.append(
+                    Collective(
+                        kind=kind,
+                        dtype=part[0][0],
+                        shapes=tuple(s for _, s in part),
+                        dtypes=tuple(d for d, _ in part),
+                        bytes=math.ceil(out_bytes),
+                        members=members,
+                        buffer_bytes=buffer,
+                        role=part_role,
+                        **common,
+                    )  # fmt: skip
+                )
     return found
 
 
@@ -347,4 +472,24 @@ def summarize(
         row = out.setdefault(key, {"count": 0, "bytes": 0.0})
         row["count"] += c.count
         row["bytes"] += c.wire_bytes * c.count
+    return out
+
+
+def summarize_roles(
+    found: list[Collective],
+    classify: Callable[[Collective, str, tuple[int, ...]], str] | None = None,
+) -> dict[str, dict[str, float]]:
+    """``{class: {"count", "bytes"}}``: executions and bytes sent per device per step, one entry
+    per result array; its class is ``classify(collective, dtype, shape)`` (default: the
+    collective's ``role``)."""
+    out: dict[str, dict[str, float]] = {}
+    for c in found:
+        rate = c.wire_bytes / c.buffer_bytes if c.buffer_bytes else 0.0  # sent per byte of S
+        per_byte = c.buffer_bytes / c.bytes if c.bytes else 0.0  # S per result byte
+        for dtype, shape in zip(c.dtypes or (c.dtype,) * len(c.shapes), c.shapes, strict=True):
+            key = classify(c, dtype, shape) if classify else c.role
+            row = out.setdefault(key, {"count": 0, "bytes": 0.0})
+            row["count"] += c.count
+            nbytes = math.prod(shape) * DTYPE_BYTES[dtype]
+            row["bytes"] += nbytes * per_byte * rate * c.count
     return out

@@ -101,6 +101,66 @@ ENTRY %main () -> f32[4] {
     assert c.kind == "all-reduce (DCN)" and c.wire_bytes == 8 * 128 * 4
 
 
+PADDED_GATHER_HLO = """HloModule m
+
+%fused_pad (p0: bf16[], p1: bf16[16,128]) -> bf16[64,128] {
+  %p0 = bf16[] parameter(0)
+  %p1 = bf16[16,128]{1,0} parameter(1)
+  %z = bf16[64,128]{1,0} broadcast(%p0), dimensions={}
+  %i = s32[] constant(16)
+  ROOT %dus = bf16[64,128]{1,0} dynamic-update-slice(%z, %p1, %i, %i)
+}
+
+ENTRY %main (a: bf16[16,128], g: bf16[64,128]) -> bf16[64,128] {
+  %a = bf16[16,128]{1,0} parameter(0)
+  %g = bf16[64,128]{1,0} parameter(1)
+  %zero = bf16[] constant(0)
+  %zeros = bf16[64,128]{1,0} broadcast(%zero), dimensions={}
+  %off = s32[] constant(0)
+  %dus = bf16[64,128]{1,0} dynamic-update-slice(%zeros, %a, %off, %off)
+  %cs = (bf16[64,128]{1,0}, bf16[64,128]{1,0}, u32[]) copy-start(%dus)
+  %cd = bf16[64,128]{1,0} copy-done(%cs)
+  %f = bf16[64,128]{1,0} fusion(%zero, %a), kind=kLoop, calls=%fused_pad
+  %grad = bf16[64,128]{1,0} multiply(%g, %g)
+  %ar = (bf16[64,128]{1,0}, bf16[64,128]{1,0}, bf16[64,128]{1,0}) all-reduce(%cd, %grad, %f), channel_id=1, replica_groups={{0,1,2,3}}, to_apply=%add
+  %one = bf16[] constant(1)
+  %ones = bf16[64,128]{1,0} broadcast(%one), dimensions={}
+  %dus1 = bf16[64,128]{1,0} dynamic-update-slice(%ones, %a, %off, %off)
+  %ar1 = bf16[64,128]{1,0} all-reduce(%dus1), channel_id=2, replica_groups={{0,1,2,3}}, to_apply=%add
+  ROOT %r = bf16[64,128] get-tuple-element(%ar), index=0
+}
+"""
+
+
+def test_hlo_all_gather_done_as_all_reduce_is_a_gather():
+    """XLA:TPU does large FSDP all-gathers as all-reduces of a zero buffer holding the device's
+    shard (dropping the op's metadata) and combines them with gradient reductions into one
+    tuple all-reduce: each operand is classified by tracing it (through copies and fusions)."""
+    found = hlo.collectives(PADDED_GATHER_HLO, 4)
+    roles = sorted((c.role, c.name, len(c.shapes)) for c in found)
+    assert roles == [("gather", "ar", 2), ("reduce", "ar", 1), ("reduce", "ar1", 1)]
+    s = 64 * 128 * 2  # one bf16[64,128] buffer; an all-reduce sends 2 S (n - 1) / n
+    by_role = hlo.summarize_roles(found)
+    assert by_role["gather"] == {"count": 2, "bytes": 2 * 2 * s * 3 / 4}
+    assert by_role["reduce"] == {"count": 2, "bytes": 2 * 2 * s * 3 / 4}  # a ones buffer sums
+    # the per-kind totals are unchanged by the split
+    assert hlo.summarize(found)["all-reduce"]["bytes"] == 4 * 2 * s * 3 / 4
+
+
+def test_plan_traffic_separates_weight_gathers_from_reductions():
+    from paretoq_jax.plan import architecture
+    from paretoq_jax.plan.core import traffic, weight_gather_bytes
+
+    arch = architecture(_cfg().model.path)  # tiny: vocab 512 x d 64
+    text = PADDED_GATHER_HLO.replace("bf16[16,128]", "u8[16,128]").replace(
+        "bf16[64,128]", "u8[64,128]"
+    )
+    split = traffic(hlo.collectives(text, 4), arch)
+    assert set(split) == {"weights u8", "reductions"}
+    # two u8[64,128] codes buffers gathered as all-reduces: 2 S (n - 1) / n each
+    assert weight_gather_bytes(split) == split["weights u8"]["bytes"] == 2 * 2 * 64 * 128 * 3 / 4
+
+
 def _cfg(*overrides: str) -> RunConfig:
     return load_config(RunConfig, TINY, list(overrides))
 
@@ -122,6 +182,10 @@ def test_tiny_plan_matches_analytic_state_and_fits():
     # as `train` does (mesh.gather_codes=auto): the quantized linears gather packed codes
     g = p["gather_codes"]
     assert g["mode"] == "auto" and g["linears"] > 0 and g["bytes"] > 0
+    # what moves: the linears' weights as u8 codes (no float kernel gathered), the gradients
+    assert p["traffic"]["weights u8"]["bytes"] > 0 and "weights f32" not in p["traffic"]
+    assert p["traffic"]["reductions"]["bytes"] > 0
+    assert p["weight_gather_bytes"] >= p["traffic"]["weights u8"]["bytes"]
 
 
 @needs_libtpu
@@ -137,6 +201,28 @@ def test_code_gathering_cuts_the_planned_all_gather_bytes():
     assert off["gather_codes"]["linears"] == 0 and off["gather_codes"]["bytes"] == 0
     ag_on, ag_off = (p["collectives"]["all-gather"]["bytes"] for p in (on, off))
     assert ag_on < 0.6 * ag_off  # 2-bit codes: the quantized kernels' share shrinks 16x (f32)
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_weight_gathers_found_when_xla_does_them_as_all_reduces():
+    """On 64 chips XLA:TPU does the tiny step's FSDP gathers as all-reduces combined with the
+    gradient reductions: the planner still splits weight gathers (codes vs bf16 kernels) from
+    the reductions, which code gathering leaves unchanged."""
+    from paretoq_jax.plan import plan
+
+    on, off = (
+        plan(_cfg("mesh.data=1", "mesh.fsdp=-1", "model.dtype=bfloat16", "model.scan_layers=true",
+                  "model.remat=true", "train.batch_size=64", f"mesh.gather_codes={m}"),
+             "v5p:4x4x4", count_flops=False)
+        for m in ("auto", "off")
+    )  # fmt: skip
+    t_on, t_off = on["traffic"], off["traffic"]
+    # the codes are gathered as u8 or, packed 4 to a word, u32; never as floats
+    codes = [k for k in t_on if k.startswith("weights ") and k[8:] in ("u8", "u32")]
+    assert codes and "weights bf16" not in t_on and "weights bf16" in t_off
+    assert on["weight_gather_bytes"] <= off["weight_gather_bytes"] / 6  # issue 16's 2-bit goal
+    assert t_on["reductions"]["bytes"] == pytest.approx(t_off["reductions"]["bytes"], rel=0.01)
 
 
 def test_gpu_spec_is_checked_before_anything_compiles():

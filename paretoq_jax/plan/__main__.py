@@ -35,6 +35,7 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-flops", action="store_true", help="memory and collectives only (one compile)"
     )
+    parser.add_argument("--hlo", help="also keep the optimized HLO text here (.gz: gzipped)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. mesh.tensor=4")
     args = parser.parse_args(argv)
     # compile-only: never touch a local accelerator; libtpu must not query a metadata server
@@ -52,7 +53,7 @@ def _main(argv: list[str] | None = None) -> int:
     cfg = load_config(RunConfig, args.config, args.overrides)
     result = plan(
         cfg, args.topology or args.gpu, args.slices, count_flops=not args.no_flops,
-        name=args.config,
+        name=args.config, hlo_out=args.hlo,
     )  # fmt: skip
     print(format_plan(result))
     if args.out:

@@ -46,7 +46,7 @@ from .chips import Chip, chip_for
 
 __all__ = [
     "PlanError", "HBMError", "plan", "tpu_devices", "gpu_devices", "architecture", "MODELS_DIR",
-    "GPU_TARGETS",
+    "GPU_TARGETS", "traffic", "weight_gather_bytes",
 ]  # fmt: skip
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
@@ -273,6 +273,46 @@ def step_cost(cfg, mesh, arch, teacher_arch, compile_kw, compiled=None) -> tuple
     return flops, nbytes
 
 
+_INDEX_DTYPES = ("s32", "s64", "pred")  # token ids, positions, masks (codes are unsigned)
+
+
+def traffic(found: list[hlo.Collective], arch: LlamaConfig, tensor: int = 1) -> dict[str, dict]:
+    """Collective bytes sent per chip per step by what they move (``hlo.Collective.role``):
+    ``"weights <dtype>"``: gathers of the decoder linears' weights (packed codes, which XLA
+    gathers as ``u8`` or as ``u32`` words, and ``f32`` scales with code gathering; ``bf16``
+    kernels without), ``"embedding"``: gathers of the embedding / LM head, ``"indices"``:
+    signed integer gathers (token ids), ``"reductions"``: all-reduces and reduce-scatters
+    (gradients, Megatron activations, the loss), ``"other"``: all-to-all and permutes. Forward
+    and rematerialized gathers both count (the backward recomputes them)."""
+    embed = arch.vocab_size * arch.hidden_size
+    embed_sizes = {embed, embed // max(tensor, 1)}
+
+    def classify(c: hlo.Collective, dtype: str, shape: tuple[int, ...]) -> str:
+        if c.role != "gather":
+            return "reductions" if c.role == "reduce" else "other"
+        if dtype in _INDEX_DTYPES:
+            return "indices"
+        return "embedding" if math.prod(shape) in embed_sizes else f"weights {dtype}"
+
+    return hlo.summarize_roles(found, classify)
+
+
+def weight_gather_bytes(split: dict[str, dict]) -> float:
+    """Bytes one chip sends per step gathering the decoder linears' weights (``traffic``)."""
+    return sum(v["bytes"] for k, v in split.items() if k.startswith("weights "))
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".gz":
+        import gzip
+
+        with gzip.open(path, "wt") as f:
+            f.write(text)
+    else:
+        path.write_text(text)
+
+
 def plan(
     cfg: RunConfig,
     topology: str,
@@ -280,9 +320,11 @@ def plan(
     *,
     count_flops: bool = True,
     name: str = "the step",
+    hlo_out: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Compile ``cfg``'s train step for ``topology`` x ``slices``; returns the plan as a dict
-    (see ``docs/scale.md``). Raises ``HBMError`` when it does not fit."""
+    (see ``docs/scale.md``). Raises ``HBMError`` when it does not fit. ``hlo_out``: also keep
+    the optimized HLO text there (gzip when it ends in ``.gz``) to re-read its collectives."""
 
     chip = chip_for(topology)
     on_gpu = topology.split(":")[0].lower() in GPU_TARGETS
@@ -308,6 +350,9 @@ def plan(
 
     fn, args, _, state, gathering = _abstract_args(cfg, mesh, arch, teacher_arch, backend)
     compiled = _compile(fn, args, **compile_kw)
+    text = compiled.as_text()
+    if hlo_out is not None:
+        _write_text(Path(hlo_out), text)
     mem = compiled.memory_analysis()
     peak = (
         mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
@@ -318,9 +363,10 @@ def plan(
         raise HBMError(hbm_advice(cfg, mesh, topology, chip, used, name))
     n = len(devices)
     slice_of = [getattr(d, "slice_index", 0) or 0 for d in mesh.devices.flat]
-    found = hlo.collectives(compiled.as_text(), n, num_slices(devices))
+    found = hlo.collectives(text, n, num_slices(devices))
     coll = hlo.summarize(found, slice_of if num_slices(devices) > 1 else None)
     codes = hlo.summarize([c for c in found if code_gather.SCOPE in c.op_name])
+    split = traffic(found, arch, mesh.shape["tensor"])
     t_ici = sum(v["bytes"] for k, v in coll.items() if "DCN" not in k) / (chip.ici_GBps * 1e9)
     t_dcn = sum(v["bytes"] for k, v in coll.items() if "DCN" in k) / (chip.dcn_GBps * 1e9)
 
@@ -357,6 +403,8 @@ def plan(
             "linears": gathering,  # quantized linears that all-gather packed codes
             "bytes": sum(v["bytes"] for v in codes.values()),  # their gathers, sent / chip
         },
+        "traffic": split,
+        "weight_gather_bytes": weight_gather_bytes(split),
         "model_flops_per_token": mf_token,
         "model_flops_per_step": mf_token * tokens,
         "time": {"collectives_ici_s": t_ici, "collectives_dcn_s": t_dcn},

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import sys
 import time
@@ -32,6 +33,8 @@ SLICES = {
     "v4": [t.replace("v5p", "v4") for t in V5P],
     "v5e": [f"v5e:{s}" for s in _2D],
     "v6e": [f"v6e:{s}" for s in _2D],
+    # H100 SXM nodes of 8 (compile-only, configs/gpu/h100_sxm.txtpb): 1, 2, 4, 8 nodes
+    "h100": [f"h100:1x{n}x8" for n in (1, 2, 4, 8)],
 }
 # bits -> overrides, as the comments of configs/paper/*.yaml give them
 BITS = {
@@ -41,8 +44,11 @@ BITS = {
 }
 
 
-def _state_bytes_per_chip(cfg, chips: int) -> float:
-    """float32 weights + AdamW moments, fully sharded: a lower bound to skip hopeless slices."""
+def lower_bound_bytes(cfg, chips: int) -> float:
+    """Bytes per chip no plan of ``cfg`` on ``chips`` chips can go below (a slice whose HBM is
+    smaller is skipped without compiling): float32 weights + AdamW moments fully sharded, the
+    bf16 layer inputs that remat keeps for the backward and the bf16 logits of one
+    micro-batch, its tokens split over every chip."""
     from .core import architecture
 
     a = architecture(cfg.model.path)
@@ -51,7 +57,13 @@ def _state_bytes_per_chip(cfg, chips: int) -> float:
     n = L * (2 * d * q + 2 * d * kv + 3 * d * f) + a.vocab_size * d * (
         1 if a.tie_word_embeddings else 2
     )
-    return 12.0 * n / chips
+    tokens = cfg.train.batch_size // max(cfg.train.grad_accum, 1) * cfg.data.train_len / chips
+    saved = L if cfg.model.remat else 0
+    return 12.0 * n / chips + 2.0 * tokens * (saved * d + a.vocab_size)
+
+
+def _chips(topology: str) -> int:
+    return math.prod(int(x) for x in topology.split(":")[1].split("x"))
 
 
 def plan_config(
@@ -62,33 +74,50 @@ def plan_config(
     flops: bool,
     topologies: list[str] | None = None,
     chip: str = "v5p",
+    hlo_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Find the smallest ``chip`` slice (``SLICES``) for ``path`` at ``bits``; cache the
-    result as JSON."""
-    from .core import HBMError, plan
+    result as JSON. Slices below :func:`lower_bound_bytes` are skipped, and so are those smaller
+    than the slice the config fits at another bit-width (memory does not depend on the
+    bit-width: the same float32 weights and per-channel scales); the search stops at the first
+    fit."""
+    from .core import HBMError, PlanError, plan
 
     suffix = "" if chip == "v5p" else f"-{chip}"  # v5p: the page's main table
     out_file = results / f"{Path(path).stem}-{bits}bit{suffix}.json"
     if out_file.exists():
         return json.loads(out_file.read_text())
+    order = topologies or SLICES[chip]
+    fits_elsewhere = [
+        json.loads(f.read_text()).get("plan", {}).get("topology")
+        for f in results.glob(f"{Path(path).stem}-*bit{suffix}.json")
+    ]
+    start = min((order.index(t) for t in fits_elsewhere if t in order), default=0)
     tried = []
     record: dict[str, Any] = {"config": path, "bits": bits}
-    for topo in topologies or SLICES[chip]:
+    for i, topo in enumerate(order):
         cfg = load_config(RunConfig, path, BITS[bits])
-        chips = 1
-        for x in topo.split(":")[1].split("x"):
-            chips *= int(x)
-        if _state_bytes_per_chip(cfg, chips) > 0.8 * CHIPS[chip].hbm_bytes:
-            tried.append({"topology": topo, "result": "skipped: state alone > 80% of HBM"})
+        if i < start:
+            tried.append({"topology": topo, "result": f"skipped: below {order[start]}, the "
+                          "fit at another bit-width (memory does not depend on bits)"})  # fmt: skip
+            continue
+        bound = lower_bound_bytes(cfg, _chips(topo))
+        if bound > CHIPS[chip].hbm_bytes:
+            tried.append({"topology": topo, "result": f"skipped: lower bound {gib(bound)} "
+                          f"per chip > HBM"})  # fmt: skip
             continue
         t0 = time.time()
+        hlo_out = hlo_dir / f"{out_file.stem}-{topo.replace(':', '_')}.hlo.gz" if hlo_dir else None
         try:
-            p = plan(cfg, topo, count_flops=flops, name=path)
+            p = plan(cfg, topo, count_flops=flops, name=path, hlo_out=hlo_out)
         except HBMError as e:
-            tried.append({"topology": topo, "result": str(e)})
+            tried.append({"topology": topo, "result": str(e), "compile_s": time.time() - t0})
+            continue
+        except PlanError as e:  # e.g. the batch does not divide over this many chips
+            tried.append({"topology": topo, "result": f"cannot plan: {e}"})
             continue
         p["compile_s"] = time.time() - t0
-        tried.append({"topology": topo, "result": "fits"})
+        tried.append({"topology": topo, "result": "fits", "compile_s": p["compile_s"]})
         record["plan"] = p
         if flops and bits != "16":
             f16 = load_config(RunConfig, path, BITS["16"])
@@ -105,7 +134,10 @@ def plan_config(
 GATHER = [
     ("configs/paper/llama-3-8b.yaml", "2", "v5p:4x4x4", []),
     ("configs/paper/llama-3-8b.yaml", "2", "v5e:16x16", ["mesh.fsdp=128", "mesh.tensor=2"]),
+    ("configs/paper/llama-3-8b.yaml", "4", "v5p:4x4x4", []),
 ]
+# issue 16's goal: code-gathered weight all-gather bytes / the bf16 path's, per bit-width
+GATHER_GOAL = {"1": 1 / 8, "2": 1 / 6, "3": 1 / 4, "4": 1 / 3}
 GATHER_MODES = ("auto", "off")
 
 
@@ -115,7 +147,14 @@ def gather_file(results: Path, path: str, bits: str, topo: str, mode: str) -> Pa
 
 
 def plan_gather(
-    path: str, bits: str, topo: str, overrides: list[str], results: Path, *, flops: bool
+    path: str,
+    bits: str,
+    topo: str,
+    overrides: list[str],
+    results: Path,
+    *,
+    flops: bool,
+    hlo_dir: Path | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Plan ``path`` at ``bits`` on ``topo`` with mesh.gather_codes auto and off; each plan is
     cached as the JSON that ``python -m paretoq_jax.plan --out`` writes."""
@@ -132,7 +171,10 @@ def plan_gather(
             cfg = load_config(
                 RunConfig, path, [*BITS[bits], *overrides, f"mesh.gather_codes={mode}"]
             )
-            p = plan(cfg, topo, count_flops=flops, name=path)
+            t0 = time.time()
+            hlo_out = hlo_dir / f"{f.stem}.hlo.gz" if hlo_dir else None
+            p = plan(cfg, topo, count_flops=flops, name=path, hlo_out=hlo_out)
+            p["compile_wall_s"] = time.time() - t0
             f.parent.mkdir(parents=True, exist_ok=True)
             f.write_text(json.dumps({JSON_KIND_KEY: "plan", **p}, indent=2) + "\n")
         out[mode] = json.loads(f.read_text())
@@ -156,7 +198,8 @@ def render_gather(results: Path) -> str:
         files = {m: gather_file(results, path, bits, topo, m) for m in GATHER_MODES}
         if not all(f.exists() for f in files.values()):
             missing = ", ".join(str(f) for f in files.values() if not f.exists())
-            rows.append(f"| `{path}` | {bits} | {topo} | not planned yet ({missing}) |||||||")
+            cmd = f"python -m paretoq_jax.plan.scale --gather  # {missing}"
+            rows.append(f"| `{path}` | {bits} | {topo} | not planned yet: `{cmd}` |||||||||")
             continue
         on, off = (json.loads(files[m].read_text()) for m in GATHER_MODES)
         chip = chip_for(topo)
@@ -166,6 +209,19 @@ def render_gather(results: Path) -> str:
             for k in kinds
         )
         total = [sum(v["bytes"] for v in p["collectives"].values()) for p in (on, off)]
+        weights = "-"
+        if "traffic" in on and "traffic" in off:
+            w_off, w_on = off["weight_gather_bytes"], on["weight_gather_bytes"]
+            r_off, r_on = (p["traffic"].get("reductions", {}).get("bytes", 0.0) for p in (off, on))
+            goal = GATHER_GOAL.get(bits)
+            met = "" if goal is None else (" met" if w_on <= goal * w_off else " NOT met")
+            weights = (
+                f"{_change(w_off, w_on)}, goal <= 1/{round(1 / goal)}:{met} | "
+                if goal
+                else f"{_change(w_off, w_on)} | "
+            ) + _change(r_off, r_on)
+        else:
+            weights = "not split (planned before the split: replan) | -"
         t = [p["time"]["collectives_ici_s"] + p["time"]["collectives_dcn_s"] for p in (on, off)]
         # the step's model FLOPs at the chip's peak: the compute the collectives hide behind
         t_model = on["model_flops_per_step"] / on["devices"] / chip.peak_flops
@@ -173,15 +229,16 @@ def render_gather(results: Path) -> str:
         linears = on.get("gather_codes", {}).get("linears", "-")
         rows.append(
             f"| `{path}` {' '.join(overrides)} | {bits} | {topo} ({on['devices']}) | {mesh} | "
-            f"{linears} | {by_kind} | {_change(total[1], total[0])} | "
+            f"{linears} | {weights} | {by_kind} | {_change(total[1], total[0])} | "
             f"{1e3 * t[1]:.0f} -> {1e3 * t[0]:.0f} ms | {1e3 * t_model:.0f} ms | "
             f"{100 * t[1] / (t[1] + t_model):.0f}% -> {100 * t[0] / (t[0] + t_model):.0f}% |"
         )
     header = (
         "| config | bits | topology (chips) | mesh data x fsdp x tensor | linears gathering "
-        "codes | bytes sent / chip / step by kind, off -> on | all collectives, off -> on "
-        "| collective time (ICI), off -> on | model FLOPs at peak | collective share, off -> "
-        "on |\n|---|---|---|---|---|---|---|---|---|---|"
+        "codes | weight gathers (linears) / chip / step, off -> on | reductions (gradients) "
+        "/ chip / step, off -> on | bytes sent / chip / step by kind, off -> on | all "
+        "collectives, off -> on | collective time (ICI), off -> on | model FLOPs at peak | "
+        "collective share, off -> on |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     return header + "\n" + "\n".join(rows)
 
@@ -190,44 +247,154 @@ def _pct(a: float, b: float) -> str:
     return f"{100 * (a / b - 1):+.1f}%"
 
 
+def _paper_configs() -> list[str]:
+    return [p for p in sorted(glob.glob("configs/paper/*.yaml")) if Path(p).name != "base.yaml"]
+
+
+def _slice_cell(r: dict[str, Any], chip: str) -> str:
+    """The fitting topology, with the smaller slices that were not compiled named."""
+    p = r["plan"]
+    order = SLICES.get(chip, [])
+    below = order[: order.index(p["topology"])] if p["topology"] in order else []
+    tried = {t["topology"] for t in r.get("tried", []) if t["result"] != "fits"}
+    untried = [t for t in below if t not in tried]
+    cell = f"{p['topology']} ({p['devices']})"
+    return cell + (f", smaller not compiled: {', '.join(untried)}" if untried else "")
+
+
+def _grid_row(r: dict[str, Any], chip: str) -> str:
+    p = r["plan"]
+    b, t = p["bytes"], p["time"]
+    mesh = "x".join(str(v) for v in p["mesh"].values())
+    mfu = f"{100 * p['mfu']:.0f}%" if "mfu" in p else "-"
+    coll = 1e3 * (t["collectives_ici_s"] + t["collectives_dcn_s"])
+    share = f"{100 * t['collective_share']:.0f}%" if "collective_share" in t else "-"
+    fl = by = "-"
+    if "float" in r and "flops_per_device" in p:
+        q, fp = p, r["float"]
+        fl = f"{q['flops_per_device']:.3g} vs {fp['flops_per_device']:.3g} ({_pct(q['flops_per_device'], fp['flops_per_device'])})"
+        by = f"{q['hbm_bytes_per_device']:.3g} vs {fp['hbm_bytes_per_device']:.3g} ({_pct(q['hbm_bytes_per_device'], fp['hbm_bytes_per_device'])})"
+    secs = [x["compile_s"] for x in r.get("tried", []) if "compile_s" in x]
+    compiled = f"{sum(secs) / 60:.0f} min" if secs else "-"
+    if "traffic" in p:
+        coll_cell = f"{coll:.0f} ms ({share})"
+    else:  # planned before loops were counted by their trip counts
+        coll_cell = "- (stale: see the code-gathering table)"
+    return (
+        f"| `{r['config']}` | {r['bits']} | {_slice_cell(r, chip)} | {mesh} | "
+        f"{p['grad_accum']} | {gib(b['peak'])} ({100 * b['peak'] / b['hbm']:.0f}%) | "
+        f"{mfu} | {coll_cell} | {fl} | {by} | {compiled} |"
+    )
+
+
+def render_grid(results: Path, chip: str = "v5p") -> str:
+    """Smallest slice of every paper config at 2 and 4 bits; missing cells name their command."""
+    rows, missing = [], []
+    suffix = "" if chip == "v5p" else f"-{chip}"
+    for path in _paper_configs():
+        for bits in ("2", "4"):
+            f = results / f"{Path(path).stem}-{bits}bit{suffix}.json"
+            if not f.exists():
+                opt = "" if chip == "v5p" else f" --chip {chip}"
+                missing.append(
+                    f"- `{path}` {bits}-bit: `python -m paretoq_jax.plan.scale --configs "
+                    f"{path} --bits {bits}{opt}`"
+                )
+                continue
+            r = json.loads(f.read_text())
+            if r.get("plan") is None:
+                tried = ", ".join(t["topology"] for t in r.get("tried", []))
+                rows.append(f"| `{path}` | {bits} | none of {tried} fits |||||||||")
+                continue
+            rows.append(_grid_row(r, chip))
+    header = (
+        "| config | bits | smallest slice (chips) | mesh data x fsdp x tensor | grad_accum "
+        "| peak / chip (% HBM) | projected MFU | collective time (share) | step FLOPs / chip, "
+        "QAT vs float | HBM bytes / chip, QAT vs float | compile (wall, this host) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|"
+    )
+    out = header + "\n" + "\n".join(rows)
+    if missing:
+        out += "\n\nNot planned yet (one command each; JSON lands in `docs/scale/`):\n"
+        out += "\n".join(missing)
+    return out
+
+
+def render_flops(results: Path) -> str:
+    """Plans with the FLOP count (``--flops``) kept under ``docs/scale/flops/``."""
+    rows = []
+    for f in sorted((results / "flops").glob("*.json")):
+        r = json.loads(f.read_text())
+        if r.get("plan"):
+            rows.append(_grid_row(r, ""))
+    header = (
+        "| config | bits | slice (chips) | mesh data x fsdp x tensor | grad_accum | peak / chip "
+        "(% HBM) | projected MFU | collective time (share) | step FLOPs / chip, QAT vs float | "
+        "HBM bytes / chip, QAT vs float | compile (wall, this host) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|"
+    )
+    return header + "\n" + "\n".join(rows) if rows else "(none yet: `--flops`)"
+
+
+# fsdp vs fsdp x tensor on one slice: (config, bits, topology, tensor sizes)
+MESHES = [("configs/paper/llama-3-8b.yaml", "2", "v5p:4x4x4", (1, 4))]
+
+
+def mesh_file(results: Path, path: str, bits: str, topo: str, tensor: int) -> Path:
+    """The plan of one mesh-comparison cell (tensor 1 is the code-gathering table's auto)."""
+    if tensor == 1:
+        return gather_file(results, path, bits, topo, "auto")
+    stem = f"{Path(path).stem}-{bits}bit-{topo.replace(':', '_')}-tensor{tensor}"
+    return results / "mesh" / f"{stem}.json"
+
+
+def render_meshes(results: Path) -> str:
+    """Memory and collectives of fsdp-only vs fsdp x tensor meshes on the same slice."""
+    rows = []
+    for path, bits, topo, tensors in MESHES:
+        for n in tensors:
+            f = mesh_file(results, path, bits, topo, n)
+            if not f.exists():
+                cmd = (
+                    f"python -m paretoq_jax.plan --config {path} --topology {topo} --no-flops "
+                    f"{' '.join(BITS[bits])} mesh.tensor={n} --out {f}"
+                )
+                rows.append(
+                    f"| `{path}` | {bits} | {topo} | tensor={n}: not planned: `{cmd}` ||||||||"
+                )
+                continue
+            p = json.loads(f.read_text())
+            b, tr = p["bytes"], p.get("traffic", {})
+            red = tr.get("reductions", {}).get("bytes", 0.0)
+            total = sum(v["bytes"] for v in p["collectives"].values())
+            t = p["time"]["collectives_ici_s"] + p["time"]["collectives_dcn_s"]
+            mesh = "x".join(str(v) for v in p["mesh"].values())
+            rows.append(
+                f"| `{path}` | {bits} | {topo} | {mesh} | {gib(b['params'] + b['optimizer'])} | "
+                f"{gib(b['temporaries'])} | {gib(b['peak'])} | {_mib(p.get('weight_gather_bytes', 0))} | "
+                f"{_mib(red)} | {_mib(total)} | {1e3 * t:.0f} ms |"
+            )
+    header = (
+        "| config | bits | topology | mesh data x fsdp x tensor | params + AdamW / chip | "
+        "temporaries / chip | peak / chip | weight gathers / chip / step | reductions / chip / "
+        "step | all collectives | collective time (ICI) |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    )
+    return header + "\n" + "\n".join(rows)
+
+
 def render(results: Path) -> str:
     """docs/scale.md from the JSON results."""
-    rows = []
-    for f in sorted(glob.glob(str(results / "*.json"))):
-        r = json.loads(Path(f).read_text())
-        p = r.get("plan")
-        name = f"`{r['config']}`"
-        if p is None:
-            tried = ", ".join(t["topology"] for t in r.get("tried", []))
-            rows.append(f"| {name} | {r['bits']} | none of {tried} | | | | | | |")
-            continue
-        b, t = p["bytes"], p["time"]
-        mesh = "x".join(str(v) for v in p["mesh"].values())
-        mfu = f"{100 * p['mfu']:.0f}%" if "mfu" in p else "-"
-        share = f"{100 * t['collective_share']:.0f}%" if "collective_share" in t else "-"
-        fl = by = "-"
-        if "float" in r and "flops_per_device" in p:
-            q, fp = p, r["float"]
-            fl = f"{q['flops_per_device']:.3g} vs {fp['flops_per_device']:.3g} ({_pct(q['flops_per_device'], fp['flops_per_device'])})"
-            by = f"{q['hbm_bytes_per_device']:.3g} vs {fp['hbm_bytes_per_device']:.3g} ({_pct(q['hbm_bytes_per_device'], fp['hbm_bytes_per_device'])})"
-        rows.append(
-            f"| {name} | {r['bits']} | {p['topology']} ({p['devices']}) | {mesh} | "
-            f"{p['grad_accum']} | {gib(b['peak'])} ({100 * b['peak'] / b['hbm']:.0f}%) | "
-            f"{mfu} | {share} | {fl} | {by} |"
-        )
     chips = "\n".join(
         f"| {c.name} | {c.bf16_tflops:g} | {c.hbm_bytes / 2**30:.0f} | {c.hbm_GBps:g} | "
         f"{c.ici_GBps:g} | {c.dcn_GBps:g} | {c.source} |"
         for c in CHIPS.values()
     )
-    header = (
-        "| config | bits | smallest slice (chips) | mesh data x fsdp x tensor | grad_accum "
-        "| peak / chip (% HBM) | projected MFU | collective share | step FLOPs / chip, QAT vs "
-        "float | HBM bytes / chip, QAT vs float |\n|---|---|---|---|---|---|---|---|---|---|"
-    )
     notes = (results / "NOTES.md").read_text() if (results / "NOTES.md").exists() else ""
     return TEMPLATE.format(
-        table=header + "\n" + "\n".join(rows),
+        table=render_grid(results),
+        gpus=render_grid(results, "h100"),
+        flops=render_flops(results),
+        meshes=render_meshes(results),
         gather=render_gather(results),
         chips=chips,
         notes=notes,
@@ -243,9 +410,39 @@ state, `model.remat`, `model.scan_layers`, `train.grad_accum`, `mesh.fsdp: -1`; 
 global batch 128) compiled by XLA for compile-only TPU devices (`jax[tpu]`'s libtpu on a
 CPU-only host; no TPU, no weights, no data). "Smallest slice" is the first slice of the chip
 family, from the smallest up (v5p-8, 4 chips, by default; `--chip v5e|v6e|v4` searches those),
-whose compile fits HBM.
+whose compile fits HBM. Slices below an analytic lower bound (float32 weights + AdamW state
+fully sharded, remat's saved bf16 layer inputs and the logits of one micro-batch) and below
+the config's fit at the other bit-width (memory does not depend on the bit-width) are skipped
+without compiling; the search stops at the first fit. "Projected MFU" and the FLOP / byte
+columns need `--flops` (4 more compiles per cell, and 4 for the float step): see the next
+table for the plans that have them.
 
 {table}
+
+### With the FLOP count (`--flops`)
+
+The step's FLOPs and HBM bytes (`cost_analysis()`, scan bodies extrapolated) next to the
+same step at `model.bits=16`, and the roofline MFU they imply (JSON in `docs/scale/flops/`).
+
+{flops}
+
+### H100 counts (compile-only, `--chip h100`)
+
+The smallest number of H100 SXM GPUs (nodes of 8) whose compiled peak is within 80 GB
+(XLA:GPU raises no OOM at compile time: the planner compares the peak itself). No FLOP count
+on GPUs (no `cost_analysis()` for compile-only devices).
+
+{gpus}
+
+## fsdp vs fsdp x tensor, same slice
+
+The same step on the same chips with the tensor axis at 1 and 4 (Megatron: heads, MLP and
+vocabulary split over `tensor`, activations pinned to the batch axes): tensor parallelism
+shrinks what each chip holds of the weights' gathers and of the gradient reductions (its
+shards are not gathered) but adds activation all-reduces, and each fsdp shard now holds 4x
+the batch.
+
+{meshes}
 
 ## FSDP gathering integer codes (`mesh.gather_codes`), on vs off
 
@@ -342,6 +539,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--render-only", action="store_true")
     parser.add_argument(
+        "--topologies", nargs="*", help="search these slices instead of the chip's list"
+    )
+    parser.add_argument("--hlo-dir", help="also keep each compiled step's optimized HLO here")
+    parser.add_argument(
         "--gather",
         action="store_true",
         help="plan only the code-gathering comparison (mesh.gather_codes auto vs off)",
@@ -351,14 +552,21 @@ def main(argv: list[str] | None = None) -> int:
     results = Path(args.results)
     if args.gather and not args.render_only:
         for path, bits, topo, overrides in GATHER:
-            plan_gather(path, bits, topo, overrides, results, flops=args.flops)
+            plan_gather(
+                path, bits, topo, overrides, results, flops=args.flops,
+                hlo_dir=Path(args.hlo_dir) if args.hlo_dir else None,
+            )  # fmt: skip
             print(f"[scale] {path} {bits}-bit on {topo}: gather_codes auto and off planned")
     elif not args.render_only:
         for path in args.configs:
             if Path(path).name == "base.yaml":
                 continue
             for bits in args.bits:
-                r = plan_config(path, bits, results, flops=args.flops, chip=args.chip)
+                r = plan_config(
+                    path, bits, results, flops=args.flops, chip=args.chip,
+                    topologies=args.topologies,
+                    hlo_dir=Path(args.hlo_dir) if args.hlo_dir else None,
+                )  # fmt: skip
                 print(f"[scale] {path} {bits}-bit: {r.get('plan', {}).get('topology', 'no fit')}")
     Path(args.out).write_text(render(results))
     print(f"[scale] wrote {args.out}")

@@ -40,6 +40,9 @@ def format_plan(p: dict[str, Any]) -> str:
     if g:
         rows.append(("code gathering", f"mesh.gather_codes={g['mode']}: {g['linears']} quantized "
                      f"linears gather packed codes, {g['bytes'] / 2**20:.1f} MiB sent / chip"))  # fmt: skip
+    for what, v in sorted(p.get("traffic", {}).items()):
+        rows.append((f"  by what: {what}", f"{v['count']} arrays per step, "
+                     f"{v['bytes'] / 2**20:.1f} MiB sent / chip"))  # fmt: skip
     for kind, v in sorted(p["collectives"].items()):
         rows.append((f"{kind}", f"{v['count']} per step, {v['bytes'] / 2**20:.1f} MiB sent / chip"))
     t = p["time"]
