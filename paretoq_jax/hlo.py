@@ -196,6 +196,7 @@ def _split_computations(hlo: str) -> tuple[dict[str, list[str]], str]:
 
 
 Defs = dict[str, dict[str, tuple[str, str]]]  # computation -> instruction -> (op, rest of line)
+_ROOT = "<root>"  # a key no HLO instruction name can take: (root instruction name, "")
 
 
 def _definitions(comps: dict[str, list[str]]) -> Defs:
@@ -206,9 +207,8 @@ def _definitions(comps: dict[str, list[str]]) -> Defs:
             m = _INST.match(line)
             if m:
                 d[m[1]] = (m[3], m[4])
-            if line.lstrip().startswith("ROOT") and m:
-                d["__root__"] = (m[3], m[4])
-                d["__root_name__"] = (m[1], "")
+                if line.lstrip().startswith("ROOT"):
+                    d[_ROOT] = (m[1], "")  # the name of the computation's result
     return defs
 
 
@@ -243,45 +243,29 @@ def _is_zeros(
     return False
 
 
-def _is_zero_padded_shard(defs: Defs, comp: str, name: str, depth: int = 0) -> bool:
+def _is_zero_padded_shard(
+    defs: Defs, comp: str, name: str, depth: int = 0, outer: tuple[str, list[str]] | None = None
+) -> bool:
     """Whether ``name`` in ``comp`` is zeros with one block written in (``dynamic-update-slice``
     of a shard into a zero buffer, or ``pad`` with zeros): the operand of an all-gather that XLA
-    does as an all-reduce. Traced through copies, bitcasts and fusions (their root)."""
+    does as an all-reduce. Traced through copies, bitcasts and a fusion (its root; inside it,
+    ``outer`` = (the calling computation, the fusion's operands) maps its parameters, so the
+    zero buffer may come in from outside)."""
     op, rest = defs.get(comp, {}).get(name, ("", ""))
     if depth > 8 or not op:
         return False
     args = _operands(rest)
     if op in _PASS:
-        return bool(args) and _is_zero_padded_shard(defs, comp, args[0], depth + 1)
-    if op == "dynamic-update-slice":
-        return bool(args) and _is_zeros(defs, comp, args[0])
-    if op == "pad":
-        return len(args) > 1 and _is_zeros(defs, comp, args[1])
-    if op == "fusion":
+        return bool(args) and _is_zero_padded_shard(defs, comp, args[0], depth + 1, outer)
+    base = {"dynamic-update-slice": 0, "pad": 1}.get(op)  # the operand holding the buffer
+    if base is not None:
+        return len(args) > base and _is_zeros(defs, comp, args[base], outer=outer)
+    if op == "fusion" and outer is None:
         called = _CALLS.search(rest)
         inner = called[2] if called else ""
-        root, _ = defs.get(inner, {}).get("__root_name__", ("", ""))
-        return bool(root) and _fused_padded(defs, inner, root, comp, args, depth + 1)
+        root = defs.get(inner, {}).get(_ROOT, ("", ""))[0]
+        return bool(root) and _is_zero_padded_shard(defs, inner, root, depth + 1, (comp, args))
     return False
-
-
-def _fused_padded(
-    defs: Defs, inner: str, name: str, outer: str, outer_args: list[str], depth: int
-) -> bool:
-    """``_is_zero_padded_shard`` inside a fusion computation (its zero buffer may come in as a
-    fusion parameter: traced to the fusion's operands in ``outer``)."""
-    op, rest = defs.get(inner, {}).get(name, ("", ""))
-    if depth > 8 or not op:
-        return False
-    args = _operands(rest)
-    if op in _PASS:
-        return bool(args) and _fused_padded(defs, inner, args[0], outer, outer_args, depth + 1)
-    base = {"dynamic-update-slice": 0, "pad": 1}.get(op)
-    return (
-        base is not None
-        and len(args) > base
-        and _is_zeros(defs, inner, args[base], outer=(outer, outer_args))
-    )
 
 
 def _trip_count(comps: dict[str, list[str]], line: str) -> int | None:
