@@ -21,8 +21,10 @@ The rules, whatever ``--force`` says:
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -43,6 +45,7 @@ __all__ = [
     "is_run_dir",
     "marker_text",
     "output_kind",
+    "TEXT_MARKER",
 ]
 
 MARKER = ".paretoq-output.json"
@@ -50,7 +53,10 @@ GGUF_KIND_KEY = "paretoq_jax.output"
 JSON_KIND_KEY = "output_kind"
 RUN_DIR_MARKERS = ("config.yaml", "checkpoints", "metrics.jsonl")
 # kinds whose earlier output is replaced without --force (derived data, regenerated at will)
-REGENERATED = frozenset({"report"})
+REGENERATED = frozenset({"report", "hlo", "scale-page"})
+# first line of a generated text page (markdown): names its kind, as a folder's marker does
+TEXT_MARKER = "<!-- paretoq_jax output: {kind} -->"
+_TEXT_KIND = re.compile(rb"<!-- paretoq_jax output: ([\w-]+) -->")
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -90,10 +96,20 @@ def output_kind(path: str | Path) -> str | None:
         return None
     try:
         with open(p, "rb") as f:
-            head = f.read(4)
-    except OSError:
+            head = f.read(64)
+        if head[:2] == b"\x1f\x8b":  # gzip: an HLO dump kept by `plan --hlo FILE.gz`?
+            with gzip.open(p, "rb") as f:
+                head = f.read(64)
+    except (OSError, EOFError):
         return None
-    if head == b"GGUF":
+    if head.startswith(b"HloModule "):  # optimized HLO text (`plan --hlo`)
+        return "hlo"
+    text_kind = _TEXT_KIND.match(head)
+    if text_kind:
+        return text_kind[1].decode()
+    if head.startswith(b"# Pod scale, planned on a CPU"):  # plan.scale's page before the marker
+        return "scale-page"
+    if head[:4] == b"GGUF":
         return _gguf_kind(p)
     if head[:1] == b"{":
         try:
@@ -266,12 +282,15 @@ def atomic_output(
     reads: Sequence[str | Path] = (),
     owned_run: str | Path | None = None,
     marker: dict | None = None,
+    flag: str = "--out",
 ) -> Iterator[Path]:
     """Yield a fresh temporary path beside ``out``; when the block succeeds, mark it as an
     output of ``kind`` (folders) and rename it to ``out``, replacing an earlier output only as
     :func:`check_output` allows (checked again just before the rename). On failure the
     temporary path is removed and ``out`` is left as it was."""
-    p = check_output(out, kind, directory=directory, force=force, reads=reads, owned_run=owned_run)
+    p = check_output(
+        out, kind, directory=directory, force=force, reads=reads, owned_run=owned_run, flag=flag
+    )
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{p.name}.tmp-", dir=p.parent))
     umask = os.umask(0)
@@ -283,7 +302,7 @@ def atomic_output(
         if directory:
             (target / MARKER).write_text(marker_text(kind, marker))
         check_output(
-            out, kind, directory=directory, force=force, reads=reads, owned_run=owned_run
+            out, kind, directory=directory, force=force, reads=reads, owned_run=owned_run, flag=flag
         )  # anything changed meanwhile?
         if p.exists() and not (p.is_dir() and not any(p.iterdir())):
             old = p.parent / f".{p.name}.old-{os.getpid()}"

@@ -19,6 +19,8 @@ from paretoq_jax.errors import ParetoQError
 from paretoq_jax.eval.__main__ import main as eval_main
 from paretoq_jax.export.__main__ import main as export_main
 from paretoq_jax.generate import main as generate_main
+from paretoq_jax.plan.__main__ import main as plan_main
+from paretoq_jax.plan.scale import main as plan_scale_main
 from paretoq_jax.quickstart import main as quickstart_main
 from paretoq_jax.report.__main__ import main as report_main
 from paretoq_jax.scaling import main as scaling_main
@@ -41,6 +43,8 @@ MAINS = {
     "prepare": prepare_main,
     "mixture": mixture_main,
     "scaling": scaling_main,
+    "plan": plan_main,
+    "plan.scale": plan_scale_main,
 }
 
 
@@ -99,6 +103,13 @@ CASES: list[tuple[str, object, str]] = [
     ("train", lambda w: ["--config", str(w["d"] / "list.yaml")], "mapping"),
     ("train", lambda w: ["--config", str(w["d"] / "broken.yaml")], "broken.yaml"),
     ("train", lambda w: _train(w, "train.stepz=3"), "unknown config key 'train.stepz'"),
+    # outputs the planner keeps: refused over a file that is not an earlier one, before compiling
+    ("plan", lambda w: ["--config", str(TINY), "--topology", "v5p:2x2x1", "--hlo",
+                        str(w["d"] / "afile")], "no 'hlo' marker"),  # fmt: skip
+    ("plan", lambda w: ["--config", str(TINY), "--topology", "v5p:2x2x1", "--hlo",
+                        str(w["run"] / "config.yaml")], "training run directory"),  # fmt: skip
+    ("plan.scale", lambda w: ["--render-only", "--out", str(w["d"] / "afile")],
+     "no 'scale-page' marker"),  # fmt: skip
     ("train", lambda w: _train(w, "train.steps=abc"), "must be an integer"),
     ("train", lambda w: _train(w, "train.steps"), "key=value"),
     ("train", lambda w: _train(w, "train.optimizer.lr=-1"), "train.optimizer.lr"),

@@ -243,3 +243,35 @@ def test_interrupted_training_saves_and_exits_128_plus_signal(tmp_path, sig):
     assert "Traceback" not in out
     saved = [int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()]
     assert saved and max(saved) < 40
+
+
+def test_planner_outputs_replace_only_their_own_kind(tmp_path):
+    """``plan --hlo`` / ``plan.scale --hlo-dir`` dumps and the ``plan.scale`` page are recognised
+    by their content (an HLO module header, plain or gzipped; the page's first-line marker), so a
+    rerun replaces them and nothing else: before, any file at those paths was overwritten."""
+    import gzip
+
+    from paretoq_jax.outputs import TEXT_MARKER, OutputError, atomic_write_text, check_output
+    from paretoq_jax.plan.core import _write_hlo
+    from paretoq_jax.plan.scale import PAGE_KIND
+
+    dump = tmp_path / "step.hlo.gz"
+    _write_hlo(dump, "HloModule jit_step, entry_computation_layout={}\n")
+    assert output_kind(dump) == "hlo"
+    _write_hlo(dump, "HloModule jit_step_again\n")  # an earlier dump: replaced
+    with gzip.open(dump, "rt") as f:
+        assert f.read() == "HloModule jit_step_again\n"
+    plain = tmp_path / "step.hlo"
+    _write_hlo(plain, "HloModule m\n")
+    assert output_kind(plain) == "hlo"
+    mine = tmp_path / "notes.txt"
+    mine.write_text("my notes")
+    with pytest.raises(OutputError, match="no 'hlo' marker"):
+        _write_hlo(mine, "HloModule m\n")
+    assert mine.read_text() == "my notes"
+
+    page = tmp_path / "scale.md"
+    atomic_write_text(page, TEXT_MARKER.format(kind=PAGE_KIND) + "\n# page\n")
+    assert check_output(page, PAGE_KIND, directory=False) == page  # regenerated without --force
+    with pytest.raises(OutputError, match="no 'scale-page' marker"):
+        check_output(mine, PAGE_KIND, directory=False)

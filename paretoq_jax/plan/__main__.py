@@ -50,6 +50,8 @@ def _main(argv: list[str] | None = None) -> int:
 
     if args.out:  # checked before the (minutes-long) compile
         check_output(args.out, "plan", directory=False, force=args.force)
+    if args.hlo:  # only an earlier HLO dump is replaced
+        check_output(args.hlo, "hlo", directory=False, flag="--hlo")
     cfg = load_config(RunConfig, args.config, args.overrides)
     result = plan(
         cfg, args.topology or args.gpu, args.slices, count_flops=not args.no_flops,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gzip
 import math
 import os
 import re
@@ -34,6 +35,7 @@ from paretoq_jax import hlo
 from paretoq_jax.errors import ParetoQError
 from paretoq_jax.io import load_model_config
 from paretoq_jax.models.config import LlamaConfig
+from paretoq_jax.outputs import atomic_output
 from paretoq_jax.parallel import code_gather
 from paretoq_jax.run.build import build_mesh, model_factory, param_shardings
 from paretoq_jax.run.checkpoint import abstract_like
@@ -302,15 +304,13 @@ def weight_gather_bytes(split: dict[str, dict]) -> float:
     return sum(v["bytes"] for k, v in split.items() if k.startswith("weights "))
 
 
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".gz":
-        import gzip
-
-        with gzip.open(path, "wt") as f:
+def _write_hlo(path: str | os.PathLike, text: str) -> None:
+    """Keep the optimized HLO text at ``path`` (gzip when it ends in ``.gz``), written
+    atomically and only over an earlier HLO dump (``outputs.check_output``)."""
+    with atomic_output(path, "hlo", directory=False, flag="--hlo") as tmp:
+        opener = gzip.open if Path(path).suffix == ".gz" else open
+        with opener(tmp, "wt") as f:
             f.write(text)
-    else:
-        path.write_text(text)
 
 
 def plan(
@@ -352,7 +352,7 @@ def plan(
     compiled = _compile(fn, args, **compile_kw)
     text = compiled.as_text()
     if hlo_out is not None:
-        _write_text(Path(hlo_out), text)
+        _write_hlo(hlo_out, text)
     mem = compiled.memory_analysis()
     peak = (
         mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
