@@ -60,24 +60,25 @@ def main() -> None:
         model = build_model(vcfg, mesh)
         load_s = time.perf_counter() - t0
         vocab = model.config.vocab_size
-        state, step, _ = build_trainer(vcfg, mesh, model)
+        state, step, teacher = build_trainer(vcfg, mesh, model)
+        extra = () if teacher is None else (teacher,)  # distillation's frozen teacher
         del model
         tokens = np.random.default_rng(0).integers(0, vocab, (b, s), dtype=np.int32)
         batch = {"tokens": jax.device_put(tokens, step.batch_sharding)}
         t0 = time.perf_counter()
-        state, m = step(state, batch)
+        state, m = step(state, batch, *extra)
         jax.block_until_ready(m)
         compile_s = time.perf_counter() - t0
-        state, m = step(state, batch)  # one more warm-up
+        state, m = step(state, batch, *extra)  # one more warm-up
         jax.block_until_ready(m)
-        variants[name] = {"state": state, "step": step, "batch": batch, "times": [], "cpu": [],
+        variants[name] = {"state": state, "step": step, "batch": batch, "extra": extra, "times": [], "cpu": [],
                           "load_s": load_s, "compile_s": compile_s}  # fmt: skip
 
     for _ in range(args.blocks):
         for v in variants.values():
             for _ in range(args.steps):
                 t0, c0 = time.perf_counter(), time.process_time()
-                v["state"], m = v["step"](v["state"], v["batch"])
+                v["state"], m = v["step"](v["state"], v["batch"], *v["extra"])
                 jax.block_until_ready(m)
                 v["times"].append(time.perf_counter() - t0)
                 v["cpu"].append(time.process_time() - c0)
