@@ -92,6 +92,57 @@ def test_native_bfloat16_and_leading_axes():
 
 
 @native
+@pytest.mark.parametrize("bits,ternary", [(2, "2bit"), (1.58, "base3"), (3, "2bit")])
+def test_native_reads_a_layer_of_stacked_codes_in_place(bits, ternary):
+    """``layer=`` reads entry ``i`` of stacked codes and scales (traced inside a scan, or an
+    int) exactly as the kernel does on that layer's slice; a bad index or shape is refused."""
+    spec = quant.resolve(bits, None)
+    n_layers, n_in, n_out = 3, 77, 45
+    lins = [QuantLinear(n_in, n_out, spec=spec, rngs=nnx.Rngs(i)) for i in range(n_layers)]
+    parts = [linear_codes(lin) for lin in lins]
+    packed = jnp.stack([quant.pack(c, bits, ternary=ternary) for c, _ in parts])
+    scale = jnp.stack([a for _, a in parts])
+    fmt = quant.pack_format(bits, ternary)
+    kw = dict(layout="base3" if fmt.base3 else ",".join(map(str, fmt.fields)), in_features=n_in,
+              mult=fmt.mult, offset=fmt.kmin + spec.z, n=spec.n, eps=quant.SCALE_EPS)  # fmt: skip
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, n_in))
+    sliced = [np.asarray(kernels.packed_linear(x, packed[i], scale[i], **kw)) for i in range(3)]
+
+    def step(_, i):
+        return None, kernels.packed_linear(x, packed, scale, layer=i, **kw)
+
+    _, in_place = jax.jit(lambda: jax.lax.scan(step, None, jnp.arange(n_layers)))()
+    np.testing.assert_array_equal(np.asarray(in_place), np.stack(sliced))
+    np.testing.assert_array_equal(
+        np.asarray(kernels.packed_linear(x, packed, scale, layer=2, **kw)), sliced[2]
+    )
+    with pytest.raises(Exception, match="layer index out of range"):
+        np.asarray(kernels.packed_linear(x, packed, scale, layer=n_layers, **kw))
+    with pytest.raises(ValueError, match="stacked over layers"):
+        kernels.packed_linear(x, packed[0], scale[0], layer=0, **kw)
+
+
+@native
+def test_decoder_hands_packed_codes_whole_to_the_kernel():
+    """Inside the decoder's scan the native kernel gets the stacked ``(L, P, R, out)`` codes
+    (read in place at the layer index), never a per-layer slice: a slice would be copied."""
+    cfg = dataclasses.replace(LlamaConfig.from_json(TINY), hidden_size=64, intermediate_size=96,
+                              num_hidden_layers=3)  # fmt: skip
+    model = use_kernel(to_packed_model(Llama(cfg, quant=QuantRules.paretoq(2), rngs=nnx.Rngs(0))),
+                       "native")  # fmt: skip
+    graphdef, state = nnx.split(model)
+    ids = jnp.ones((1, 4), jnp.int32)
+    hlo = jax.jit(lambda s: nnx.merge(graphdef, s)(ids)).lower(state).as_text()
+    calls = [ln for ln in hlo.splitlines() if kernels.TARGET in ln and "custom_call" in ln]
+    assert len(calls) == 7  # the 7 projections of the one scanned layer body
+    stacked = f"tensor<{cfg.num_hidden_layers}x2x"  # 2-bit: two byte planes, stacked over L
+    assert all(stacked in ln for ln in calls), calls[0]
+    got = np.asarray(jax.jit(lambda s: nnx.merge(graphdef, s)(ids))(state))
+    ref = np.asarray(_apply(*nnx.split(use_kernel(nnx.clone(model), "xla")), ids))
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+@native
 @pytest.mark.parametrize("batch", [1, 5, 16])
 def test_native_int8_lm_head(batch):
     table = jax.random.normal(jax.random.PRNGKey(0), (203, 72))

@@ -205,15 +205,27 @@ def packed_linear(
     offset: float,
     n: float,
     eps: float,
+    layer: jax.Array | int | None = None,
 ) -> jax.Array:
     """``(max(scale, eps) / n) * (mult * (x @ u) + offset * sum(x))`` by the native kernel.
 
     ``u`` are the unsigned codes of ``packed`` (uint8 ``(P, R, out)``) in ``layout``: the
     field widths ``"1"``, ``"2"``, ``"4"``, ``"2,1"``, or ``"base3"`` (docs/packed-format.md),
-    or ``"int8"`` (one plane of signed int8 values ``(in, out)``, dtype int8; the others uint8). ``x``: ``(..., in)``; the
-    result is float32 ``(..., out)``. Traceable (jit, scan, while_loop); CPU only.
+    or ``"int8"`` (one plane of signed int8 values ``(in, out)``, dtype int8; the others
+    uint8). ``x``: ``(..., in)``; the result is float32 ``(..., out)``. Traceable (jit, scan,
+    while_loop); CPU only.
+
+    With ``layer`` (an int32 scalar, traced or not), ``packed`` is a stack ``(L, P, R, out)``
+    and ``scale`` ``(L, out)``, and the product is layer ``layer``'s, read in place: slicing
+    the stack in XLA instead would copy the layer's codes into a buffer of their own first.
     """
     _load()
+    stacked = layer is not None
+    if packed.ndim != 3 + stacked or scale.ndim != 1 + stacked:
+        raise ValueError(
+            f"packed {packed.shape} and scale {scale.shape} must be (P, R, out) and (out,)"
+            + (", stacked over layers (with layer=)" if stacked else "")
+        )
     lead = x.shape[:-1]
     x2 = jnp.reshape(x.astype(jnp.float32), (-1, in_features))
     out = packed.shape[-1]
@@ -225,8 +237,9 @@ def packed_linear(
     call = jax.ffi.ffi_call(
         TARGET, jax.ShapeDtypeStruct((x2.shape[0], out), jnp.float32), vmap_method="sequential"
     )
+    at = jnp.asarray(0 if layer is None else layer, jnp.int32)
     y = call(
-        x2, packed, scale.astype(jnp.float32), layout=layout,
+        x2, packed, scale.astype(jnp.float32), at, layout=layout,
         in_features=np.int64(in_features), mult=np.float32(mult), offset=np.float32(offset),
         n=np.float32(n), eps=np.float32(eps),
     )  # fmt: skip

@@ -308,7 +308,8 @@ bool parse_layout(std::string_view layout, std::vector<int>* kinds, int* slabs) 
 }
 
 ffi::Error PackedLinearImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer packed,
-                            ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y,
+                            ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::S32> layer,
+                            ffi::ResultBuffer<ffi::F32> y,
                             std::string_view layout, int64_t in_features, float mult,
                             float offset, float n, float eps) {
   std::vector<int> kinds;
@@ -319,17 +320,26 @@ ffi::Error PackedLinearImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer packed,
   if (packed.element_type() != (int8 ? ffi::DataType::S8 : ffi::DataType::U8))
     return ffi::Error::InvalidArgument("packed_linear: codes must be uint8 (int8 for int8)");
   const auto xd = x.dimensions(), pd = packed.dimensions();
-  if (xd.size() != 2 || pd.size() != 3 || xd[1] != in_features)
-    return ffi::Error::InvalidArgument("packed_linear: x must be (B, in) and packed (P, R, out)");
-  const int64_t batch = xd[0], planes = pd[0], rows = pd[1], out = pd[2];
+  if (xd.size() != 2 || (pd.size() != 3 && pd.size() != 4) || xd[1] != in_features ||
+      layer.element_count() != 1)
+    return ffi::Error::InvalidArgument(
+        "packed_linear: x must be (B, in), packed (P, R, out) or (L, P, R, out), layer a scalar");
+  // Stacked codes (L, P, R, out) with scales (L, out): the product of layer `layer` only, read
+  // in place (a slice taken in XLA would be copied into its own buffer first).
+  const int64_t n_layers = pd.size() == 4 ? pd[0] : 1, at = pd.size() == 4 ? *layer.typed_data() : 0;
+  const size_t d0 = pd.size() - 3;
+  const int64_t batch = xd[0], planes = pd[d0], rows = pd[d0 + 1], out = pd[d0 + 2];
   if (planes != static_cast<int64_t>(kinds.size()) || rows * n_slabs < in_features ||
-      scale.element_count() != static_cast<size_t>(out) || y->element_count() != batch * out)
+      scale.element_count() != static_cast<size_t>(n_layers * out) ||
+      y->element_count() != batch * out)
     return ffi::Error::InvalidArgument("packed_linear: shapes do not match the layout");
+  if (at < 0 || at >= n_layers)
+    return ffi::Error::InvalidArgument("packed_linear: layer index out of range");
 
   // Activations in chunks of kMaxRows batch rows (Problem), times the power of two of the
   // plane's field (its bit offset in u); input rows past in_features are 0.
   Problem pb;
-  pb.packed = static_cast<const uint8_t*>(packed.untyped_data());
+  pb.packed = static_cast<const uint8_t*>(packed.untyped_data()) + at * planes * rows * out;
   pb.rows = rows;
   pb.out = out;
   pb.batch = batch;
@@ -357,10 +367,11 @@ ffi::Error PackedLinearImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer packed,
       for (int g = 0; g < field; ++g, ++p) {
         const int k = slabs_of(kind);
         float* dst = chunk + pb.planes[p].x_offset;
+        const float pow2 = static_cast<float>(1 << shift);  // exact: a power of two
         for (int j = 0; j < k; ++j) {
           const int64_t first = static_cast<int64_t>(g * k + j) * rows;
-          for (int64_t r = 0; r < rows && first + r < in_features; ++r)
-            dst[(r * k + j) * kMaxRows] = std::ldexp(xb[first + r], shift);
+          const int64_t n_r = std::min<int64_t>(rows, in_features - first);
+          for (int64_t r = 0; r < n_r; ++r) dst[(r * k + j) * kMaxRows] = xb[first + r] * pow2;
         }
       }
       shift += field;
@@ -380,7 +391,7 @@ ffi::Error PackedLinearImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer packed,
     compute_columns(pb, c0, c1, acc);
   });
 
-  const float* a = scale.typed_data();
+  const float* a = scale.typed_data() + at * out;
   for (int64_t b = 0; b < batch; ++b) {
     float* yb = acc + b * out;
     const float off = offset * x_sum[b];
@@ -396,6 +407,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PareToQPackedLinear, PackedLinearImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<std::string_view>("layout")
                                   .Attr<int64_t>("in_features")

@@ -9,8 +9,10 @@ A module built with ``stack=(L,)`` holds its parameters stacked over ``L`` decod
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +26,31 @@ Array = jax.Array
 # One layer's KV cache as the attention takes it: keys (after RoPE) and values
 # ``(B, T, kv_heads, head_dim)`` and the slot where the current chunk is written.
 LayerCache = tuple[Array, Array, Array]
+
+
+class ReadInPlace(nnx.Variable):
+    """Base of stacked ``(L, ...)`` variables the decoder hands whole to every layer, which
+    reads its own entry in place (:func:`layer_index`) instead of getting a slice: packed codes,
+    whose slice XLA would copy into a buffer of its own before the native kernel reads it."""
+
+
+_LAYER: contextvars.ContextVar = contextvars.ContextVar("paretoq_layer", default=None)
+
+
+@contextlib.contextmanager
+def running_layer(index: Array | int) -> Iterator[None]:
+    """While tracing decoder layer ``index`` (a scan's traced counter or an int), modules
+    holding whole :class:`ReadInPlace` stacks read entry ``index`` of them."""
+    token = _LAYER.set(index)
+    try:
+        yield
+    finally:
+        _LAYER.reset(token)
+
+
+def layer_index() -> Array | int | None:
+    """The index of the decoder layer being traced (:func:`running_layer`), else ``None``."""
+    return _LAYER.get()
 
 
 def _param(

@@ -19,10 +19,12 @@ from paretoq_jax.models.layers import (
     DecoderLayer,
     LayerCache,
     QuantLinear,
+    ReadInPlace,
     RMSNorm,
     _param,
     rope_cos_sin,
     rope_inv_freq,
+    running_layer,
 )
 from paretoq_jax.models.linears import PROJECTIONS
 from paretoq_jax.models.rules import QuantRules
@@ -105,18 +107,22 @@ class Llama(nnx.Module):
         """The decoder layers on ``h``: the last output, or with ``keep_all`` every layer's
         input plus the last output stacked ``(L + 1, ...)``. With ``cache = (k, v, at)``
         (every layer's cache stacked ``(L, B, T, kv_heads, head_dim)``, see
-        :class:`~paretoq_jax.models.layers.Attention`) returns ``(last, (k, v))`` updated."""
-        graphdef, state = nnx.split(self.layers)
+        :class:`~paretoq_jax.models.layers.Attention`) returns ``(last, (k, v))`` updated.
+        Stacked variables are sliced per layer, except :class:`ReadInPlace` ones (packed
+        codes), passed whole for the layer to read its own entry."""
+        graphdef, whole, state = nnx.split(self.layers, ReadInPlace, ...)
         cached = cache is not None
 
         def step(carry, xs):
             layer_state, i = xs
-            layer = nnx.merge(graphdef, layer_state)
+            layer = nnx.merge(graphdef, whole, layer_state)
             if not cached:
-                out = constrain(layer(carry, cos, sin, mask), HIDDEN)
+                with running_layer(i):
+                    out = constrain(layer(carry, cos, sin, mask), HIDDEN)
                 return out, (out if keep_all else None)
             h, k_all, v_all = carry
-            out, (k_i, v_i) = layer(h, cos, sin, mask, (k_all[i], v_all[i], cache[2]))
+            with running_layer(i):
+                out, (k_i, v_i) = layer(h, cos, sin, mask, (k_all[i], v_all[i], cache[2]))
             k_all = jax.lax.dynamic_update_index_in_dim(k_all, k_i, i, 0)
             v_all = jax.lax.dynamic_update_index_in_dim(v_all, v_i, i, 0)
             return (constrain(out, HIDDEN), k_all, v_all), None

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from paretoq_jax import kernels, quant
-from paretoq_jax.models.layers import QuantLinear
+from paretoq_jax.models.layers import QuantLinear, ReadInPlace, layer_index
 from paretoq_jax.models.linears import quant_linears
 
 __all__ = [
@@ -51,10 +51,13 @@ def _layout(fmt: quant.PackFormat) -> str:
     return "base3" if fmt.base3 else ",".join(map(str, fmt.fields))
 
 
-def _product(module: PackedLinear | Int8Embedding, x: Array) -> Array:
+def _product(
+    module: PackedLinear | Int8Embedding, x: Array, at: Array | int | None = None
+) -> Array:
     """The module's float32 product with ``x`` (already in the module's compute dtype): the
     native kernel or XLA, as ``module.kernel`` resolves (:func:`paretoq_jax.kernels.resolve`).
-    Both compute the same sum (float rounding aside)."""
+    Both compute the same sum (float rounding aside). ``at``: the layer of stacked codes
+    (``(L, P, R, out)``) to use, read in place by the native kernel."""
     rows = math.prod(x.shape[:-1])
     native = kernels.resolve(module.kernel, rows) == "native"
     if isinstance(module, Int8Embedding):  # logits = (h @ codes_t) * scale
@@ -67,14 +70,18 @@ def _product(module: PackedLinear | Int8Embedding, x: Array) -> Array:
         logits = jnp.dot(x, module.codes_t[...].astype(x.dtype), preferred_element_type=jnp.float32)
         return logits * module.scale[...]
     spec, fmt = module.spec, quant.pack_format(module.spec.bits, module.ternary)
+    packed, scale = module.packed[...], module.scale[...]
     if native:
         return kernels.packed_linear(
-            x, module.packed[...], module.scale[...], layout=_layout(fmt),
-            in_features=module.in_features, mult=fmt.mult, offset=fmt.kmin + spec.z, n=spec.n,
-            eps=quant.SCALE_EPS,
+            x, packed, scale, layout=_layout(fmt), in_features=module.in_features,
+            mult=fmt.mult, offset=fmt.kmin + spec.z, n=spec.n, eps=quant.SCALE_EPS, layer=at,
         )  # fmt: skip
+    if at is not None:  # a slice XLA fuses into the unpacking
+        packed, scale = (
+            jax.lax.dynamic_index_in_dim(a, at, keepdims=False) for a in (packed, scale)
+        )
     return quant.packed_matmul(
-        x, module.packed[...], module.scale[...], spec.bits, module.in_features,
+        x, packed, scale, spec.bits, module.in_features,
         method=spec.method, ternary=module.ternary, tile_rows=module.tile_rows,
     )  # fmt: skip
 
@@ -99,11 +106,12 @@ def linear_codes(lin: QuantLinear) -> tuple[Array, Array]:
     return jnp.stack([c for c, _ in parts]), jnp.stack([a for _, a in parts])
 
 
-class PackedCodes(nnx.Variable):
-    """uint8 packed codes (not a trainable parameter)."""
+class PackedCodes(ReadInPlace):
+    """uint8 packed codes (not a trainable parameter); stacked over layers, the decoder
+    passes them whole and each layer's product reads its own entry in place."""
 
 
-class PackedScale(nnx.Variable):
+class PackedScale(ReadInPlace):
     """The effective per-output-channel scale of packed codes (not trainable)."""
 
 
@@ -162,12 +170,16 @@ class PackedLinear(nnx.Module):
         return quant.from_codes(codes, self.scale[...], self.spec)
 
     def __call__(self, x: Array, out_dtype=None) -> Array:
+        at = None
         if self.packed.ndim != 3:
-            raise ValueError(
-                f"PackedLinear called with stacked codes {self.packed.shape}: the decoder runs "
-                "one layer slice at a time (call it on a slice)"
-            )
-        y = _product(self, x.astype(self.dtype)).astype(self.dtype)
+            at = layer_index()
+            if at is None or self.packed.ndim != 4:
+                raise ValueError(
+                    f"PackedLinear called with stacked codes {self.packed.shape} outside a "
+                    "decoder layer: call it on one layer's slice, or inside "
+                    "models.layers.running_layer(index)"
+                )
+        y = _product(self, x.astype(self.dtype), at).astype(self.dtype)
         if out_dtype is not None:
             y = y.astype(out_dtype)
         if self.bias is not None:
