@@ -35,8 +35,9 @@ native = pytest.mark.skipif(
 
 LAYOUTS = [(1, None, "2bit"), (1.58, None, "2bit"), (1.58, None, "base3"), (2, None, "2bit"),
            (3, None, "2bit"), (4, None, "2bit"), (2, "absmean", "2bit"), (4, "lsq", "2bit")]  # fmt: skip
-# (in, out, batch): odd sizes (padded slabs, partial column blocks), batch 1..16 and beyond
-SHAPES = [(45, 24, 1), (77, 131, 3), (130, 70, 16), (5, 1, 20)]
+# (in, out, batch): odd sizes (padded slabs, partial column blocks), batch 1..16 and beyond;
+# batch 1 sums panels of columns: several per thread's range, and a ragged end
+SHAPES = [(45, 24, 1), (77, 131, 3), (130, 70, 16), (5, 1, 20), (21, 9003, 1)]
 
 
 @jax.jit
