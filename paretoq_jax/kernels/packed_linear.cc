@@ -15,11 +15,8 @@
 // or AVX2 from -march=native): load the bytes of a byte row, widen them to 32-bit lanes, peel
 // each slab's field off with a shift and a mask, convert to float and multiply-add with the
 // broadcast activation of that slab's input row. Activations are copied once per call into
-// per-plane slab order and pre-multiplied by the field's power of two (exact). A single
-// activation row (batch-1 decoding) instead sums whole panels of up to kPanel columns in
-// memory, reading each byte row as one contiguous run: in register blocks the strided 32-byte
-// reads, not the arithmetic, bound it (the int8 LM head, 576 x 49,152: 2x faster, measured).
-// The columns are split across a small persistent thread pool.
+// per-plane slab order and pre-multiplied by the field's power of two (exact). The columns are
+// split across a small persistent thread pool.
 
 #include <algorithm>
 #include <cmath>
@@ -166,58 +163,6 @@ void column_block(const Problem& pb, const uint8_t* packed, int64_t stride, int6
     for (int n = 0; n < NV; ++n) std::memcpy(dst + (b * NV + n) * kLanes, &acc[b][n], sizeof(vf));
 }
 
-// One batch row: y[col, col + width) (width a multiple of kLanes) over every plane, summed in
-// `acc` in memory (L1) instead of registers, so that each byte row is read as one contiguous
-// run of `width` bytes: with a single activation row there are too few multiply-adds per byte
-// to hide the strided reads of a register block.
-template <int KIND>
-inline void plane_panel(float* acc, int64_t width, const uint8_t* plane, int64_t stride,
-                        int64_t rows, const float* xs) {
-  constexpr int K = slabs_of(KIND);
-  for (int64_t r = 0; r < rows; ++r) {
-    const uint8_t* row = plane + r * stride;
-    float xj[K];
-    for (int j = 0; j < K; ++j) xj[j] = xs[(r * K + j) * kMaxRows];
-    for (int64_t c = 0; c < width; c += kLanes) {
-      vi v = widen(row + c, KIND);
-      vf a;
-      std::memcpy(&a, acc + c, sizeof(vf));
-      for (int j = 0; j < K; ++j) {
-        vi d;
-        if constexpr (KIND == kBase3) {
-          const vi q = (v * 171) >> 9;
-          d = v - q * 3;
-          v = q;
-        } else if constexpr (KIND == kInt8) {
-          d = v;
-        } else {
-          d = (v >> (KIND * j)) & ((1 << KIND) - 1);
-        }
-        a += xj[j] * __builtin_convertvector(d, vf);
-      }
-      std::memcpy(acc + c, &a, sizeof(vf));
-    }
-  }
-}
-
-void column_panel(const Problem& pb, int64_t col, int64_t width, float* acc) {
-  std::fill(acc, acc + width, 0.f);
-  const int64_t plane_bytes = pb.rows * pb.out;
-  for (size_t p = 0; p < pb.planes.size(); ++p) {
-    const uint8_t* plane = pb.packed + p * plane_bytes + col;
-    const float* x = pb.xs + pb.planes[p].x_offset;
-    switch (pb.planes[p].kind) {
-      case kW1: plane_panel<kW1>(acc, width, plane, pb.out, pb.rows, x); break;
-      case kW2: plane_panel<kW2>(acc, width, plane, pb.out, pb.rows, x); break;
-      case kW4: plane_panel<kW4>(acc, width, plane, pb.out, pb.rows, x); break;
-      case kBase3: plane_panel<kBase3>(acc, width, plane, pb.out, pb.rows, x); break;
-      case kInt8: plane_panel<kInt8>(acc, width, plane, pb.out, pb.rows, x); break;
-    }
-  }
-}
-
-constexpr int64_t kPanel = 1024;  // columns per panel (one batch row): 4 KiB of sums in L1
-
 using BlockFn = void (*)(const Problem&, const uint8_t*, int64_t, int64_t, const float*, float*);
 constexpr BlockFn kBlocks[kMaxRows + 1] = {nullptr,          column_block<1>, column_block<2>,
                                            column_block<3>,  column_block<4>, column_block<5>,
@@ -229,10 +174,6 @@ constexpr int kWidest = 4 * kLanes;  // widest column block
 void compute_columns(const Problem& pb, int64_t c0, int64_t c1, float* acc) {
   std::vector<uint8_t> tail;
   float buf[kMaxRows * kWidest];
-  if (pb.batch == 1) {  // whole panels of whole vectors; the rest (< kLanes columns) below
-    for (; c0 + kLanes <= c1; c0 += std::min<int64_t>(kPanel, (c1 - c0) / kLanes * kLanes))
-      column_panel(pb, c0, std::min<int64_t>(kPanel, (c1 - c0) / kLanes * kLanes), acc + c0);
-  }
   // Column blocks of the widest width (shared by every batch chunk, so a block's bytes are
   // read from memory once and stay in cache for the other chunks), split for narrower ones.
   for (int64_t cb = c0; cb < c1; cb += kWidest) {
