@@ -141,6 +141,9 @@ def test_decoder_hands_packed_codes_whole_to_the_kernel():
     got = np.asarray(jax.jit(lambda s: nnx.merge(graphdef, s)(ids))(state))
     ref = np.asarray(_apply(*nnx.split(use_kernel(nnx.clone(model), "xla")), ids))
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    unrolled = nnx.clone(model)  # layers unrolled in Python: a static index into the stack
+    unrolled.scan_layers = False
+    np.testing.assert_allclose(run(unrolled, ids), got, rtol=0, atol=1e-5 * np.abs(ref).max())
 
 
 @native
