@@ -275,6 +275,35 @@ def test_tiny_plan_on_compile_only_h100s():
     assert 0 < b["peak"] < b["hbm"] == 80 * 2**30
 
 
+def test_gpu_fit_is_against_what_jax_may_allocate(monkeypatch):
+    """A GPU plan fits within JAX's allocator share of the memory (75% unless the env var of
+    the run says otherwise), not the whole memory: 63 GiB on an 80 GiB H100 would OOM."""
+    from paretoq_jax.plan import PlanError
+    from paretoq_jax.plan.core import gpu_mem_fraction
+
+    for var in ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION"):
+        monkeypatch.delenv(var, raising=False)
+    assert gpu_mem_fraction()[0] == 0.75
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", ".9")
+    assert gpu_mem_fraction() == (0.9, "$XLA_PYTHON_CLIENT_MEM_FRACTION=.9")
+    monkeypatch.setenv("XLA_CLIENT_MEM_FRACTION", ".95")  # the current name wins
+    assert gpu_mem_fraction()[0] == 0.95
+    for bad in ("lots", "0", "1.5"):
+        monkeypatch.setenv("XLA_CLIENT_MEM_FRACTION", bad)
+        with pytest.raises(PlanError, match="XLA_CLIENT_MEM_FRACTION"):
+            gpu_mem_fraction()
+
+
+@needs_cuda_plugin
+def test_gpu_plan_refuses_a_peak_above_the_allocator_share(monkeypatch):
+    from paretoq_jax.plan import HBMError, plan
+
+    cfg = _cfg("mesh.data=1", "mesh.fsdp=-1", "model.dtype=auto")
+    monkeypatch.setenv("XLA_CLIENT_MEM_FRACTION", "0.000001")  # 86 KB of an H100
+    with pytest.raises(HBMError, match="allocator may use 0%.*XLA_CLIENT_MEM_FRACTION"):
+        plan(cfg, "h100:1x1x8", count_flops=False)
+
+
 @needs_libtpu
 def test_tiny_plan_two_slices_puts_data_across_dcn():
     from paretoq_jax.plan import plan

@@ -213,6 +213,27 @@ def hbm_advice(cfg: RunConfig, mesh, topology: str, chip: Chip, used: str, what:
     )
 
 
+GPU_MEM_FRACTION = 0.75  # JAX's default share of a GPU's memory for its allocator
+
+
+def gpu_mem_fraction() -> tuple[float, str]:
+    """The share of a GPU's memory JAX's allocator may use, and where it comes from:
+    ``$XLA_CLIENT_MEM_FRACTION`` (or the deprecated ``$XLA_PYTHON_CLIENT_MEM_FRACTION``) as
+    the planning process sees it, else JAX's default of 75% (docs: GPU memory allocation)."""
+    for var in ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION"):
+        value = os.environ.get(var)
+        if value:
+            try:
+                frac = float(value)
+            except ValueError:
+                raise PlanError(f"${var}={value!r} is not a number (a share such as .9)") from None
+            if not 0 < frac <= 1:
+                raise PlanError(f"${var}={value} must be in (0, 1]")
+            return frac, f"${var}={value}"
+        # fall through: unset or empty
+    return GPU_MEM_FRACTION, "JAX's default (set $XLA_CLIENT_MEM_FRACTION to change it)"
+
+
 def model_flops_per_token(arch: LlamaConfig, seq: int) -> float:
     """``6 N + 12 L H Dh S`` (PaLM's MFU convention): N = weights in matmuls, LM head included;
     attention scores and values over the full sequence ``S``."""
@@ -358,9 +379,15 @@ def plan(
         mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
         + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes
     )  # fmt: skip
-    if peak > chip.hbm_bytes:  # XLA:GPU compiles past the device memory: compare here
-        used = f"the compiled step needs {peak / 2**30:.1f} GiB per chip"
-        raise HBMError(hbm_advice(cfg, mesh, topology, chip, used, name))
+    if on_gpu:  # XLA:GPU compiles past the device memory: compare here, with what JAX's
+        # allocator may use (75% of the memory unless the run sets a fraction), not all of it
+        frac, source = gpu_mem_fraction()
+        if peak > frac * chip.hbm_bytes:
+            used = (
+                f"the compiled step needs {peak / 2**30:.1f} GiB per GPU; JAX's allocator may "
+                f"use {frac:.0%} of its memory, {frac * chip.hbm_bytes / 2**30:.1f} GiB ({source})"
+            )
+            raise HBMError(hbm_advice(cfg, mesh, topology, chip, used, name))
     n = len(devices)
     slice_of = [getattr(d, "slice_index", 0) or 0 for d in mesh.devices.flat]
     found = hlo.collectives(text, n, num_slices(devices))
@@ -396,6 +423,8 @@ def plan(
             "code": float(mem.generated_code_size_in_bytes),
             "peak": float(peak),
             "hbm": float(chip.hbm_bytes),
+            # what JAX's allocator may use of it: all of a TPU's HBM, a share of a GPU's
+            "usable": float(chip.hbm_bytes * (gpu_mem_fraction()[0] if on_gpu else 1.0)),
         },
         "collectives": coll,
         "gather_codes": {

@@ -434,8 +434,10 @@ same step at `model.bits=16`, and the roofline MFU they imply (JSON in `docs/sca
 
 ### H100 counts (compile-only, `--chip h100`)
 
-The smallest number of H100 SXM GPUs (nodes of 8) whose compiled peak is within 80 GB
-(XLA:GPU raises no OOM at compile time: the planner compares the peak itself). No FLOP count
+The smallest number of H100 SXM GPUs (nodes of 8) whose compiled peak is within what JAX's
+allocator may use: 75% of the 80 GiB by default (`$XLA_CLIENT_MEM_FRACTION` of the planning
+process changes it; the percentages below are of the whole 80 GiB). XLA:GPU raises no OOM at
+compile time: the planner compares the peak itself. No FLOP count
 on GPUs (no `cost_analysis()` for compile-only devices).
 
 {gpus}

@@ -25,7 +25,9 @@ def format_plan(p: dict[str, Any]) -> str:
         ("optimizer state / chip", gib(b["optimizer"])),
         ("temporaries / chip", gib(b["temporaries"])),
         ("peak / chip", f"{gib(b['peak'])} of {gib(b['hbm'])} HBM "
-                        f"({100 * b['peak'] / b['hbm']:.1f}%)"),
+                        f"({100 * b['peak'] / b['hbm']:.1f}%)"
+                        + (f"; JAX's allocator may use {gib(b['usable'])}"
+                           if b.get("usable", b["hbm"]) < b["hbm"] else "")),
         ("model FLOPs / token", f"{p['model_flops_per_token']:.3e} (6N + 12 L H Dh S)"),
     ]  # fmt: skip
     if "flops_per_device" in p:
