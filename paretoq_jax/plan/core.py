@@ -231,7 +231,7 @@ def gpu_mem_fraction() -> tuple[float, str]:
                 raise PlanError(f"${var}={value} must be in (0, 1]")
             return frac, f"${var}={value}"
         # fall through: unset or empty
-    return GPU_MEM_FRACTION, "JAX's default (set $XLA_CLIENT_MEM_FRACTION to change it)"
+    return GPU_MEM_FRACTION, "JAX's default, $XLA_CLIENT_MEM_FRACTION unset"
 
 
 def model_flops_per_token(arch: LlamaConfig, seq: int) -> float:
@@ -385,7 +385,7 @@ def plan(
         if peak > frac * chip.hbm_bytes:
             used = (
                 f"the compiled step needs {peak / 2**30:.1f} GiB per GPU; JAX's allocator may "
-                f"use {frac:.0%} of its memory, {frac * chip.hbm_bytes / 2**30:.1f} GiB ({source})"
+                f"use {frac:.0%} of its memory ({source}): {frac * chip.hbm_bytes / 2**30:.1f} GiB"
             )
             raise HBMError(hbm_advice(cfg, mesh, topology, chip, used, name))
     n = len(devices)

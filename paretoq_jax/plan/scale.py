@@ -258,9 +258,11 @@ def _slice_cell(r: dict[str, Any], chip: str) -> str:
     p = r["plan"]
     order = SLICES.get(chip, [])
     below = order[: order.index(p["topology"])] if p["topology"] in order else []
-    tried = {t["topology"] for t in r.get("tried", []) if t["result"] != "fits"}
+    tried = {t["topology"]: t["result"] for t in r.get("tried", []) if t["result"] != "fits"}
     untried = [t for t in below if t not in tried]
+    too_small = [t for t in below if t in tried and not tried[t].startswith("skipped")]
     cell = f"{p['topology']} ({p['devices']})"
+    cell += f", smaller does not fit: {', '.join(too_small)}" if too_small else ""
     return cell + (f", smaller not compiled: {', '.join(untried)}" if untried else "")
 
 
