@@ -493,8 +493,10 @@ the paper's models) or a local `model.path` folder: no weights, tokenizer or cor
 
 How to read it:
 - peak / chip: XLA's own memory analysis of the compiled step (arguments + outputs - donated +
-  temporaries + code). XLA fails the compile when a chip would overflow (the planner turns that
-  into a one-paragraph error naming what to change).
+  temporaries + code). XLA:TPU fails the compile when its temporaries alone overflow HBM; the
+  planner also refuses a plan whose whole peak does (XLA compiled Llama-3 8B on 4 v5p chips
+  with 22 GiB of state + 82 GiB of temporaries), and on GPUs compares it with what JAX's
+  allocator may use. Either way the result is a one-paragraph error naming what to change.
 - step FLOPs / HBM bytes per chip: XLA's `cost_analysis()` of the compiled step. It counts a
   `lax.scan` body once, so the planner compiles the same step with 1 and 2 unrolled layers on
   one micro-batch, extrapolates to L layers, multiplies by `train.grad_accum` and subtracts the
