@@ -252,3 +252,18 @@ def test_a_real_process_prints_one_line_and_no_traceback(ws):
     assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: "), proc.stderr
     proc = subprocess.run([*cmd, "--debug"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "Traceback" in proc.stderr  # --debug shows it
+
+
+def test_plan_scale_bad_gpu_memory_fraction_fails_before_any_compile(tmp_path, monkeypatch, capsys):
+    """A bad ``$XLA_CLIENT_MEM_FRACTION`` is one error up front, not a "cannot plan" recorded
+    (after a compile) for every slice of every config."""
+    monkeypatch.setenv("XLA_CLIENT_MEM_FRACTION", "lots")
+    results = tmp_path / "results"
+    code = plan_scale_main([
+        "--chip", "h100", "--configs", "configs/paper/llama-3-8b.yaml", "--bits", "2",
+        "--results", str(results), "--out", str(tmp_path / "scale.md"),
+    ])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code not in (0, None) and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: $XLA_CLIENT_MEM_FRACTION='lots'")
+    assert not results.exists() and not (tmp_path / "scale.md").exists()

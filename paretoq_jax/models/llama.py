@@ -115,14 +115,15 @@ class Llama(nnx.Module):
 
         def step(carry, xs):
             layer_state, i = xs
-            layer = nnx.merge(graphdef, whole, layer_state)
+            with running_layer(i):
+                return layer_step(nnx.merge(graphdef, whole, layer_state), carry, i)
+
+        def layer_step(layer, carry, i):
             if not cached:
-                with running_layer(i):
-                    out = constrain(layer(carry, cos, sin, mask), HIDDEN)
+                out = constrain(layer(carry, cos, sin, mask), HIDDEN)
                 return out, (out if keep_all else None)
             h, k_all, v_all = carry
-            with running_layer(i):
-                out, (k_i, v_i) = layer(h, cos, sin, mask, (k_all[i], v_all[i], cache[2]))
+            out, (k_i, v_i) = layer(h, cos, sin, mask, (k_all[i], v_all[i], cache[2]))
             k_all = jax.lax.dynamic_update_index_in_dim(k_all, k_i, i, 0)
             v_all = jax.lax.dynamic_update_index_in_dim(v_all, v_i, i, 0)
             return (constrain(out, HIDDEN), k_all, v_all), None

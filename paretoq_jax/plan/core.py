@@ -230,7 +230,6 @@ def gpu_mem_fraction() -> tuple[float, str]:
             if not 0 < frac <= 1:
                 raise PlanError(f"${var}={value} must be in (0, 1]")
             return frac, f"${var}={value}"
-        # fall through: unset or empty
     return GPU_MEM_FRACTION, "JAX's default, $XLA_CLIENT_MEM_FRACTION unset"
 
 
@@ -353,6 +352,8 @@ def plan(
         raise PlanError("--slices is for TPUs; give GPU nodes as <gpu>:1x<nodes>x<gpus per node>")
     devices = gpu_devices(topology) if on_gpu else tpu_devices(topology, slices)
     backend = "gpu" if on_gpu else "tpu"
+    # the share of a chip's memory a run gets (read before the compile: a bad value is an error)
+    frac, source = gpu_mem_fraction() if on_gpu else (1.0, "")
     if on_gpu:
         count_flops = False  # XLA:GPU has no cost_analysis() for compile-only devices
     try:
@@ -383,7 +384,6 @@ def plan(
     # HBM (Llama-3 8B on 4 v5p chips compiled with 22 GiB of state + 82 GiB of temporaries in
     # 95 GiB): compare the whole peak here, on a GPU with what JAX's allocator may use (75% of
     # the memory unless the run sets a fraction).
-    frac, source = gpu_mem_fraction() if on_gpu else (1.0, "")
     if peak > frac * chip.hbm_bytes:
         io = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
         parts = (
@@ -433,7 +433,7 @@ def plan(
             "peak": float(peak),
             "hbm": float(chip.hbm_bytes),
             # what JAX's allocator may use of it: all of a TPU's HBM, a share of a GPU's
-            "usable": float(chip.hbm_bytes * (gpu_mem_fraction()[0] if on_gpu else 1.0)),
+            "usable": float(frac * chip.hbm_bytes),
         },
         "collectives": coll,
         "gather_codes": {

@@ -568,8 +568,14 @@ def _main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     results = Path(args.results)
-    # before any compile: the page replaces only an earlier page (its first-line marker)
+    # before any compile: the page replaces only an earlier page (its first-line marker), and a
+    # bad $XLA_CLIENT_MEM_FRACTION is one error, not a "cannot plan" recorded for every slice
     out = check_output(args.out, PAGE_KIND, directory=False)
+    if not args.render_only:
+        from .core import GPU_TARGETS, gpu_mem_fraction
+
+        if args.chip in GPU_TARGETS:
+            gpu_mem_fraction()
     if args.gather and not args.render_only:
         for path, bits, topo, overrides in GATHER:
             plan_gather(
