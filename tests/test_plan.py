@@ -426,3 +426,96 @@ ENTRY %main (a: f32[8]) -> f32[8] {
 """
     (c,) = hlo.collectives(text, 4)
     assert c.count == 32
+
+
+def test_flops_filled_into_a_planned_cell(tmp_path, monkeypatch):
+    """``plan.scale --flops`` on a cell planned without the count (a committed grid JSON): the
+    QAT and float counts come from ``core.count_flops`` (no compile of the whole step), the
+    roofline follows from them, and the float count is shared by the config's other bit-width."""
+    import json
+
+    from paretoq_jax.plan import core
+    from paretoq_jax.plan import scale as sc
+    from paretoq_jax.plan.chips import CHIPS
+
+    cell = json.loads((ROOT / "docs" / "scale" / "mobilellm-350m-4bit.json").read_text())
+    for k in ("flops_per_device", "hbm_bytes_per_device", "mfu"):
+        cell["plan"].pop(k, None)
+    cell.pop("float", None)
+    for bits in ("2", "4"):
+        (tmp_path / f"m-{bits}bit.json").write_text(json.dumps({**cell, "bits": bits}))
+    counts = {"2": (3.0e14, 1.0e12), "4": (3.1e14, 1.0e12), "16": (2.9e14, 4.0e12)}
+    calls = []
+
+    def fake(cfg, topo, slices=1, *, name=""):
+        calls.append((cfg, topo))
+        return counts[cfg]
+
+    monkeypatch.setattr(core, "count_flops", fake)
+    monkeypatch.setattr(sc, "load_config", lambda cls, path, over: over[0].split("=")[1])
+    r2 = sc.fill_flops("m.yaml", "2", tmp_path)
+    p, chip = r2["plan"], CHIPS["v5p"]
+    assert (p["flops_per_device"], p["hbm_bytes_per_device"]) == counts["2"]
+    t_step = max(3.0e14 / chip.peak_flops, 1.0e12 / (chip.hbm_GBps * 1e9),
+                 p["time"]["collectives_ici_s"])  # fmt: skip
+    tokens = p["batch"] * p["seq_len"]
+    mfu = p["model_flops_per_token"] * tokens / p["devices"] / (chip.peak_flops * t_step)
+    assert p["mfu"] == pytest.approx(mfu) and 0 < p["mfu"] < 1
+    assert r2["float"] == {"topology": p["topology"], "flops_per_device": 2.9e14,
+                           "hbm_bytes_per_device": 4.0e12}  # fmt: skip
+    assert [c[1] for c in calls] == [p["topology"]] * 2
+    assert json.loads((tmp_path / "m-2bit.json").read_text()) == r2  # written back
+    r4 = sc.fill_flops("m.yaml", "4", tmp_path)
+    assert len(calls) == 3 and r4["float"] == r2["float"]  # the float count is shared
+    assert sc.fill_flops("m.yaml", "4", tmp_path) == r4 and len(calls) == 3  # done: kept
+    row = sc._grid_row(r4, "v5p").split("|")
+    assert row[7].strip().endswith("%") and "(+6.9%)" in row[9] and "(-75.0%)" in row[10]
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_count_flops_matches_a_full_plan():
+    """The FLOP count without the whole step's compile equals the one ``plan`` makes."""
+    from paretoq_jax.plan import core, plan
+
+    cfg = _cfg("mesh.data=1", "mesh.fsdp=-1", "model.scan_layers=true")
+    full = plan(cfg, "v5p:2x2x1")
+    assert core.count_flops(cfg, "v5p:2x2x1") == (
+        full["flops_per_device"],
+        full["hbm_bytes_per_device"],
+    )
+
+
+def test_gather_comparison_reuses_the_grid_plan_as_its_auto_side(tmp_path, monkeypatch):
+    """``plan.scale --gather`` on a config's own grid slice: the grid's plan is the same step at
+    the default gather_codes=auto, so only the ``off`` side is compiled; a pair with overrides
+    or on another slice compiles both; the table renders the pair."""
+    import json
+
+    from paretoq_jax.plan import core
+    from paretoq_jax.plan import scale as sc
+
+    grid = json.loads((ROOT / "docs" / "scale" / "mobilellm-125m-2bit.json").read_text())
+    (tmp_path / "mobilellm-125m-2bit.json").write_text(json.dumps(grid))
+    compiled = []
+
+    def fake_plan(cfg, topo, *a, **k):
+        compiled.append((topo, cfg.mesh.gather_codes))
+        p = json.loads(json.dumps(grid["plan"]))
+        if cfg.mesh.gather_codes in (False, "off"):  # the float kernels move 8x the bytes
+            p["weight_gather_bytes"] *= 8
+        return p
+
+    monkeypatch.setattr(core, "plan", fake_plan)
+    path = "configs/paper/mobilellm-125m.yaml"
+    out = sc.plan_gather(path, "2", "v5p:2x2x1", [], tmp_path, flops=False)
+    assert [m for _, m in compiled] == [False] or [m for _, m in compiled] == ["off"]
+    assert out["auto"]["from_grid"] == "mobilellm-125m-2bit.json"
+    assert out["auto"]["traffic"] == grid["plan"]["traffic"]
+    sc.plan_gather(path, "2", "v5p:2x2x1", [], tmp_path, flops=False)
+    assert len(compiled) == 1  # both kept
+    sc.plan_gather(path, "2", "v5p:2x2x2", [], tmp_path, flops=False)
+    assert len(compiled) == 3  # another slice than the grid's: both compiled
+    monkeypatch.setattr(sc, "GATHER", [(path, "2", "v5p:2x2x1", [])])
+    row = sc.render_gather(tmp_path).splitlines()[-1]
+    assert "(0.12x), goal <= 1/6: met" in row and "v5p:2x2x1 (4)" in row

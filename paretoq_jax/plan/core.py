@@ -48,7 +48,7 @@ from .chips import Chip, chip_for
 
 __all__ = [
     "PlanError", "HBMError", "plan", "tpu_devices", "gpu_devices", "architecture", "MODELS_DIR",
-    "GPU_TARGETS", "traffic", "weight_gather_bytes",
+    "GPU_TARGETS", "traffic", "weight_gather_bytes", "count_flops", "add_roofline",
 ]  # fmt: skip
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
@@ -333,6 +333,56 @@ def _write_hlo(path: str | os.PathLike, text: str) -> None:
             f.write(text)
 
 
+def add_roofline(out: dict[str, Any], flops: float, nbytes: float) -> dict[str, Any]:
+    """Put a step's per-device FLOPs and HBM bytes into the plan ``out`` (a :func:`plan` dict)
+    with the roofline they imply: compute, HBM and collective times, the step time with the
+    collectives overlapped (max) and serial (sum), MFU and tokens/s."""
+    chip = chip_for(out["topology"])
+    t = out["time"]
+    t_flops = flops / chip.peak_flops
+    t_hbm = nbytes / (chip.hbm_GBps * 1e9)
+    t_coll = t["collectives_ici_s"] + t["collectives_dcn_s"]
+    t_overlap = max(t_flops, t_hbm, t_coll)
+    t_serial = max(t_flops, t_hbm) + t_coll
+    out["flops_per_device"] = flops
+    out["hbm_bytes_per_device"] = nbytes
+    t.update(
+        compute_s=t_flops,
+        hbm_s=t_hbm,
+        step_overlapped_s=t_overlap,
+        step_serial_s=t_serial,
+        collective_share=t_coll / t_serial if t_serial else 0.0,
+    )
+    tokens = out["batch"] * out["seq_len"]
+    mf_dev = out["model_flops_per_token"] * tokens / out["devices"]
+    out["mfu"] = mf_dev / (chip.peak_flops * t_overlap) if t_overlap else 0.0
+    out["mfu_serial"] = mf_dev / (chip.peak_flops * t_serial) if t_serial else 0.0
+    out["tokens_per_s"] = tokens / t_overlap if t_overlap else 0.0
+    return out
+
+
+def count_flops(
+    cfg: RunConfig, topology: str, slices: int = 1, *, name: str = "the step"
+) -> tuple[float, float]:
+    """Per-device FLOPs and HBM bytes of ``cfg``'s whole step on ``topology`` from the small
+    compiles of :func:`step_cost` alone (1 and 2 unrolled layers), without compiling the whole
+    step: what ``plan(count_flops=True)`` adds to a plan that is already known to fit."""
+    chip = chip_for(topology)
+    if topology.split(":")[0].lower() in GPU_TARGETS:
+        raise PlanError(
+            "no FLOP count on GPUs: XLA:GPU has no cost_analysis() for compile-only devices"
+        )
+    devices = tpu_devices(topology, slices)
+    try:
+        mesh = build_mesh(cfg, devices)
+    except ValueError as e:
+        raise PlanError(str(e)) from None
+    arch = architecture(cfg.model.path)
+    teacher_arch = architecture(cfg.model.teacher) if cfg.model.teacher else arch
+    compile_kw = dict(what=name, cfg=cfg, mesh=mesh, topology=topology, chip=chip)
+    return step_cost(cfg, mesh, arch, teacher_arch, compile_kw)
+
+
 def plan(
     cfg: RunConfig,
     topology: str,
@@ -448,23 +498,5 @@ def plan(
         "time": {"collectives_ici_s": t_ici, "collectives_dcn_s": t_dcn},
     }
     if count_flops:
-        flops, nbytes = step_cost(cfg, mesh, arch, teacher_arch, compile_kw, compiled)
-        t_flops = flops / chip.peak_flops
-        t_hbm = nbytes / (chip.hbm_GBps * 1e9)
-        t_coll = t_ici + t_dcn
-        t_overlap = max(t_flops, t_hbm, t_coll)
-        t_serial = max(t_flops, t_hbm) + t_coll
-        out["flops_per_device"] = flops
-        out["hbm_bytes_per_device"] = nbytes
-        out["time"].update(
-            compute_s=t_flops,
-            hbm_s=t_hbm,
-            step_overlapped_s=t_overlap,
-            step_serial_s=t_serial,
-            collective_share=t_coll / t_serial if t_serial else 0.0,
-        )
-        mf_dev = mf_token * tokens / n
-        out["mfu"] = mf_dev / (chip.peak_flops * t_overlap) if t_overlap else 0.0
-        out["mfu_serial"] = mf_dev / (chip.peak_flops * t_serial) if t_serial else 0.0
-        out["tokens_per_s"] = tokens / t_overlap if t_overlap else 0.0
+        add_roofline(out, *step_cost(cfg, mesh, arch, teacher_arch, compile_kw, compiled))
     return out

@@ -38,6 +38,8 @@ SLICES = {
     # H100 SXM nodes of 8 (compile-only, configs/gpu/h100_sxm.txtpb): 1, 2, 4, 8 nodes
     "h100": [f"h100:1x{n}x8" for n in (1, 2, 4, 8)],
 }
+# chips whose compile-only devices have no cost_analysis(): no FLOP count
+GPU_NO_FLOPS = ("h100",)
 # bits -> overrides, as the comments of configs/paper/*.yaml give them
 BITS = {
     "2": ["model.bits=2", "model.method=seq"],
@@ -131,12 +133,50 @@ def plan_config(
     return record
 
 
+def fill_flops(path: str, bits: str, results: Path, *, chip: str = "v5p") -> dict[str, Any]:
+    """Add the FLOP count to a planned grid cell (``plan_config``'s JSON) that lacks it: the
+    step's FLOPs and HBM bytes and those of the same step at ``model.bits=16`` on the cell's
+    slice, from the small compiles of ``core.count_flops`` (the whole step is not compiled
+    again); the float count is shared by the cells of one config on one slice."""
+    from .core import add_roofline, count_flops
+
+    suffix = "" if chip == "v5p" else f"-{chip}"
+    out_file = results / f"{Path(path).stem}-{bits}bit{suffix}.json"
+    record = json.loads(out_file.read_text())
+    p = record.get("plan")
+    if p is None or ("flops_per_device" in p and "float" in record):
+        return record
+    topo, slices = p["topology"], p.get("slices", 1)
+    t0 = time.time()
+    cfg = load_config(RunConfig, path, BITS[bits])
+    add_roofline(p, *count_flops(cfg, topo, slices, name=path))
+    float_count = None
+    for f in results.glob(f"{Path(path).stem}-*bit{suffix}.json"):
+        other = json.loads(f.read_text())
+        fl = other.get("float", {})
+        if fl.get("topology") == topo and "flops_per_device" in fl:
+            float_count = fl
+    if float_count is None:
+        f16 = load_config(RunConfig, path, BITS["16"])
+        fl, nb = count_flops(f16, topo, slices, name=path)
+        float_count = {"topology": topo, "flops_per_device": fl, "hbm_bytes_per_device": nb}
+    record["float"] = float_count
+    record["flops_count_s"] = time.time() - t0
+    atomic_write_text(out_file, json.dumps(record, indent=2))
+    return record
+
+
 # mesh.gather_codes on (auto) vs off: the same step, the same slice (docs/fsdp-code-gather.md).
 # (config, bits, topology, overrides); v5e-256: batch 128 over 256 chips needs tensor = 2.
 GATHER = [
     ("configs/paper/llama-3-8b.yaml", "2", "v5p:4x4x4", []),
     ("configs/paper/llama-3-8b.yaml", "2", "v5e:16x16", ["mesh.fsdp=128", "mesh.tensor=2"]),
     ("configs/paper/llama-3-8b.yaml", "4", "v5p:4x4x4", []),
+    # the other sizes on their smallest slice (the grid's plan is the auto side)
+    ("configs/paper/mobilellm-125m.yaml", "2", "v5p:2x2x1", []),
+    ("configs/paper/llama-3.2-1b.yaml", "2", "v5p:2x2x1", []),
+    ("configs/paper/llama-3.2-1b.yaml", "4", "v5p:2x2x1", []),
+    ("configs/paper/llama-3.2-3b.yaml", "2", "v5p:2x2x1", []),
 ]
 # issue 16's goal: code-gathered weight all-gather bytes / the bf16 path's, per bit-width
 GATHER_GOAL = {"1": 1 / 8, "2": 1 / 6, "3": 1 / 4, "4": 1 / 3}
@@ -169,6 +209,15 @@ def plan_gather(
     out = {}
     for mode in GATHER_MODES:
         f = gather_file(results, path, bits, topo, mode)
+        grid = results / f"{Path(path).stem}-{bits}bit.json"  # the v5p grid's cell (auto)
+        if not f.exists() and mode == "auto" and not overrides and grid.exists():
+            p = json.loads(grid.read_text()).get("plan") or {}
+            if p.get("topology") == topo and p.get("slices", 1) == 1 and "traffic" in p:
+                p = {k: v for k, v in p.items() if k != "compile_s"}
+                p["compile_wall_s"] = json.loads(grid.read_text())["plan"].get("compile_s")
+                p["from_grid"] = grid.name  # the same step: gather_codes=auto is the default
+                f.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(f, json.dumps({JSON_KIND_KEY: "plan", **p}, indent=2) + "\n")
         if not f.exists():
             cfg = load_config(
                 RunConfig, path, [*BITS[bits], *overrides, f"mesh.gather_codes={mode}"]
@@ -593,6 +642,8 @@ def _main(argv: list[str] | None = None) -> int:
                     topologies=args.topologies,
                     hlo_dir=Path(args.hlo_dir) if args.hlo_dir else None,
                 )  # fmt: skip
+                if args.flops and args.chip not in GPU_NO_FLOPS and r.get("plan"):
+                    r = fill_flops(path, bits, results, chip=args.chip)
                 print(f"[scale] {path} {bits}-bit: {r.get('plan', {}).get('topology', 'no fit')}")
     atomic_write_text(out, render(results))
     print(f"[scale] wrote {args.out}")
