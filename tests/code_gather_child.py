@@ -133,6 +133,8 @@ def train_case(case: dict) -> dict:
         cfg = load_config(RunConfig, config, [*base, f"mesh.gather_codes={mode == 'on'}"])
         mesh = build_mesh(cfg)
         model = build_model(cfg, mesh)
+        # auto leaves CPU meshes on float kernels (code_gather.pays_on): nothing gathers codes
+        n_auto = code_gather.configure(model, mesh, "auto")
         n_gather = code_gather.configure(model, mesh, mode)
         quantized = [m for _, m in nnx.iter_modules(model) if getattr(m, "spec", None) is not None]
         state, step, _ = build_trainer(cfg, mesh, model)
@@ -160,6 +162,7 @@ def train_case(case: dict) -> dict:
             expected += [(codes, scales, n, fmt.bits_per_code)] * int(np.prod(lead))
         r = {
             "gathering": n_gather,
+            "gathering_auto": n_auto,
             "weights": sum(m.kernel.size for m in quantized),
             "scales": sum(m.kernel.shape[-1] * int(np.prod(m.kernel.shape[:-2])) for m in quantized),
             "u8_gather_bytes": hlo.collective_bytes(text, where=lambda c: c.dtype == "u8"),
@@ -201,6 +204,7 @@ def train_case(case: dict) -> dict:
     summary = {
         "gathering": on["gathering"],
         "gathering_off": off["gathering"],
+        "gathering_auto_cpu": on["gathering_auto"],
         "losses_on": on["losses"],
         "losses_off": off["losses"],
         "loss": _rel(on["losses"], off["losses"]),

@@ -141,9 +141,7 @@ class CodeGather:
             packed = quant.pack(codes, bits, ternary=ternary, axis=-2)  # (..., planes, R, out)
             shape = w.shape
             if g_out:  # packing is along `in`: out-slices concatenate as they are
-                packed = jax.lax.all_gather(packed, g_out, axis=packed.ndim - 1, tiled=True,
-                                            to="invarying")  # fmt: skip
-                a = jax.lax.all_gather(a, g_out, axis=a.ndim - 1, tiled=True, to="invarying")
+                packed, a = _gather_with_scale(packed, a, g_out)
                 shape = (*shape[:-1], a.shape[-1])
             if g_in:  # one packed block per shard along a new leading axis
                 packed = jax.lax.all_gather(packed, g_in, axis=0, tiled=False, to="invarying")
@@ -161,6 +159,25 @@ class CodeGather:
 
     def __call__(self, w: Array, scale: Array | None, spec: quant.QuantSpec) -> Array:
         return gathered_fake_quant(w, scale, spec, self)
+
+
+def _gather_with_scale(packed: Array, a: Array, axes: tuple[str, ...]) -> tuple[Array, Array]:
+    """All-gather the packed codes ``(..., planes, R, out)`` and their scale ``(..., out)`` over
+    ``axes`` (tiled along ``out``) as ONE uint8 collective: the scale's bytes ride as extra byte
+    rows of each column (a bitcast, so exact). One collective instead of two: on host devices
+    every collective is a barrier of all devices, and the scale's own gather cost more than
+    its bytes."""
+    *lead, planes, rows, out = packed.shape
+    sb = jax.lax.bitcast_convert_type(a, jnp.uint8)  # (..., out, itemsize)
+    sb = jnp.moveaxis(sb.reshape(*a.shape, -1), -1, -2)  # (..., itemsize, out)
+    both = jnp.concatenate([packed.reshape(*lead, planes * rows, out), sb], axis=-2)
+    both = jax.lax.all_gather(both, axes, axis=both.ndim - 1, tiled=True, to="invarying")
+    n = both.shape[-1]
+    codes = both[..., : planes * rows, :].reshape(*lead, planes, rows, n)
+    scale = jax.lax.bitcast_convert_type(
+        jnp.moveaxis(both[..., planes * rows :, :], -2, -1), a.dtype
+    )
+    return codes, scale.reshape(*a.shape[:-1], n)
 
 
 def pack_layout(spec: quant.QuantSpec, in_local: int) -> tuple[float, str]:
@@ -260,6 +277,16 @@ def gather_mode(value: bool | str) -> GatherMode:
     return mode
 
 
+def pays_on(mesh: Mesh) -> bool:
+    """Whether gathering codes can save time on ``mesh``'s platform: on accelerators a
+    collective crosses an interconnect (ICI, NVLink, DCN) while each device's unpacking runs
+    on its own cores. On CPU devices the collectives are copies in one host's memory and the
+    devices share its cores; measured there (8 host devices, fsdp = 8, 2 cores; docs/
+    fsdp-code-gather.md) code gathering made the step 1.19x slower (tiny) and 1.16x
+    (SmolLM2-135M), so ``auto`` leaves CPU meshes on float kernels."""
+    return mesh.devices.flat[0].platform != "cpu"
+
+
 def configure(
     model: nnx.Module,
     mesh: Mesh | None,
@@ -269,12 +296,17 @@ def configure(
     """Make every quantized linear of ``model`` gather packed codes (``mode`` auto / on) or float
     kernels (off, or ``mesh=None``) under ``mesh``; in place. Returns how many gather codes.
 
-    ``auto``: wherever a gathered mesh axis (e.g. ``fsdp > 1``) splits the kernel; the result is
-    exact for every bit-width and method, so auto turns it on everywhere it saves traffic.
-    ``on``: the same, but raises if no linear would gather codes (e.g. ``fsdp = 1``), so a run
-    asking for it does not silently train without it.
+    ``auto``: wherever a gathered mesh axis (e.g. ``fsdp > 1``) splits the kernel, on TPU and
+    GPU meshes (the result is exact for every bit-width and method); float kernels on CPU
+    meshes (:func:`pays_on`: host "devices" share the cores and their collectives are memory
+    copies, so each device unpacking every full kernel costs time and saves none).
+    ``on``: gather codes wherever a gathered axis splits a kernel, on any platform, and raise
+    if no linear would (e.g. ``fsdp = 1``), so a run asking for it does not silently train
+    without it.
     """
     mode = gather_mode(mode)
+    if mode == "auto" and mesh is not None and not pays_on(mesh):
+        mode = "off"
     count = 0
     for module in quant_linears(model, quantized=False).values():
         plan = None

@@ -191,9 +191,10 @@ class MeshConfig:
     """Device mesh ``(data, fsdp, tensor)``; one axis may be -1 (all remaining devices).
 
     ``gather_codes``: under FSDP, quantized linears all-gather their packed integer codes and
-    scales instead of float kernels (``auto``, ``true``/``on``; exact,
-    docs/fsdp-code-gather.md) or float kernels (``false``/``off``). ``true`` fails if nothing
-    would gather codes (e.g. ``fsdp = 1``). (YAML reads ``on``/``off`` as ``true``/``false``.)
+    scales instead of float kernels (``true``/``on``; exact, docs/fsdp-code-gather.md) or float
+    kernels (``false``/``off``); ``auto``: codes on TPU / GPU meshes, float kernels on CPU
+    meshes, where it measured slower. ``true`` fails if nothing would gather codes (e.g.
+    ``fsdp = 1``). (YAML reads ``on``/``off`` as ``true``/``false``.)
     """
 
     data: int = -1
