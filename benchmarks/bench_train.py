@@ -59,6 +59,7 @@ def main() -> None:
         t0 = time.perf_counter()
         model = build_model(vcfg, mesh)
         load_s = time.perf_counter() - t0
+        rss_load = _peak_rss_gib()  # peak so far: the process + loading the weights
         vocab = model.config.vocab_size
         state, step, teacher = build_trainer(vcfg, mesh, model)
         extra = () if teacher is None else (teacher,)  # distillation's frozen teacher
@@ -69,10 +70,13 @@ def main() -> None:
         state, m = step(state, batch, *extra)
         jax.block_until_ready(m)
         compile_s = time.perf_counter() - t0
+        rss_compile = _peak_rss_gib()  # ... + building the state, compiling, the first step
         state, m = step(state, batch, *extra)  # one more warm-up
         jax.block_until_ready(m)
         variants[name] = {"state": state, "step": step, "batch": batch, "extra": extra, "times": [], "cpu": [],
-                          "load_s": load_s, "compile_s": compile_s}  # fmt: skip
+                          "load_s": load_s, "compile_s": compile_s,
+                          "peak_rss_after_load_gib": round(rss_load, 3),
+                          "peak_rss_after_first_step_gib": round(rss_compile, 3)}  # fmt: skip
 
     for _ in range(args.blocks):
         for v in variants.values():
@@ -102,6 +106,8 @@ def main() -> None:
             "median_cpu_s": round(statistics.median(v["cpu"]), 5),
             "compile_s": round(v["compile_s"], 2),
             "load_s": round(v["load_s"], 2),
+            "peak_rss_after_load_gib": v["peak_rss_after_load_gib"],
+            "peak_rss_after_first_step_gib": v["peak_rss_after_first_step_gib"],
         }
     if len(variants) == 2:
         q, f = out["qat"], out["float"]
