@@ -9,7 +9,7 @@ import pytest
 
 from paretoq_jax.data import mixture
 from paretoq_jax.data.config import DataError
-from paretoq_jax.report.scaling import budget_block, cell_facts, frontier_block
+from paretoq_jax.report.scaling import budget_block, cell_facts, frontier_block, scaling_sizes
 
 
 def test_chunk_text_cuts_at_lines_and_keeps_text():
@@ -114,6 +114,34 @@ def test_frontier_verdict_interpolates_in_size():
     assert "| 2-bit beats 4-bit at equal size | holds |" in text
     assert "| 3-bit beats 4-bit at equal size | not measured |" in text
     assert "Pareto frontier" in text and "s1 2-bit (1.00 Mbit: 50)" in text
+
+
+def test_frontier_leaves_out_a_larger_size_whose_float_model_is_worse():
+    """A larger model whose float reference ends worse than a smaller one's (undertrained at
+    the shared lr) is not a point on the scaling curve: the verdicts do not interpolate
+    through it, and the section says so; its cells stay in the table."""
+    rows = [
+        _row("s1", 450, 50, 4.0, 40.0, size_bits=2e6),
+        _row("s2", 450, 50, 4.0, 20.0, size_bits=6e6),
+        _row("s1", 450, 50, 2.0, 50.0, size_bits=1e6),
+        _row("s2", 450, 50, 2.0, 25.0, size_bits=3e6),
+        _row("s3", 450, 50, 2.0, 60.0, size_bits=9e6),
+        _row("s1", 450, 50, 16.0, 35.0, size_bits=4e6),
+        _row("s2", 450, 50, 16.0, 18.0, size_bits=12e6),
+        _row("s3", 450, 50, 16.0, 55.0, size_bits=30e6),
+    ]
+    groups = {("s1", 16.0): [35.0], ("s2", 16.0): [18.0], ("s3", 16.0): [55.0], ("s4", 2.0): [1]}
+    kept, dropped = scaling_sizes(groups, ["s1", "s2", "s3", "s4"])
+    assert kept == ["s1", "s2", "s4"] and dropped == {"s3": (55.0, "s2", 18.0)}
+    text = frontier_block(rows)
+    # through s3 the 2-bit curve would rise to ~47 at 6 Mbit (> 20: "partly"); without it the
+    # 6 Mbit 4-bit point has no 2-bit cell above it, so only s1's comparison counts
+    assert "| 2-bit beats 4-bit at equal size | holds |" in text
+    assert (
+        "s3 is left out of the verdicts: its float model (55) is worse than the smaller s2's (18)"
+        in text
+    )
+    assert "| s3 | 60 [9.00] | - | 55 [30.00] |" in text  # its cells stay in the table
 
 
 @pytest.mark.slow

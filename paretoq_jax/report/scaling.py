@@ -228,11 +228,42 @@ def frontier_section(rows: Sequence[Mapping[str, Any]], start: int) -> str:
         "| claim | verdict | evidence |",
         "|---|---|---|",
     ]
-    noise = _noise(groups)
+    # seed noise measured on any cell of the study (a second seed ran for some starts only)
+    noise = _noise(_seed_groups(rows, lambda f: (f["size"], f["start"], f["steps"], f["bits"])))
+    curve, dropped = scaling_sizes(groups, sizes)
     for b in (1.0, 1.58, 2.0, 3.0):
-        lines.append(_frontier_verdict(b, groups, size_of, sizes, noise))
+        lines.append(_frontier_verdict(b, groups, size_of, curve, noise))
     lines += ["", _noise_line(noise)]
+    for s, (f, prev, fp) in dropped.items():
+        lines += [
+            "",
+            f"{s} is left out of the verdicts: its float model ({num(f)}) is worse than the "
+            f"smaller {prev}'s ({num(fp)}) after the same tokens, so at the study's shared lr "
+            "it is not a larger point on a scaling curve (undertrained, not better); "
+            "interpolating through it would compare bit-widths across a training failure.",
+        ]
     return "\n".join(lines)
+
+
+def scaling_sizes(
+    groups: Mapping[tuple[str, float], Sequence[float]], sizes: Sequence[str]
+) -> tuple[list[str], dict[str, tuple[float, str, float]]]:
+    """The sizes (smallest first) whose float reference (bits 16, same start) improves on every
+    smaller kept size's: the points of a scaling curve. Returns ``(kept, dropped)`` with
+    ``dropped[size] = (its float ppl, the best smaller size, that size's float ppl)``; sizes
+    without a float cell are kept."""
+    kept: list[str] = []
+    dropped: dict[str, tuple[float, str, float]] = {}
+    best: tuple[str, float] | None = None
+    for s in sizes:
+        f = _mean(groups[(s, 16.0)]) if (s, 16.0) in groups else None
+        if f is not None and best is not None and f >= best[1]:
+            dropped[s] = (f, best[0], best[1])
+            continue
+        kept.append(s)
+        if f is not None:
+            best = (s, f)
+    return kept, dropped
 
 
 def _interp(points: Sequence[tuple[float, float]], x: float) -> float | None:
