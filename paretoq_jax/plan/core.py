@@ -355,6 +355,9 @@ def add_roofline(out: dict[str, Any], flops: float, nbytes: float) -> dict[str, 
     )
     tokens = out["batch"] * out["seq_len"]
     mf_dev = out["model_flops_per_token"] * tokens / out["devices"]
+    # XLA counts below the model's own FLOPs: a loop body counted once (e.g. XLA:TPU's
+    # collective-matmul loops over weight shards, docs/scale/NOTES.md), not a real step
+    out["flops_suspect"] = flops < mf_dev
     out["mfu"] = mf_dev / (chip.peak_flops * t_overlap) if t_overlap else 0.0
     out["mfu_serial"] = mf_dev / (chip.peak_flops * t_serial) if t_serial else 0.0
     out["tokens_per_s"] = tokens / t_overlap if t_overlap else 0.0

@@ -320,6 +320,9 @@ def _grid_row(r: dict[str, Any], chip: str) -> str:
     b, t = p["bytes"], p["time"]
     mesh = "x".join(str(v) for v in p["mesh"].values())
     mfu = f"{100 * p['mfu']:.0f}%" if "mfu" in p else "-"
+    if "flops_per_device" in p and p["flops_per_device"] < p["model_flops_per_step"] / p["devices"]:
+        # fewer FLOPs than the model's own: a loop body counted once (docs/scale/NOTES.md)
+        mfu = "suspect: XLA counted fewer FLOPs than the model's"
     coll = 1e3 * (t["collectives_ici_s"] + t["collectives_dcn_s"])
     share = f"{100 * t['collective_share']:.0f}%" if "collective_share" in t else "-"
     fl = by = "-"
@@ -471,15 +474,16 @@ whose compile fits HBM. Slices below an analytic lower bound (float32 weights + 
 fully sharded, remat's saved bf16 layer inputs and the logits of one micro-batch) and below
 the config's fit at the other bit-width (memory does not depend on the bit-width) are skipped
 without compiling; the search stops at the first fit. "Projected MFU" and the FLOP / byte
-columns need `--flops` (4 more compiles per cell, and 4 for the float step): see the next
-table for the plans that have them.
+columns come from `--flops`, which adds the count to a planned cell without compiling the whole
+step again: the same step with 1 and 2 unrolled layers (2 compiles), and the float step
+likewise (2 more, shared by a config's bit-widths on one slice).
 
 {table}
 
-### With the FLOP count (`--flops`)
+### Llama-3 8B on 64 chips, with the FLOP count
 
-The step's FLOPs and HBM bytes (`cost_analysis()`, scan bodies extrapolated) next to the
-same step at `model.bits=16`, and the roofline MFU they imply (JSON in `docs/scale/flops/`).
+The 8B step on a larger slice than its smallest (`v5p:4x4x4`, the issue's v5p-64 question),
+planned with `--flops` (JSON in `docs/scale/flops/`).
 
 {flops}
 
@@ -506,8 +510,9 @@ the batch.
 ## FSDP gathering integer codes (`mesh.gather_codes`), on vs off
 
 The same step compiled twice on the same slice, `mesh.gather_codes=auto` (the default of
-`train` and of the planner: quantized linears all-gather packed integer codes + scales,
-`docs/fsdp-code-gather.md`) and `off` (bf16 kernels gathered). Bytes are those one chip sends
+`train` and of the planner, on TPU and GPU meshes: quantized linears all-gather packed integer
+codes + scales, `docs/fsdp-code-gather.md`) and `off` (bf16 kernels gathered). On a config's
+own grid slice the grid's plan is the `auto` side, so only `off` is compiled. Bytes are those one chip sends
 per step (ring algorithm, every scanned layer counted by its trip count), read from the
 optimized HLO; times at the chip's ICI bandwidth (table below). "Model FLOPs at peak" is the
 step's model FLOPs (6 N + attention) per chip at peak bf16, the compute the collectives overlap
