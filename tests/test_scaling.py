@@ -101,12 +101,19 @@ def test_budget_verdicts_follow_the_numbers():
     assert "20.5 ±0.5" in text and "4.9%" in text  # two seeds: mean, half spread, noise
 
 
-def test_frontier_verdict_interpolates_in_size():
-    rows = [
+def _s1_s2_rows() -> list[dict]:
+    """4-bit and 2-bit cells of two sizes from step 450 (the frontier tests' common part)."""
+    return [
         _row("s1", 450, 50, 4.0, 40.0, size_bits=2e6),
         _row("s2", 450, 50, 4.0, 20.0, size_bits=6e6),
         _row("s1", 450, 50, 2.0, 50.0, size_bits=1e6),
         _row("s2", 450, 50, 2.0, 25.0, size_bits=3e6),
+    ]
+
+
+def test_frontier_verdict_interpolates_in_size():
+    rows = [
+        *_s1_s2_rows(),
         _row("s3", 450, 50, 2.0, 15.0, size_bits=9e6),
     ]
     text = frontier_block(rows)
@@ -121,10 +128,7 @@ def test_frontier_leaves_out_a_larger_size_whose_float_model_is_worse():
     the shared lr) is not a point on the scaling curve: the verdicts do not interpolate
     through it, and the section says so; its cells stay in the table."""
     rows = [
-        _row("s1", 450, 50, 4.0, 40.0, size_bits=2e6),
-        _row("s2", 450, 50, 4.0, 20.0, size_bits=6e6),
-        _row("s1", 450, 50, 2.0, 50.0, size_bits=1e6),
-        _row("s2", 450, 50, 2.0, 25.0, size_bits=3e6),
+        *_s1_s2_rows(),
         _row("s3", 450, 50, 2.0, 60.0, size_bits=9e6),
         _row("s1", 450, 50, 16.0, 35.0, size_bits=4e6),
         _row("s2", 450, 50, 16.0, 18.0, size_bits=12e6),

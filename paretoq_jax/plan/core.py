@@ -45,10 +45,12 @@ from paretoq_jax.sharding import num_slices
 from paretoq_jax.train.loop import make_step_for
 
 from .chips import Chip, chip_for
+from .table import flops_suspect
 
 __all__ = [
     "PlanError", "HBMError", "plan", "tpu_devices", "gpu_devices", "architecture", "MODELS_DIR",
     "GPU_TARGETS", "traffic", "weight_gather_bytes", "count_flops", "add_roofline",
+    "flops_suspect",
 ]  # fmt: skip
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
@@ -354,10 +356,8 @@ def add_roofline(out: dict[str, Any], flops: float, nbytes: float) -> dict[str, 
         collective_share=t_coll / t_serial if t_serial else 0.0,
     )
     tokens = out["batch"] * out["seq_len"]
-    mf_dev = out["model_flops_per_token"] * tokens / out["devices"]
-    # XLA counts below the model's own FLOPs: a loop body counted once (e.g. XLA:TPU's
-    # collective-matmul loops over weight shards, docs/scale/NOTES.md), not a real step
-    out["flops_suspect"] = flops < mf_dev
+    mf_dev = out["model_flops_per_step"] / out["devices"]
+    out["flops_suspect"] = flops_suspect(out)
     out["mfu"] = mf_dev / (chip.peak_flops * t_overlap) if t_overlap else 0.0
     out["mfu_serial"] = mf_dev / (chip.peak_flops * t_serial) if t_serial else 0.0
     out["tokens_per_s"] = tokens / t_overlap if t_overlap else 0.0

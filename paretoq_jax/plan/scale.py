@@ -25,7 +25,7 @@ from paretoq_jax.outputs import TEXT_MARKER, atomic_write_text, check_output
 from paretoq_jax.run.config import RunConfig
 
 from .chips import CHIPS
-from .table import gib
+from .table import flops_suspect, gib
 
 # slices of each TPU family from the smallest up (the smallest-slice search)
 V5P = ["v5p:2x2x1", "v5p:2x2x2", "v5p:2x2x4", "v5p:2x4x4", "v5p:4x4x4", "v5p:4x4x8"]
@@ -38,8 +38,6 @@ SLICES = {
     # H100 SXM nodes of 8 (compile-only, configs/gpu/h100_sxm.txtpb): 1, 2, 4, 8 nodes
     "h100": [f"h100:1x{n}x8" for n in (1, 2, 4, 8)],
 }
-# chips whose compile-only devices have no cost_analysis(): no FLOP count
-GPU_NO_FLOPS = ("h100",)
 # bits -> overrides, as the comments of configs/paper/*.yaml give them
 BITS = {
     "2": ["model.bits=2", "model.method=seq"],
@@ -70,6 +68,18 @@ def _chips(topology: str) -> int:
     return math.prod(int(x) for x in topology.split(":")[1].split("x"))
 
 
+def grid_file(results: Path, path: str, bits: str, chip: str = "v5p") -> Path:
+    """Where a grid cell's JSON is kept: ``<config>-<bits>bit.json`` for v5p (the page's main
+    table), ``<config>-<bits>bit-<chip>.json`` for other chips."""
+    suffix = "" if chip == "v5p" else f"-{chip}"
+    return results / f"{Path(path).stem}-{bits}bit{suffix}.json"
+
+
+def _grid_cells(results: Path, path: str, chip: str) -> list[Path]:
+    """Every bit-width's grid JSON of one config on one chip family."""
+    return list(results.glob(grid_file(results, path, "*", chip).name))
+
+
 def plan_config(
     path: str,
     bits: str,
@@ -87,14 +97,13 @@ def plan_config(
     fit."""
     from .core import HBMError, PlanError, plan
 
-    suffix = "" if chip == "v5p" else f"-{chip}"  # v5p: the page's main table
-    out_file = results / f"{Path(path).stem}-{bits}bit{suffix}.json"
+    out_file = grid_file(results, path, bits, chip)
     if out_file.exists():
         return json.loads(out_file.read_text())
     order = topologies or SLICES[chip]
     fits_elsewhere = [
         json.loads(f.read_text()).get("plan", {}).get("topology")
-        for f in results.glob(f"{Path(path).stem}-*bit{suffix}.json")
+        for f in _grid_cells(results, path, chip)
     ]
     start = min((order.index(t) for t in fits_elsewhere if t in order), default=0)
     tried = []
@@ -140,8 +149,7 @@ def fill_flops(path: str, bits: str, results: Path, *, chip: str = "v5p") -> dic
     again); the float count is shared by the cells of one config on one slice."""
     from .core import add_roofline, count_flops
 
-    suffix = "" if chip == "v5p" else f"-{chip}"
-    out_file = results / f"{Path(path).stem}-{bits}bit{suffix}.json"
+    out_file = grid_file(results, path, bits, chip)
     record = json.loads(out_file.read_text())
     p = record.get("plan")
     if p is None or ("flops_per_device" in p and "float" in record):
@@ -151,7 +159,7 @@ def fill_flops(path: str, bits: str, results: Path, *, chip: str = "v5p") -> dic
     cfg = load_config(RunConfig, path, BITS[bits])
     add_roofline(p, *count_flops(cfg, topo, slices, name=path))
     float_count = None
-    for f in results.glob(f"{Path(path).stem}-*bit{suffix}.json"):
+    for f in _grid_cells(results, path, chip):
         other = json.loads(f.read_text())
         fl = other.get("float", {})
         if fl.get("topology") == topo and "flops_per_device" in fl:
@@ -209,12 +217,11 @@ def plan_gather(
     out = {}
     for mode in GATHER_MODES:
         f = gather_file(results, path, bits, topo, mode)
-        grid = results / f"{Path(path).stem}-{bits}bit.json"  # the v5p grid's cell (auto)
+        grid = grid_file(results, path, bits)  # the v5p grid's cell (auto)
         if not f.exists() and mode == "auto" and not overrides and grid.exists():
-            p = json.loads(grid.read_text()).get("plan") or {}
+            p = dict(json.loads(grid.read_text()).get("plan") or {})
             if p.get("topology") == topo and p.get("slices", 1) == 1 and "traffic" in p:
-                p = {k: v for k, v in p.items() if k != "compile_s"}
-                p["compile_wall_s"] = json.loads(grid.read_text())["plan"].get("compile_s")
+                p["compile_wall_s"] = p.pop("compile_s", None)
                 p["from_grid"] = grid.name  # the same step: gather_codes=auto is the default
                 f.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(f, json.dumps({JSON_KIND_KEY: "plan", **p}, indent=2) + "\n")
@@ -320,8 +327,7 @@ def _grid_row(r: dict[str, Any], chip: str) -> str:
     b, t = p["bytes"], p["time"]
     mesh = "x".join(str(v) for v in p["mesh"].values())
     mfu = f"{100 * p['mfu']:.0f}%" if "mfu" in p else "-"
-    if "flops_per_device" in p and p["flops_per_device"] < p["model_flops_per_step"] / p["devices"]:
-        # fewer FLOPs than the model's own: a loop body counted once (docs/scale/NOTES.md)
+    if flops_suspect(p):  # fewer FLOPs than the model's own: a loop body counted once
         mfu = "suspect: XLA counted fewer FLOPs than the model's"
     coll = 1e3 * (t["collectives_ici_s"] + t["collectives_dcn_s"])
     share = f"{100 * t['collective_share']:.0f}%" if "collective_share" in t else "-"
@@ -346,10 +352,9 @@ def _grid_row(r: dict[str, Any], chip: str) -> str:
 def render_grid(results: Path, chip: str = "v5p") -> str:
     """Smallest slice of every paper config at 2 and 4 bits; missing cells name their command."""
     rows, missing = [], []
-    suffix = "" if chip == "v5p" else f"-{chip}"
     for path in _paper_configs():
         for bits in ("2", "4"):
-            f = results / f"{Path(path).stem}-{bits}bit{suffix}.json"
+            f = grid_file(results, path, bits, chip)
             if not f.exists():
                 opt = "" if chip == "v5p" else f" --chip {chip}"
                 missing.append(
@@ -647,7 +652,7 @@ def _main(argv: list[str] | None = None) -> int:
                     topologies=args.topologies,
                     hlo_dir=Path(args.hlo_dir) if args.hlo_dir else None,
                 )  # fmt: skip
-                if args.flops and args.chip not in GPU_NO_FLOPS and r.get("plan"):
+                if args.flops and args.chip not in GPU_TARGETS and r.get("plan"):
                     r = fill_flops(path, bits, results, chip=args.chip)
                 print(f"[scale] {path} {bits}-bit: {r.get('plan', {}).get('topology', 'no fit')}")
     atomic_write_text(out, render(results))

@@ -62,3 +62,11 @@ def format_plan(p: dict[str, Any]) -> str:
         ]  # fmt: skip
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def flops_suspect(p: dict[str, Any]) -> bool:
+    """Whether a plan's XLA FLOP count is below the model's own FLOPs (6N + attention): a loop
+    body counted once (e.g. XLA:TPU's collective-matmul loops over weight shards,
+    docs/scale/NOTES.md), not a real step. False when the plan has no count."""
+    fl = p.get("flops_per_device")
+    return fl is not None and fl < p["model_flops_per_step"] / p["devices"]
