@@ -1,8 +1,9 @@
-"""Collectives of an optimized HLO module (``jit(f).lower(...).compile().as_text()``).
+"""Collectives and loop costs of an optimized HLO module (``jit(f).lower(...).compile().as_text()``).
 
 The one reader of collective traffic: the planner (``paretoq_jax.plan``) sums it per step and
 chip, the FSDP code gathering (``paretoq_jax.parallel.code_gather``) and its tests read the
-bytes of the gathers that feed the quantized linears.
+bytes of the gathers that feed the quantized linears. :func:`loop_cost` adds what
+``cost_analysis()`` misses in loops (it counts a ``while`` body once).
 
 Every all-gather / reduce-scatter / all-reduce / all-to-all / collective-permute (async
 ``-start`` / ``-done`` pairs once) is one :class:`Collective` with:
@@ -13,8 +14,10 @@ Every all-gather / reduce-scatter / all-reduce / all-to-all / collective-permute
 - ``count``: how often one run of the program executes it. An instruction inside a ``while``
   body (a scanned decoder layer, a gradient-accumulation micro-batch) counts once per
   iteration, nested loops multiply. The trip count is XLA's ``known_trip_count``; XLA:TPU drops
-  it from optimized HLO, so otherwise it is the bound ``N`` of the ``i < N`` loop condition
-  that ``lax.scan`` emits; ``exact`` is False when neither is there (counted once).
+  it from optimized HLO, so otherwise it is read from the loop: the bound ``N`` of the
+  ``i < N`` condition, the counter's start in the initial tuple and its step in the body
+  (``lax.scan``: 0 and 1; XLA:TPU's collective-matmul loops step by 2); ``exact`` is False
+  when there is no such bound (counted once).
 - ``members`` / ``buffer_bytes`` / ``wire_bytes``: the ring-algorithm bytes one device sends
   per execution over its replica group of ``n`` devices (``S`` = the full, unsharded buffer):
 
@@ -57,6 +60,8 @@ __all__ = [
     "summarize",
     "summarize_roles",
     "shape_bytes",
+    "LoopCost",
+    "loop_cost",
 ]
 
 KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
@@ -268,31 +273,84 @@ def _is_zero_padded_shard(
     return False
 
 
-def _trip_count(comps: dict[str, list[str]], line: str) -> int | None:
-    """Trip count of a ``while``: ``known_trip_count``, else the ``i < N`` bound of the loop
-    condition (``lax.scan`` counts from 0 by 1); None when neither is there."""
+def _constant(defs: Defs, comp: str, name: str, depth: int = 0) -> int | None:
+    """The integer value of ``name`` in ``comp`` when it is a constant (through copies)."""
+    op, rest = defs.get(comp, {}).get(name, ("", ""))
+    if op == "constant":
+        m = re.match(r"\s*(-?\d+)\)", rest)
+        return int(m[1]) if m else None
+    args = _operands(rest)
+    if op in _PASS and args and depth < 8:
+        return _constant(defs, comp, args[0], depth + 1)
+    return None
+
+
+def _tuple_index(defs: Defs, comp: str, name: str) -> int | None:
+    """``k`` when ``name`` is ``get-tuple-element(parameter), index=k`` (through copies)."""
+    for _ in range(8):
+        op, rest = defs.get(comp, {}).get(name, ("", ""))
+        if op == "get-tuple-element":
+            m = re.search(r"\bindex=(\d+)", rest)
+            return int(m[1]) if m else None
+        args = _operands(rest)
+        if op not in _PASS or not args:
+            return None
+        name = args[0]
+    return None
+
+
+def _trip_count(comps: dict[str, list[str]], line: str, defs: Defs, caller: str) -> int | None:
+    """Trip count of the ``while`` instruction ``line`` of computation ``caller``: XLA's
+    ``known_trip_count``, else read from the loop (XLA:TPU drops that field from optimized HLO):
+    the condition ``counter < N`` (the counter a tuple element), the counter's start in the
+    loop's initial tuple and its step in the body's result (``counter + s``; XLA:TPU's
+    collective-matmul loops step by 2), ``ceil((N - start) / s)``. When the condition is
+    ``i < N`` but the rest cannot be traced, start 0 and step 1 (``lax.scan``); None when
+    the condition is not a ``<`` bound."""
     m = _TRIP.search(line)
     if m:
         return int(m[1])
-    c = _COND.search(line)
-    cond = comps.get(c[1], []) if c else []
-    bounds = [int(x) for ln in cond for x in _CONST.findall(ln)]
-    if not any("direction=LT" in ln for ln in cond) or not bounds:
+    cond_m, body_m = _COND.search(line), re.search(r"\bbody=%?([\w.\-]+)", line)
+    cond, body = cond_m[1] if cond_m else "", body_m[1] if body_m else ""
+    bounds = [int(x) for ln in comps.get(cond, []) for x in _CONST.findall(ln)]
+    if not any("direction=LT" in ln for ln in comps.get(cond, [])) or not bounds:
         return None
-    return max(bounds)
+    bound, start, step, index = max(bounds), 0, 1, None
+    op, rest = defs.get(cond, {}).get(defs.get(cond, {}).get(_ROOT, ("", ""))[0], ("", ""))
+    if op == "compare" and "direction=LT" in rest and len(_operands(rest)) == 2:
+        counter, limit = _operands(rest)
+        n, index = _constant(defs, cond, limit), _tuple_index(defs, cond, counter)
+        bound = n if n is not None else bound
+    if index is not None:
+        init = _operands(line.split(" while(", 1)[1])[:1]
+        op, rest = defs.get(caller, {}).get(init[0] if init else "", ("", ""))
+        args = _operands(rest) if op == "tuple" else []
+        if index < len(args):
+            start = _constant(defs, caller, args[index]) or 0
+        body_defs = defs.get(body, {})
+        out = _operands(body_defs.get(body_defs.get(_ROOT, ("", ""))[0], ("", ""))[1])
+        op, rest = body_defs.get(out[index], ("", "")) if index < len(out) else ("", "")
+        terms = _operands(rest) if op == "add" else []
+        for a, b in (terms, terms[::-1]) if len(terms) == 2 else ():
+            if _tuple_index(defs, body, a) == index:
+                step = _constant(defs, body, b) or 1
+                break
+    return max(0, -(-(bound - start) // max(step, 1)))
 
 
 def _multiplicities(
-    comps: dict[str, list[str]], entry: str
+    comps: dict[str, list[str]], entry: str, loops: bool = True
 ) -> tuple[dict[str, int], dict[str, bool]]:
-    """How many times one run executes each computation (while bodies x their trip counts),
-    and whether every enclosing trip count was known."""
+    """How many times one run executes each computation (while bodies x their trip counts;
+    ``loops=False``: each body once, as ``cost_analysis()`` counts), and whether every
+    enclosing trip count was known."""
     edges: dict[str, list[tuple[str, int, bool]]] = defaultdict(list)
+    defs = _definitions(comps) if loops else {}
     for name, lines in comps.items():
         for line in lines:
             trip, known = 1, True
-            if " while(" in line:
-                t = _trip_count(comps, line)
+            if loops and " while(" in line:
+                t = _trip_count(comps, line, defs, name)
                 trip, known = (t, True) if t is not None else (1, False)
             for key, callee in _CALLS.findall(line):
                 loop = key in ("body", "condition")
@@ -477,3 +535,127 @@ def summarize_roles(
             nbytes = math.prod(shape) * DTYPE_BYTES[dtype]
             row["bytes"] += nbytes * per_byte * rate * c.count
     return out
+
+
+# --- what cost_analysis() misses inside loops -------------------------------------------------
+
+# 1 FLOP per output element, as XLA's HloCostAnalysis counts them (exp, log, tanh, rsqrt, ...
+# are its "transcendentals", not FLOPs)
+_ELEMENTWISE = frozenset(
+    "add subtract multiply divide maximum minimum compare select clamp negate abs sign floor "
+    "ceil round-nearest-even round-nearest-afz power remainder and or xor not".split()
+)
+# no HBM traffic of their own: aliases, tuples, control flow (its bodies are counted) and the
+# second half of async pairs (counted at their -start)
+_NO_TRAFFIC = frozenset(
+    "parameter get-tuple-element tuple constant bitcast while call conditional after-all "
+    "partition-id replica-id opt-barrier".split()
+)
+_CONTRACTING = re.compile(r"\blhs_contracting_dims=\{([0-9,]*)\}")
+_DIM_LABELS = re.compile(r"\bdim_labels=([0-9a-z]+)_([0-9a-z]+)->([0-9a-z]+)")
+_WINDOW = re.compile(r"\bwindow=\{([^}]*)\}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopCost:
+    """FLOPs and HBM bytes of one program run that ``cost_analysis()`` leaves out."""
+
+    flops: float
+    bytes: float
+    exact: bool  # False when a loop's trip count is unknown (its body stays counted once)
+
+
+def _window_taps(window: str, spatial: int, sizes: list[tuple[int, int, int]]) -> int:
+    """How many (output position, kernel tap) pairs of a convolution read real input, over
+    its spatial dims (``sizes``: input, kernel, output size each): padding and dilation
+    holes read nothing (XLA writes a batched or outer-product dot as such a window)."""
+    fields = dict(f.split("=", 1) for f in window.split() if "=" in f)
+
+    def per_dim(key: str, default: int) -> list[int]:
+        return [int(x) for x in fields[key].split("x")] if key in fields else [default] * spatial
+
+    stride, lhs_dil, rhs_dil = (per_dim(k, 1) for k in ("stride", "lhs_dilate", "rhs_dilate"))
+    pads = [p.split("_") for p in fields["pad"].split("x")] if "pad" in fields else []
+    taps = 1
+    for i, (n, k, o) in enumerate(sizes):
+        low = int(pads[i][0]) if i < len(pads) else 0
+        pos = np.arange(o)[:, None] * stride[i] + np.arange(k)[None, :] * rhs_dil[i] - low
+        real = (pos >= 0) & (pos <= (n - 1) * lhs_dil[i]) & (pos % lhs_dil[i] == 0)
+        taps *= int(real.sum())
+    return taps
+
+
+def _instruction_flops(op: str, out_type: str, rest: str, types: dict[str, str]) -> float:
+    """FLOPs of one instruction, as XLA's HloCostAnalysis counts them: a dot ``2 * out * K``
+    (``K``: the contracted lhs dims); a convolution ``2 * batch * out features * in features
+    * taps`` (:func:`_window_taps`); an elementwise op 1 per output element; a reduce 1 per
+    input element."""
+    out_arrays = _arrays(out_type)
+    out_shape = out_arrays[0][1] if out_arrays else ()
+    args = _operands(rest)
+
+    def operand_shape(i: int) -> tuple[int, ...]:
+        arrays = _arrays(types.get(args[i], "")) if i < len(args) else []
+        return arrays[0][1] if arrays else ()
+
+    if op == "dot":
+        m, lhs = _CONTRACTING.search(rest), operand_shape(0)
+        dims = [int(d) for d in m[1].split(",") if d] if m else []
+        return 2.0 * math.prod(out_shape) * math.prod(lhs[d] for d in dims if d < len(lhs))
+    if op == "convolution":
+        m, lhs, rhs = _DIM_LABELS.search(rest), operand_shape(0), operand_shape(1)
+        if not m or (len(m[1]), len(m[2]), len(m[3])) != (len(lhs), len(rhs), len(out_shape)):
+            return 0.0
+        lhs_l, rhs_l, out_l = m[1], m[2], m[3]
+        spatial = len(lhs_l) - 2
+        sizes = [
+            (lhs[lhs_l.index(d)], rhs[rhs_l.index(d)], out_shape[out_l.index(d)])
+            for d in map(str, range(spatial))
+        ]
+        w = _WINDOW.search(rest)
+        taps = _window_taps(w[1] if w else "", spatial, sizes)
+        batch, features = out_shape[out_l.index("b")], out_shape[out_l.index("f")]
+        return 2.0 * batch * features * rhs[rhs_l.index("i")] * taps
+    if op in _ELEMENTWISE:
+        return float(math.prod(out_shape))
+    if op == "reduce":
+        return float(math.prod(operand_shape(0)))
+    return 0.0
+
+
+def loop_cost(hlo: str) -> LoopCost:
+    """What ``compiled.cost_analysis()`` misses in the optimized HLO module ``hlo``: it counts
+    every ``while`` body once, whatever its trip count (a ``lax.scan``, a gradient-accumulation
+    loop, or one of the "collective matmul" loops into which XLA:TPU splits a sharded dot).
+
+    Each computation is weighed by how many more times a run executes it than that single
+    count (its loops' trip counts, as :func:`collectives` counts them) and contributes the
+    FLOPs of its dots, convolutions, elementwise ops and reductions, and the HBM bytes of its
+    top-level instructions (operands + results; inside a fusion nothing is counted again).
+    Dots and convolutions are counted exactly; the rest, like ``cost_analysis()``'s own model,
+    is an estimate. Add the result to ``cost_analysis()``'s ``flops`` / ``bytes accessed``."""
+    comps, entry = _split_computations(hlo)
+    mult, exact = _multiplicities(comps, entry)
+    once, _ = _multiplicities(comps, entry, loops=False)
+    fused, reducers = set(), set()  # fusion bodies (no traffic of their own), reducers (no FLOPs)
+    for lines in comps.values():
+        for line in lines:
+            for key, callee in _CALLS.findall(line):
+                if key == "to_apply":
+                    reducers.add(callee)
+                elif key == "calls" and " fusion(" in line:
+                    fused.add(callee)
+    flops = nbytes = 0.0
+    for comp, lines in comps.items():
+        extra = mult.get(comp, 0) - once.get(comp, 0)
+        if extra <= 0 or comp in reducers:
+            continue
+        insts = [m.groups() for m in map(_INST.match, lines) if m]
+        types = {name: out_type for name, out_type, _, _ in insts}
+        for _, out_type, op, rest in insts:
+            flops += extra * _instruction_flops(op, out_type, rest, types)
+            if comp in fused or op in _NO_TRAFFIC or op.endswith("-done"):
+                continue
+            operands = sum(_nbytes(_arrays(types.get(a, ""))) for a in _operands(rest))
+            nbytes += extra * (shape_bytes(out_type) + operands)
+    return LoopCost(flops=flops, bytes=nbytes, exact=all(exact[c] for c in mult if mult[c]))

@@ -428,6 +428,120 @@ ENTRY %main (a: f32[8]) -> f32[8] {
     assert c.count == 32
 
 
+def test_hlo_trip_count_of_a_loop_stepping_by_two():
+    """XLA:TPU's collective-matmul loops: the counter (a tuple element) starts at 1 in the
+    loop's initial tuple and steps by 2 in the body, ``i < 8``: 4 iterations, not 8."""
+    text = """HloModule m
+
+%cond (p: (f32[8], u32[])) -> pred[] {
+  %n = u32[] constant(8)
+  %i = u32[] get-tuple-element(%p), index=1
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%body (p: (f32[8], u32[])) -> (f32[8], u32[]) {
+  %two = u32[] constant(2)
+  %i = u32[] get-tuple-element(%p), index=1
+  %next = u32[] add(%i, %two)
+  %cp = f32[8]{0} collective-permute(%v), channel_id=1, source_target_pairs={{0,1},{1,0}}
+  ROOT %t = (f32[8], u32[]) tuple(%cp, %next)
+}
+
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %one = u32[] constant(1)
+  %init = (f32[8], u32[]) tuple(%a, %one)
+  %w = (f32[8], u32[]) while(%init), condition=%cond, body=%body
+  ROOT %r = f32[8] get-tuple-element(%w), index=0
+}
+"""
+    (c,) = hlo.collectives(text, 2)
+    assert c.count == 4 and c.exact
+    assert hlo.collectives(text.replace("constant(2)", "constant(3)"), 2)[0].count == 3
+
+
+def _cost_analysis(compiled) -> tuple[float, float]:
+    ca = compiled.cost_analysis()
+    ca = ca[0] if isinstance(ca, list) else ca
+    return ca["flops"], ca["bytes accessed"]
+
+
+def test_loop_cost_restores_the_iterations_cost_analysis_counts_once():
+    """XLA counts a while body once; ``hlo.loop_cost`` adds the other iterations (nested loops
+    multiply): the same program unrolled is the reference, on this host's XLA:CPU."""
+    import jax
+    import jax.numpy as jnp
+
+    def layer(x, w):
+        return jnp.tanh(x @ w) * 0.5 + x
+
+    def looped(x, w):
+        inner = lambda _, x: layer(x, w)
+        return jax.lax.fori_loop(0, 3, lambda _, x: jax.lax.fori_loop(0, 5, inner, x), x)
+
+    def unrolled(x, w):
+        for _ in range(15):
+            x = layer(x, w)
+        return x
+
+    args = (
+        jax.ShapeDtypeStruct((48, 96), jnp.float32),
+        jax.ShapeDtypeStruct((96, 96), jnp.float32),
+    )
+    counts = {}
+    for fn in (looped, unrolled):
+        compiled = jax.jit(fn).lower(*args).compile()
+        flops, nbytes = _cost_analysis(compiled)
+        missed = hlo.loop_cost(compiled.as_text())
+        assert missed.exact
+        counts[fn.__name__] = (flops, flops + missed.flops, nbytes + missed.bytes)
+    raw, flops, nbytes = counts["looped"]
+    _, ref_flops, ref_bytes = counts["unrolled"]
+    assert raw < ref_flops / 10  # the undercount being fixed
+    assert flops == pytest.approx(ref_flops, rel=1e-4)
+    assert nbytes == pytest.approx(ref_bytes, rel=0.25)  # bytes: an estimate, as XLA's own
+
+
+def test_loop_cost_of_a_tpu_collective_matmul_loop():
+    """XLA:TPU's optimized HLO: a sharded dot split into a ``while`` of 4 steps (no
+    known_trip_count, the ``i < 4`` condition), its dot a convolution inside a fusion; an
+    unknown trip count leaves the body counted once and says so."""
+    text = """HloModule m, num_partitions=4
+
+%fused_conv (p0: bf16[256,512], p1: bf16[512,1024]) -> f32[256,1024] {
+  %p0 = bf16[256,512]{1,0} parameter(0)
+  %p1 = bf16[512,1024]{1,0} parameter(1)
+  %c = f32[256,1024]{1,0} convolution(%p0, %p1), dim_labels=bf_io->bf
+  ROOT %m = f32[256,1024]{1,0} multiply(%c, %c)
+}
+
+%cond (p: (s32[], bf16[512,1024])) -> pred[] {
+  %n = s32[] constant(4)
+  %i = s32[] get-tuple-element(%p), index=0
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%body (p: (s32[], bf16[512,1024])) -> (s32[], bf16[512,1024]) {
+  %x = bf16[256,512]{1,0} parameter(1)
+  %w = bf16[512,1024]{1,0} get-tuple-element(%p), index=1
+  %f = f32[256,1024]{1,0} fusion(bf16[256,512]{1,0} %x, bf16[512,1024]{1,0} %w), kind=kOutput, calls=%fused_conv
+  ROOT %t = (s32[], bf16[512,1024]) tuple(%i, %w)
+}
+
+ENTRY %main (a: bf16[512,1024]) -> bf16[512,1024] {
+  %loop = (s32[], bf16[512,1024]) while(%init), condition=%cond, body=%body
+  ROOT %r = bf16[512,1024]{1,0} get-tuple-element(%loop), index=1
+}
+"""
+    per_iteration = 2 * 256 * 1024 * 512 + 256 * 1024  # the dot, the multiply
+    missed = hlo.loop_cost(text)
+    assert missed.exact
+    assert missed.flops == 3 * (per_iteration + 1)  # + the condition's compare
+    traffic = (256 * 512 + 512 * 1024) * 2 + 256 * 1024 * 4  # the fusion's operands + result
+    assert missed.bytes == 3 * (traffic + 4 + 4 + 1)  # + the compare's s32 operands, pred
+    unknown = hlo.loop_cost(text.replace("direction=LT", "direction=NE"))
+    assert not unknown.exact and unknown.flops == 0
+
+
 def test_flops_filled_into_a_planned_cell(tmp_path, monkeypatch):
     """``plan.scale --flops`` on a cell planned without the count (a committed grid JSON): the
     QAT and float counts come from ``core.count_flops`` (no compile of the whole step), the

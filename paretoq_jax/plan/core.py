@@ -10,7 +10,9 @@ compiles it for compile-only TPU devices (``jax.experimental.topologies``) and r
 - FLOPs and HBM bytes per step: ``cost_analysis()`` counts a ``while`` body (a ``lax.scan`` over
   layers or micro-batches) once, so they come from two extra compiles of the same step with 1
   and 2 unrolled layers on one micro-batch, extrapolated linearly to ``L`` layers and multiplied
-  by ``train.grad_accum`` (less the optimizer update, compiled alone, counted once);
+  by ``train.grad_accum`` (less the optimizer update, compiled alone, counted once); the loops
+  left in those compiles (XLA:TPU's collective-matmul loops on 8+ chips) are added from the HLO
+  (``hlo.loop_cost``);
 - collectives: bytes per device per step from the optimized HLO (``paretoq_jax.hlo``, loops counted by
   their trip counts).
 """
@@ -245,10 +247,14 @@ def model_flops_per_token(arch: LlamaConfig, seq: int) -> float:
 
 
 def _cost(compiled) -> tuple[float, float]:
+    """FLOPs and HBM bytes of one run: ``cost_analysis()`` plus what it misses inside ``while``
+    loops (XLA:TPU's collective-matmul loops; ``hlo.loop_cost``)."""
     ca = compiled.cost_analysis()
     if isinstance(ca, list):
         ca = ca[0]
-    return float(ca.get("flops", 0.0)), float(ca.get("bytes accessed", 0.0))
+    missed = hlo.loop_cost(compiled.as_text())
+    flops, nbytes = float(ca.get("flops", 0.0)), float(ca.get("bytes accessed", 0.0))
+    return flops + missed.flops, nbytes + missed.bytes
 
 
 def _variant(cfg: RunConfig, **changes: Any) -> RunConfig:
