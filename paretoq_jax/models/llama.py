@@ -209,17 +209,6 @@ class Llama(nnx.Module):
             one = jax.checkpoint(one)
         return jax.vmap(one)(state, inputs)
 
-    def head_kernel(self) -> Array | None:
-        """The LM head as the one ``(D, V)`` matrix ``lm_logits`` multiplies by (before its cast
-        to ``dtype``; fake-quantized when the head is): what the chunked loss
-        (``train.head_loss``) takes. None when the head is more than a matrix (a bias, a packed
-        embedding)."""
-        if self.lm_head is not None:
-            return self.lm_head.weight() if self.lm_head.bias is None else None
-        if isinstance(self.embed_tokens, nnx.Variable):
-            return self.embed_tokens[...].T
-        return None
-
     def lm_logits(self, hidden: Array) -> Array:
         """Float32 logits of hidden states ``(..., D)`` (tied: ``hidden @ embed_tokens.T``)."""
         if self.lm_head is not None:

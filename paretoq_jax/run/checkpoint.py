@@ -327,7 +327,6 @@ SAFE_TO_CHANGE = (
     "train.logging.quant_stats_every",
     "train.logging.tensorboard",
     "train.allow_config_change",
-    "train.loss_chunk",
     "checkpoint.every",
     "checkpoint.keep",
     "checkpoint.async_save",

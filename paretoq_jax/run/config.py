@@ -158,9 +158,6 @@ class TrainConfig:
     optimizer: OptimizerConfig
     grad_accum: int = 1
     seed: int = 0
-    # positions per chunk of the LM head + loss (train.head_loss: the (B, S, V) logits are never
-    # held whole; same FLOPs, less memory); 0: the whole sequence at once
-    loss_chunk: int = 0
     distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     # Resume even when keys that change what the checkpointed state means (bits, method, model,
@@ -171,10 +168,6 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.loss_chunk < 0:
-            raise ValueError(
-                f"train.loss_chunk must be >= 0 (0: the whole sequence), got {self.loss_chunk}"
-            )
         if self.batch_size % self.grad_accum:
             raise ValueError(
                 f"train.batch_size={self.batch_size} is not divisible by "

@@ -90,8 +90,7 @@ def make_step_for(
         )
     step_fn = make_train_step(
         graphdef, rest, tx, mesh, shardings, grad_accum=tcfg.grad_accum,
-        distill=tcfg.distill.logits, layer_weight=tcfg.distill.layers,
-        loss_chunk=tcfg.loss_chunk, **teacher_args,
+        distill=tcfg.distill.logits, layer_weight=tcfg.distill.layers, **teacher_args,
     )  # fmt: skip
     return step_fn, tx
 

@@ -29,8 +29,6 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from .head_loss import head_loss_sum
-
 __all__ = [
     "BATCH_AXES",
     "token_nll_sum",
@@ -163,7 +161,6 @@ def make_train_step(
     teacher_shardings: Any = None,
     distill: bool | None = None,
     layer_weight: float = 0.0,
-    loss_chunk: int = 0,
 ) -> TrainStep:
     """Build the jitted ``step(state, batch[, teacher_params]) -> (state, metrics)``.
 
@@ -174,9 +171,6 @@ def make_train_step(
     With a teacher: ``distill`` (default: whenever a teacher is given) makes the token loss
     ``KL(teacher || student)`` instead of the cross entropy, and ``layer_weight > 0`` adds
     ``layer_weight * layer_reconstruction(...)`` to the per-token loss.
-
-    ``loss_chunk > 0``: the LM head and the token loss run ``loss_chunk`` positions at a time
-    (``head_loss.head_loss_sum``; the same loss and gradients, never the whole logits).
     """
     if distill is None:
         distill = teacher_graphdef is not None
@@ -189,40 +183,25 @@ def make_train_step(
         count)`` of the whole global batch for the layer term (None: this batch's own)."""
         model = nnx.merge(graphdef, params, rest)
         inputs = micro["inputs"]
-        teacher = stream = None
-        if uses_teacher:
-            teacher = nnx.merge(teacher_graphdef, teacher_params, teacher_rest)
+        logits = model(inputs)
+        if not uses_teacher:
+            return token_nll_sum(logits, micro["labels"], micro["mask"])
+        teacher = nnx.merge(teacher_graphdef, teacher_params, teacher_rest)
         if layer_weight > 0:
             stream = jax.lax.stop_gradient(teacher.residual_stream(inputs))
-        loss_sum, count = token_loss(model, teacher, stream, micro)
+        if distill:
+            t_logits = (
+                teacher.lm_logits(teacher.norm(stream[-1])) if layer_weight > 0 else teacher(inputs)
+            )
+            t_logits = jax.lax.stop_gradient(t_logits)
+            loss_sum, count = token_kl_sum(logits, t_logits, micro["mask"])
+        else:
+            loss_sum, count = token_nll_sum(logits, micro["labels"], micro["mask"])
         if layer_weight > 0:
             power, total = (None, count) if layer_norm is None else layer_norm
             rec = layer_reconstruction(model.layers_on(inputs, stream[:-1]), stream, power)
             loss_sum = loss_sum + layer_weight * rec * total
         return loss_sum, count
-
-    def token_loss(model, teacher, stream, micro):
-        """(loss sum, token count): cross entropy, or ``KL(teacher || student)``; over chunks
-        of the sequence (``loss_chunk``) when the heads are plain matrices."""
-        inputs, labels, mask = micro["inputs"], micro["labels"], micro["mask"]
-
-        def teacher_hidden():
-            h = teacher(inputs, return_hidden=True) if stream is None else teacher.norm(stream[-1])
-            return jax.lax.stop_gradient(h)
-
-        kernel = model.head_kernel() if loss_chunk > 0 else None
-        t_kernel = teacher.head_kernel() if kernel is not None and distill else None
-        if kernel is not None and (t_kernel is not None or not distill):
-            return head_loss_sum(
-                model(inputs, return_hidden=True), kernel, labels, mask, chunk=loss_chunk,
-                dtype=model.dtype, teacher_hidden=teacher_hidden() if distill else None,
-                teacher_kernel=None if t_kernel is None else jax.lax.stop_gradient(t_kernel),
-            )  # fmt: skip
-        logits = model(inputs)
-        if not distill:
-            return token_nll_sum(logits, labels, mask)
-        t_logits = jax.lax.stop_gradient(teacher.lm_logits(teacher_hidden()))
-        return token_kl_sum(logits, t_logits, mask)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
