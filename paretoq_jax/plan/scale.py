@@ -481,7 +481,9 @@ the config's fit at the other bit-width (memory does not depend on the bit-width
 without compiling; the search stops at the first fit. "Projected MFU" and the FLOP / byte
 columns come from `--flops`, which adds the count to a planned cell without compiling the whole
 step again: the same step with 1 and 2 unrolled layers (2 compiles), and the float step
-likewise (2 more, shared by a config's bit-widths on one slice).
+likewise (2 more, shared by a config's bit-widths on one slice); the loops XLA leaves in them
+(collective matmuls on 8+ chips), whose bodies `cost_analysis()` counts once, are added for
+their trip counts (`hlo.loop_cost`).
 
 {table}
 
