@@ -81,6 +81,7 @@ _CALLS = re.compile(
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _COND = re.compile(r"condition=%?([\w.\-]+)")
+_BODY = re.compile(r"\bbody=%?([\w.\-]+)")
 _CONST = re.compile(r"\bconstant\((\d+)\)")
 _MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
 _IOTA_GROUPS = re.compile(r"replica_groups=\[([0-9,]+)\]<=")
@@ -310,7 +311,7 @@ def _trip_count(comps: dict[str, list[str]], line: str, defs: Defs, caller: str)
     m = _TRIP.search(line)
     if m:
         return int(m[1])
-    cond_m, body_m = _COND.search(line), re.search(r"\bbody=%?([\w.\-]+)", line)
+    cond_m, body_m = _COND.search(line), _BODY.search(line)
     cond, body = cond_m[1] if cond_m else "", body_m[1] if body_m else ""
     bounds = [int(x) for ln in comps.get(cond, []) for x in _CONST.findall(ln)]
     if not any("direction=LT" in ln for ln in comps.get(cond, [])) or not bounds:
@@ -339,13 +340,14 @@ def _trip_count(comps: dict[str, list[str]], line: str, defs: Defs, caller: str)
 
 
 def _multiplicities(
-    comps: dict[str, list[str]], entry: str, loops: bool = True
+    comps: dict[str, list[str]], entry: str, loops: bool = True, defs: Defs | None = None
 ) -> tuple[dict[str, int], dict[str, bool]]:
     """How many times one run executes each computation (while bodies x their trip counts;
     ``loops=False``: each body once, as ``cost_analysis()`` counts), and whether every
-    enclosing trip count was known."""
+    enclosing trip count was known. ``defs``: ``_definitions(comps)`` when the caller has it."""
     edges: dict[str, list[tuple[str, int, bool]]] = defaultdict(list)
-    defs = _definitions(comps) if loops else {}
+    if loops and defs is None:
+        defs = _definitions(comps)
     for name, lines in comps.items():
         for line in lines:
             trip, known = 1, True
@@ -402,8 +404,8 @@ def collectives(hlo: str, n_devices: int | None = None, n_slices: int = 1) -> li
     if n_devices is None:
         m = _PARTITIONS.search(hlo.split("\n", 1)[0])
         n_devices = int(m[1]) if m else 1
-    mult, exact = _multiplicities(comps, entry)
     defs = _definitions(comps)
+    mult, exact = _multiplicities(comps, entry, defs=defs)
     found = []
     for comp, lines in comps.items():
         count = mult.get(comp, 0)

@@ -52,7 +52,6 @@ from .table import flops_suspect
 __all__ = [
     "PlanError", "HBMError", "plan", "tpu_devices", "gpu_devices", "architecture", "MODELS_DIR",
     "GPU_TARGETS", "traffic", "weight_gather_bytes", "count_flops", "add_roofline",
-    "flops_suspect",
 ]  # fmt: skip
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
