@@ -3,7 +3,8 @@
 The one reader of collective traffic: the planner (``paretoq_jax.plan``) sums it per step and
 chip, the FSDP code gathering (``paretoq_jax.parallel.code_gather``) and its tests read the
 bytes of the gathers that feed the quantized linears. :func:`loop_cost` adds what
-``cost_analysis()`` misses in loops (it counts a ``while`` body once).
+``cost_analysis()`` misses in loops (it counts a ``while`` body once); :func:`custom_calls`
+lists the kernels it cannot see into.
 
 Every all-gather / reduce-scatter / all-reduce / all-to-all / collective-permute (async
 ``-start`` / ``-done`` pairs once) is one :class:`Collective` with:
@@ -62,6 +63,8 @@ __all__ = [
     "shape_bytes",
     "LoopCost",
     "loop_cost",
+    "CustomCall",
+    "custom_calls",
 ]
 
 KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
@@ -192,7 +195,7 @@ def _split_computations(hlo: str) -> tuple[dict[str, list[str]], str]:
             if m[1]:
                 entry = current
             continue
-        if line.startswith("}"):
+        if line.rstrip() == "}":  # not "}}, metadata=...": a multi-line attribute's tail
             current = None
         elif current is not None:
             comps[current].append(line)
@@ -661,3 +664,48 @@ def loop_cost(hlo: str) -> LoopCost:
             operands = sum(_nbytes(_arrays(types.get(a, ""))) for a in _operands(rest))
             nbytes += extra * (shape_bytes(out_type) + operands)
     return LoopCost(flops=flops, bytes=nbytes, exact=all(exact[c] for c in mult if mult[c]))
+
+
+@dataclasses.dataclass(frozen=True)
+class CustomCall:
+    """One ``custom-call`` of a module: a kernel XLA cannot see into (e.g. Pallas on TPU)."""
+
+    name: str  # the instruction's name (Pallas names it after the kernel, e.g. splash_mha_fwd)
+    target: str  # custom_call_target, e.g. "tpu_custom_call"
+    operands: tuple[tuple[str, tuple[int, ...]], ...]  # (dtype, shape) of each array operand
+    results: tuple[tuple[str, tuple[int, ...]], ...]
+    count: int  # executions per run of the program (loop trip counts, as for collectives)
+
+
+_TARGET = re.compile(r'custom_call_target="([^"]+)"')
+
+
+def custom_calls(hlo: str) -> list[CustomCall]:
+    """Every ``custom-call`` of the optimized HLO module ``hlo`` with its operand and result
+    shapes and how often one run executes it. ``cost_analysis()`` counts no FLOPs inside such a
+    kernel, only its operand and result bytes; the caller that knows the kernel adds the rest
+    (``paretoq_jax.plan`` for splash attention)."""
+    comps, entry = _split_computations(hlo)
+    defs = _definitions(comps)
+    mult, _ = _multiplicities(comps, entry, defs=defs)
+    found = []
+    for comp, lines in comps.items():
+        if not mult.get(comp):
+            continue
+        insts = [m.groups() for m in map(_INST.match, lines) if m]
+        types = {name: out_type for name, out_type, _, _ in insts}
+        for name, out_type, op, rest in insts:
+            if op != "custom-call":
+                continue
+            target = _TARGET.search(rest)
+            operands = [a for o in _operands(rest) for a in _arrays(types.get(o, ""))]
+            found.append(
+                CustomCall(
+                    name=name,
+                    target=target[1] if target else "",
+                    operands=tuple(operands),
+                    results=tuple(_arrays(out_type)),
+                    count=mult[comp],
+                )  # fmt: skip
+            )
+    return found

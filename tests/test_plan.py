@@ -89,6 +89,46 @@ ENTRY %main (a: f32[8]) -> f32[8] {
     assert "all-reduce (DCN)" in by_slice and "all-gather" in by_slice
 
 
+def test_hlo_reads_past_a_pallas_kernels_multi_line_attributes():
+    """A Pallas kernel's custom call carries JSON attributes over several lines, one of them
+    starting with ``}}``: the computation goes on after it (its later collectives count)."""
+    text = """HloModule m
+
+%body (p: (s32[], f32[2,4,256,16])) -> (s32[], f32[2,4,256,16]) {
+  %q = f32[2,4,256,16]{3,2,1,0} parameter(0)
+  %k = f32[2,2,256,16]{3,2,1,0} parameter(1)
+  %info = s8[1,2,2]{2,1,0} constant({...})
+  %splash_mha_fwd.1 = (f32[2,4,256,16]{3,2,1,0}, f32[2,4,256,128]{3,2,1,0}) custom-call(%info, %q, %k, %k), custom_call_target="tpu_custom_call", frontend_attributes={kernel_metadata={
+"xprof_metadata":"{\\"block_q\\": 128}"
+}}, metadata={op_name="jit(step)/splash_mha_fwd"}
+  %ag = f32[64]{0} all-gather(f32[16]{0} %x), channel_id=1, replica_groups=[2,4]<=[8], dimensions={0}
+  ROOT %t = (s32[], f32[2,4,256,16]) tuple(%i, %v)
+}
+
+%cond (p: (s32[], f32[2,4,256,16])) -> pred[] {
+  ROOT %lt = pred[] compare(%a, %b), direction=LT
+}
+
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %w = (s32[], f32[8]) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  ROOT %r = f32[8] get-tuple-element(%w), index=1
+}
+"""
+    (ag,) = hlo.collectives(text, 8)
+    assert ag.kind == "all-gather" and ag.count == 3
+    (call,) = hlo.custom_calls(text)
+    assert (call.name, call.target, call.count) == ("splash_mha_fwd.1", "tpu_custom_call", 3)
+    assert call.operands == (("s8", (1, 2, 2)), ("f32", (2, 4, 256, 16)),
+                             ("f32", (2, 2, 256, 16)), ("f32", (2, 2, 256, 16)))  # fmt: skip
+    assert call.results[0] == ("f32", (2, 4, 256, 16))
+    from paretoq_jax.models import attention
+    from paretoq_jax.plan.core import splash_cost
+
+    flops, _ = splash_cost(text)  # 3 calls; 2 x 2 blocks of 128, 3 computed (causal)
+    assert flops == 3 * attention.kernel_cost("fwd", 2, 4, 256, 16, 2, None, 128, 4)[0]
+    assert flops == 3 * 2 * 2 * 2 * 4 * 3 * 128 * 128 * 16
+
+
 def test_hlo_megascale_send_is_dcn():
     text = """HloModule m
 
@@ -638,3 +678,32 @@ def test_gather_comparison_reuses_the_grid_plan_as_its_auto_side(tmp_path, monke
     monkeypatch.setattr(sc, "GATHER", [(path, "2", "v5p:2x2x1", [])])
     row = sc.render_gather(tmp_path).splitlines()[-1]
     assert "(0.12x), goal <= 1/6: met" in row and "v5p:2x2x1 (4)" in row
+
+
+@needs_libtpu
+def test_splash_attention_planned_on_tpu_and_its_flops_counted(tmp_path):
+    """``model.attention: auto`` is the fused splash kernel on TPU: the compiled step calls it
+    (forward, dq and dkv kernels per layer) and the planner adds the FLOPs XLA cannot see."""
+    from paretoq_jax.models import attention
+    from paretoq_jax.plan import plan
+    from paretoq_jax.plan.core import splash_cost
+
+    common = ("mesh.data=1", "mesh.fsdp=-1", "data.seq_len=256", "train.batch_size=8")
+    hlo_at = tmp_path / "splash.hlo"
+    p = plan(_cfg(*common), "v5p:2x2x1", hlo_out=hlo_at)
+    x = plan(_cfg(*common, "model.attention=xla"), "v5p:2x2x1")
+    assert p["attention"] == "splash" and x["attention"] == "xla"
+    text = hlo_at.read_text()
+    calls = [c for c in hlo.custom_calls(text) if c.name.startswith("splash_")]
+    kinds = sorted(c.name.split("_")[2] for c in calls for _ in range(c.count))
+    assert kinds == ["dkv"] * 2 + ["dq"] * 2 + ["fwd"] * 2  # 2 layers, no remat
+    # per chip: 2 of the 8 sequences, 4 heads of 16 over 2 key heads; one 256-block (causal)
+    want = sum(attention.kernel_cost(k, 2, 4, 256, 16, 2, None, 256)[0] for k in kinds)
+    assert splash_cost(text)[0] == pytest.approx(want)
+    assert want == (2 + 3 + 4) * 2 * 2 * 2 * 4 * 256 * 256 * 16
+    # what XLA counts of its own formulation's attention (forward 2 and backward 4 matmuls of
+    # the same size, plus the softmax's elementwise work on the (S, S) scores) is what the
+    # splash step's count lacks without the kernels
+    six = 6 * 2 * 2 * 2 * 4 * 256 * 256 * 16
+    seen = x["flops_per_device"] - (p["flops_per_device"] - want)
+    assert six <= seen < 1.3 * six

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from paretoq_jax import quant
+from paretoq_jax.models.attention import Splash, causal_mask, dot_attention
 from paretoq_jax.models.config import LlamaConfig
 
 Array = jax.Array
@@ -203,6 +204,9 @@ class Attention(nnx.Module):
             c.num_attention_heads, c.num_key_value_heads, c.head_dim,
         )  # fmt: skip
         self.dtype = dtype
+        self.sliding_window = c.sliding_window
+        # set by models.attention.configure: a fused kernel for the causal uncached path
+        self.fused: Splash | None = None
         q_dim, kv_dim = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
         kw = dict(stack=stack, dtype=dtype, param_dtype=param_dtype, std=c.initializer_range)
         kw["rngs"] = rngs
@@ -224,9 +228,10 @@ class Attention(nnx.Module):
         )  # fmt: skip
 
     def __call__(
-        self, x: Array, cos: Array, sin: Array, mask: Array, cache: LayerCache | None = None
+        self, x: Array, cos: Array, sin: Array, mask: Array | None, cache: LayerCache | None = None
     ) -> Array | tuple[Array, tuple[Array, Array]]:
-        """Attention of ``x (B, S, D)``; ``mask`` broadcasts to ``(B, kv, g, S, keys)``.
+        """Attention of ``x (B, S, D)``; ``mask`` broadcasts to ``(B, kv, g, S, keys)``, None:
+        the model's causal (sliding-window) mask, which ``fused`` may compute without forming it.
 
         Without ``cache`` the keys are the ``S`` tokens themselves. With ``cache = (k, v, at)``
         (this layer's keys after RoPE and values ``(B, T, kv_heads, head_dim)``, and the slot
@@ -245,10 +250,13 @@ class Attention(nnx.Module):
             v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, at, 0, 0))
             k, v = k_cache.astype(self.dtype), v_cache.astype(self.dtype)
         q = q.reshape(b, s, kv, g, dh)
-        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
-        scores = jnp.where(mask, scores / math.sqrt(dh), jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = self.o_proj(jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, s, kv * g * dh))
+        if mask is None and cache is None and self.fused is not None and self.fused.takes(s):
+            out = self.fused(q, k, v)
+        else:
+            if mask is None:
+                mask = causal_mask(s, self.sliding_window)
+            out = dot_attention(q, k, v, mask, self.dtype)
+        out = self.o_proj(out.reshape(b, s, kv * g * dh))
         return out if cache is None else (out, (k_cache, v_cache))
 
 

@@ -93,15 +93,8 @@ class Llama(nnx.Module):
         # RoPE frequencies: a static constant (a hashable tuple), not a parameter.
         self.inv_freq = tuple(float(f) for f in rope_inv_freq(config))
 
-    def _mask(self, seq: int) -> Array:
-        q, k = jnp.arange(seq)[:, None], jnp.arange(seq)[None, :]
-        mask = k <= q
-        if self.config.sliding_window is not None:
-            mask &= q - k < self.config.sliding_window
-        return mask
-
     def _decoder(
-        self, h: Array, cos: Array, sin: Array, mask: Array, keep_all: bool = False,
+        self, h: Array, cos: Array, sin: Array, mask: Array | None, keep_all: bool = False,
         cache: LayerCache | None = None,
     ):  # fmt: skip
         """The decoder layers on ``h``: the last output, or with ``keep_all`` every layer's
@@ -146,9 +139,11 @@ class Llama(nnx.Module):
 
     def _embed(
         self, input_ids: Array, positions: Array | None = None, mask: Array | None = None
-    ) -> tuple[Array, tuple[Array, Array, Array]]:
+    ) -> tuple[Array, tuple[Array, Array, Array | None]]:
         """Token embeddings ``(B, S, D)`` and the ``(cos, sin, mask)`` every layer takes.
-        ``positions`` (``(B, S)``, default ``0..S-1``) set RoPE; ``mask`` defaults to causal."""
+        ``positions`` (``(B, S)``, default ``0..S-1``) set RoPE; ``mask`` None is the causal
+        (sliding-window) mask, which each attention layer forms or fuses away
+        (:mod:`paretoq_jax.models.attention`)."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {input_ids.shape}")
         seq = input_ids.shape[1]
@@ -158,7 +153,6 @@ class Llama(nnx.Module):
             h = self.embed_tokens(input_ids).astype(self.dtype)
         h = constrain(h, HIDDEN)
         positions = jnp.arange(seq)[None, :] if positions is None else positions
-        mask = self._mask(seq)[None, None, None] if mask is None else mask
         cos, sin = rope_cos_sin(positions, np.asarray(self.inv_freq, np.float32))
         return h, (cos, sin, mask)
 

@@ -36,6 +36,7 @@ from flax import nnx
 from paretoq_jax import hlo
 from paretoq_jax.errors import ParetoQError
 from paretoq_jax.io import load_model_config
+from paretoq_jax.models import attention
 from paretoq_jax.models.config import LlamaConfig
 from paretoq_jax.outputs import atomic_output
 from paretoq_jax.parallel import code_gather
@@ -150,11 +151,13 @@ def _abstract_args(
     model = nnx.eval_shape(model_factory(cfg, backend=backend, config=arch))
     # as `train` does: under FSDP the quantized linears gather packed codes (mesh.gather_codes)
     gathering = code_gather.configure(model, mesh, cfg.mesh.gather_codes)
+    attention.configure(model, mesh, cfg.model.attention)
     teacher = None
     if cfg.train.uses_teacher:
         teacher = nnx.eval_shape(
             model_factory(cfg, teacher=True, backend=backend, config=teacher_arch)
         )
+        attention.configure(teacher, mesh, cfg.model.attention)
     step, tx = make_step_for(cfg, mesh, model, teacher)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     state = abstract_state(params, tx, step.state_shardings)
@@ -245,15 +248,48 @@ def model_flops_per_token(arch: LlamaConfig, seq: int) -> float:
     return 6 * n + 12 * L * q * seq
 
 
-def _cost(compiled) -> tuple[float, float]:
+def _cost(compiled, window: int | None = None) -> tuple[float, float]:
     """FLOPs and HBM bytes of one run: ``cost_analysis()`` plus what it misses inside ``while``
-    loops (XLA:TPU's collective-matmul loops; ``hlo.loop_cost``)."""
+    loops (XLA:TPU's collective-matmul loops; ``hlo.loop_cost``) and inside splash attention
+    kernels (``window``: the model's sliding window)."""
     ca = compiled.cost_analysis()
     if isinstance(ca, list):
         ca = ca[0]
-    missed = hlo.loop_cost(compiled.as_text())
+    text = compiled.as_text()
+    missed = hlo.loop_cost(text)
+    kf, kb = splash_cost(text, window)
     flops, nbytes = float(ca.get("flops", 0.0)), float(ca.get("bytes accessed", 0.0))
-    return flops + missed.flops, nbytes + missed.bytes
+    return flops + missed.flops + kf, nbytes + missed.bytes + kb
+
+
+def splash_cost(text: str, window: int | None = None) -> tuple[float, float]:
+    """FLOPs and HBM bytes inside the splash attention kernels of an optimized HLO module,
+    which ``cost_analysis()`` does not count (it counts a custom call's operand and result
+    bytes, once per loop body; ``hlo.loop_cost`` adds the loop repeats of those). Each call
+    (``splash_mha_fwd`` / ``_dq`` / ``_dkv``) is costed by ``models.attention.kernel_cost``
+    from its query / key operands ``(batch, heads, seq, head_dim)`` and its block count (the
+    mask-info operand ``s8[1, n, n]``)."""
+    flops = nbytes = 0.0
+    for call in hlo.custom_calls(text):
+        kind = _SPLASH.match(call.name)
+        if not kind:
+            continue
+        quads = [shape for _, shape in call.operands if len(shape) == 4]
+        blocks = [shape[-1] for dt, shape in call.operands if dt == "s8" and len(shape) == 3]
+        if len(quads) < 2:
+            raise PlanError(f"splash kernel {call.name} without (batch, heads, seq, dim) operands")
+        (b, h, s, d), kv = quads[0], quads[1][1]
+        block = s // blocks[0] if blocks else s
+        itemsize = next(hlo.DTYPE_BYTES[dt] for dt, shape in call.operands if len(shape) == 4)
+        f, nb = attention.kernel_cost(kind[1], b, h, s, d, kv, window, block, itemsize)
+        io = hlo.shape_bytes(" ".join(f"{dt}[{','.join(map(str, sh))}]"
+                                      for dt, sh in call.operands + call.results))  # fmt: skip
+        flops += call.count * f
+        nbytes += call.count * max(nb - io, 0.0)
+    return flops, nbytes
+
+
+_SPLASH = re.compile(r"splash_m[hq]a_(fwd|dq|dkv)")
 
 
 def _variant(cfg: RunConfig, **changes: Any) -> RunConfig:
@@ -282,7 +318,7 @@ def step_cost(cfg, mesh, arch, teacher_arch, compile_kw, compiled=None) -> tuple
     ``compiled``: the step itself, whose own count is exact when nothing is scanned."""
     k, L = cfg.train.grad_accum, arch.num_hidden_layers
     if compiled is not None and k == 1 and not cfg.model.scan_layers:
-        return _cost(compiled)
+        return _cost(compiled, arch.sliding_window)
     micro = _variant(
         cfg, train__batch_size=cfg.train.batch_size // k, train__grad_accum=1,
         model__scan_layers=False,
@@ -292,7 +328,7 @@ def step_cost(cfg, mesh, arch, teacher_arch, compile_kw, compiled=None) -> tuple
         a = dataclasses.replace(arch, num_hidden_layers=layers)
         t = teacher_arch and dataclasses.replace(teacher_arch, num_hidden_layers=layers)
         fn, args, *_ = _abstract_args(micro, mesh, a, t)
-        costs.append(_cost(_compile(fn, args, **compile_kw)))
+        costs.append(_cost(_compile(fn, args, **compile_kw), arch.sliding_window))
     (f1, b1), (f2, b2) = costs
     flops, nbytes = f1 + (L - 1) * (f2 - f1), b1 + (L - 1) * (b2 - b1)
     if k > 1:
@@ -477,6 +513,7 @@ def plan(
         "grad_accum": cfg.train.grad_accum,
         "remat": cfg.model.remat,
         "scan_layers": cfg.model.scan_layers,
+        "attention": attention.resolve(cfg.model.attention, backend),
         "bits": cfg.model.bits,
         "method": cfg.model.method,
         "distill": cfg.train.uses_teacher,

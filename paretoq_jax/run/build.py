@@ -17,7 +17,7 @@ from flax import nnx
 from paretoq_jax import assets
 from paretoq_jax.io import load_model_config, load_pretrained
 from paretoq_jax.io import load_tokenizer as _tokenizer_at
-from paretoq_jax.models import Llama, resolve_rules
+from paretoq_jax.models import Llama, attention, resolve_rules
 from paretoq_jax.parallel import code_gather
 from paretoq_jax.sharding import (
     DEFAULT_SHARDING_RULES,
@@ -119,6 +119,7 @@ def build_model(cfg: RunConfig, mesh: jax.sharding.Mesh, *, teacher: bool = Fals
             remat=cfg.model.remat, scan_layers=cfg.model.scan_layers,
             scale_init="paretoq" if teacher else cfg.model.scale_init,
         )  # fmt: skip
+    attention.configure(model, mesh, cfg.model.attention)  # fused on TPU (model.attention)
     if not teacher:  # FSDP gathers packed integer codes instead of float kernels
         mode = code_gather.gather_mode(cfg.mesh.gather_codes)
         code_gather.configure(model, mesh, "off" if mode == "off" else "auto")

@@ -335,6 +335,7 @@ SAFE_TO_CHANGE = (
     "mesh.tensor",
     "model.dtype",
     "model.remat",
+    "model.attention",
     "data.cache_dir",
     "data.max_val_blocks",
 )

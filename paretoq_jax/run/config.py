@@ -38,6 +38,9 @@ class ModelConfig:
     at ``path``).
     ``scale_init``: initial learned scales: ``paretoq`` (the paper's statistic) or ``mse``
     (least-squares fit to the pretrained weights, ``quant.mse_scale``).
+    ``attention``: ``auto`` runs causal attention as the fused splash kernel on TPU meshes and
+    as XLA einsums elsewhere; ``splash`` / ``xla`` force one (splash on CPU: Pallas interpret
+    mode, for checking numerics). See ``paretoq_jax.models.attention``.
     """
 
     path: str
@@ -50,6 +53,7 @@ class ModelConfig:
     scan_layers: bool = False
     teacher: str | None = None
     scale_init: Literal["paretoq", "mse"] = "paretoq"
+    attention: Literal["auto", "xla", "splash"] = "auto"
 
     def __post_init__(self) -> None:
         self.bits = parse_bits(self.bits)
