@@ -238,9 +238,9 @@ def frontier_section(rows: Sequence[Mapping[str, Any]], start: int) -> str:
         lines += [
             "",
             f"{s} is left out of the verdicts: its float model ({num(f)}) is worse than the "
-            f"smaller {prev}'s ({num(fp)}) after the same tokens, so at the study's shared lr "
-            "it is not a larger point on a scaling curve (undertrained, not better); "
-            "interpolating through it would compare bit-widths across a training failure.",
+            f"smaller {prev}'s ({num(fp)}) after the same tokens, so at this budget it is not "
+            "a larger point on a scaling curve (not better, only bigger); interpolating through "
+            "it would compare bit-widths across a training failure.",
         ]
     return "\n".join(lines)
 
