@@ -166,3 +166,19 @@ def test_kernel_cost_counts_the_blocks_the_mask_keeps(window):
         assert nbytes > 2 * b * kv * s * d * 2  # at least reads keys and values once
     # one block of the whole sequence: the dense formulation's 2 matmuls, 4 B H S^2 d FLOPs
     assert attention.kernel_cost("fwd", b, h, s, d, kv, None, s)[0] == 4 * b * h * s * s * d
+
+
+def test_layerwise_distillation_path_fuses_too():
+    """``layers_on`` (block-wise distillation: every layer on its own input, vmapped over the
+    stacked layers) through the kernel equals the XLA formulation."""
+    from flax import nnx
+
+    from paretoq_jax.io import load_pretrained
+
+    model = load_pretrained(str(FIXTURES / "tiny_llama_gqa"), bits=2)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 100, (2, 128)))
+    inputs = model.residual_stream(ids)[:-1]
+    want = model.layers_on(ids, inputs)
+    assert attention.configure(model, None, "splash") == 1
+    got = nnx.jit(lambda m: m.layers_on(ids, inputs))(model)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)

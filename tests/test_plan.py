@@ -623,12 +623,13 @@ def test_flops_filled_into_a_planned_cell(tmp_path, monkeypatch):
     assert len(calls) == 3 and r4["float"] == r2["float"]  # the float count is shared
     assert sc.fill_flops("m.yaml", "4", tmp_path) == r4 and len(calls) == 3  # done: kept
     row = sc._grid_row(r4, "v5p").split("|")
-    assert row[7].strip().endswith("%") and "(+6.9%)" in row[9] and "(-75.0%)" in row[10]
+    assert row[6].strip() == "xla"  # planned before model.attention: XLA's formulation
+    assert row[8].strip().endswith("%") and "(+6.9%)" in row[10] and "(-75.0%)" in row[11]
     assert not r4["plan"]["flops_suspect"]
     # a count below the model's own FLOPs (a loop body counted once) is flagged, not published
     low = json.loads(json.dumps(r4))
     core.add_roofline(low["plan"], 1.0e12, 1.0e12)
-    assert low["plan"]["flops_suspect"] and "suspect" in sc._grid_row(low, "v5p").split("|")[7]
+    assert low["plan"]["flops_suspect"] and "suspect" in sc._grid_row(low, "v5p").split("|")[8]
 
 
 @needs_libtpu

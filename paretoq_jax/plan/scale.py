@@ -344,7 +344,8 @@ def _grid_row(r: dict[str, Any], chip: str) -> str:
         coll_cell = "- (stale: see the code-gathering table)"
     return (
         f"| `{r['config']}` | {r['bits']} | {_slice_cell(r, chip)} | {mesh} | "
-        f"{p['grad_accum']} | {gib(b['peak'])} ({100 * b['peak'] / b['hbm']:.0f}%) | "
+        f"{p['grad_accum']} | {p.get('attention', 'xla')} | "
+        f"{gib(b['peak'])} ({100 * b['peak'] / b['hbm']:.0f}%) | "
         f"{mfu} | {coll_cell} | {fl} | {by} | {compiled} |"
     )
 
@@ -365,14 +366,14 @@ def render_grid(results: Path, chip: str = "v5p") -> str:
             r = json.loads(f.read_text())
             if r.get("plan") is None:
                 tried = ", ".join(t["topology"] for t in r.get("tried", []))
-                rows.append(f"| `{path}` | {bits} | none of {tried} fits |||||||||")
+                rows.append(f"| `{path}` | {bits} | none of {tried} fits ||||||||||")
                 continue
             rows.append(_grid_row(r, chip))
     header = (
         "| config | bits | smallest slice (chips) | mesh data x fsdp x tensor | grad_accum "
-        "| peak / chip (% HBM) | projected MFU | collective time (share) | step FLOPs / chip, "
-        "QAT vs float | HBM bytes / chip, QAT vs float | compile (wall, this host) |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|"
+        "| attention | peak / chip (% HBM) | projected MFU | collective time (share) | step FLOPs "
+        "/ chip, QAT vs float | HBM bytes / chip, QAT vs float | compile (wall, this host) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     out = header + "\n" + "\n".join(rows)
     if missing:
@@ -389,10 +390,10 @@ def render_flops(results: Path) -> str:
         if r.get("plan"):
             rows.append(_grid_row(r, ""))
     header = (
-        "| config | bits | slice (chips) | mesh data x fsdp x tensor | grad_accum | peak / chip "
-        "(% HBM) | projected MFU | collective time (share) | step FLOPs / chip, QAT vs float | "
-        "HBM bytes / chip, QAT vs float | compile (wall, this host) |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|"
+        "| config | bits | slice (chips) | mesh data x fsdp x tensor | grad_accum | attention | "
+        "peak / chip (% HBM) | projected MFU | collective time (share) | step FLOPs / chip, QAT "
+        "vs float | HBM bytes / chip, QAT vs float | compile (wall, this host) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     return header + "\n" + "\n".join(rows) if rows else "(none yet: `--flops`)"
 
@@ -483,7 +484,11 @@ columns come from `--flops`, which adds the count to a planned cell without comp
 step again: the same step with 1 and 2 unrolled layers (2 compiles), and the float step
 likewise (2 more, shared by a config's bit-widths on one slice); the loops XLA leaves in them
 (collective matmuls on 8+ chips), whose bodies `cost_analysis()` counts once, are added for
-their trip counts (`hlo.loop_cost`).
+their trip counts (`hlo.loop_cost`). "attention" is what the step computes attention with:
+`splash` is the fused Pallas kernel, `model.attention: auto`'s choice on TPU since it exists
+(`docs/attention.md`; its FLOPs, which `cost_analysis()` cannot see inside the kernel, are
+counted from its shapes: `plan.core.splash_cost`); `xla` rows were planned before it, with
+the (batch, heads, 2048, 2048) scores materialized.
 
 {table}
 
