@@ -24,8 +24,8 @@ mkdir -p runs
     exec "$@" -m paretoq_jax.data.mixture --out data/mix-bpe2k' sh "${PY[@]}"
 
 # Priority: size s1 and s2 float starts, then the QAT cells that decide the claims first.
-# FLOAT_CELLS (env): which float sizes this run pretrains, default all four (s3, s4: the frontier).
-read -r -a FLOAT_CELLS <<< "${FLOAT_CELLS:-0 1 2 3}"
+# FLOAT_CELLS (env): which float sizes this run pretrains, default all five (cells 0-4: s1-s4, s0).
+read -r -a FLOAT_CELLS <<< "${FLOAT_CELLS:-0 1 2 3 4}"
 H=runs/sweeps/scaling-float/hf
 qat_order() {
   "${PY[@]}" -m paretoq_jax.sweep --config "$QAT" --dry-run 2>/dev/null |
