@@ -80,6 +80,8 @@ def test_configure_modes(tmp_path):
         attention.configure(model, None, "flash")
     with pytest.raises(ConfigError, match="attention"):
         load_config(RunConfig, ROOT / "configs" / "tiny.yaml", ["model.attention=flash"])
+    with pytest.raises((ConfigError, ValueError), match="multiples of 128.*64"):  # seq_len 64
+        load_config(RunConfig, ROOT / "configs" / "tiny.yaml", ["model.attention=splash"])
 
 
 def _tiny(tmp_path, name, *overrides):

@@ -118,6 +118,8 @@ CASES: list[tuple[str, object, str]] = [
     ("train", lambda w: _train(w, "model.bits=5"), "bits"),
     ("train", lambda w: _train(w, "model.method=foo"), "foo"),
     ("train", lambda w: _train(w, "model.scale_init=bogus"), "bogus"),
+    ("train", lambda w: _train(w, "model.attention=flash"), "flash"),
+    ("train", lambda w: _train(w, "model.attention=splash"), "multiples of 128"),
     # train: corpora
     ("train", lambda w: _train(w, f"data.path={w['d'] / 'missing.txt'}"), "missing.txt"),
     ("train", lambda w: _train(w, f"data.path={w['d'] / 'empty.txt'}"), "empty"),

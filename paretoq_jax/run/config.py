@@ -240,3 +240,12 @@ class RunConfig:
     train: TrainConfig
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        lengths = {self.data.seq_len, self.data.train_len}
+        if self.model.attention == "splash" and any(n % 128 for n in lengths):
+            raise ValueError(
+                f"model.attention=splash needs sequence lengths that are multiples of 128 "
+                f"(data.seq_len / train_seq_len: {sorted(lengths)}); change them or use "
+                "model.attention=auto (XLA's attention where the kernel cannot run)"
+            )
