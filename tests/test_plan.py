@@ -623,7 +623,10 @@ def test_flops_filled_into_a_planned_cell(tmp_path, monkeypatch):
     assert len(calls) == 3 and r4["float"] == r2["float"]  # the float count is shared
     assert sc.fill_flops("m.yaml", "4", tmp_path) == r4 and len(calls) == 3  # done: kept
     row = sc._grid_row(r4, "v5p").split("|")
-    assert row[6].strip() == "xla"  # planned before model.attention: XLA's formulation
+    assert row[6].strip() == r4["plan"].get("attention", "xla")
+    older = json.loads(json.dumps(r4))
+    older["plan"].pop("attention", None)  # planned before model.attention: XLA's formulation
+    assert sc._grid_row(older, "v5p").split("|")[6].strip() == "xla"
     assert row[8].strip().endswith("%") and "(+6.9%)" in row[10] and "(-75.0%)" in row[11]
     assert not r4["plan"]["flops_suspect"]
     # a count below the model's own FLOPs (a loop body counted once) is flagged, not published
