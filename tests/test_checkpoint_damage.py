@@ -172,10 +172,12 @@ def test_resume_with_state_changing_config_is_refused(tmp_path, reference):
     with pytest.raises(ResumeConfigError, match=r"model\.bits: 2 -> 4; model\.method: 'seq' -> "):
         train(changed, progress=False)
     assert (run / "config.yaml").read_bytes() == before
-    over = ("train.steps=9", "train.logging.log_every=3", "checkpoint.keep=5")
+    over = ("train.steps=9", "train.logging.log_every=3", "checkpoint.keep=5",
+            "model.attention=xla", "mesh.gather_codes=false")  # fmt: skip
     safe = load_config(RunConfig, TINY, _overrides(run, cache, *over))
     keys = [c.split(":")[0] for c in check_resume_config(safe, run)]
-    assert keys == ["checkpoint.keep", "run_dir", "train.logging.log_every", "train.steps"]
+    assert keys == ["checkpoint.keep", "mesh.gather_codes", "model.attention", "run_dir",
+                    "train.logging.log_every", "train.steps"]  # fmt: skip
     lr = load_config(RunConfig, TINY, _overrides(run, cache, "train.optimizer.lr=0.5"))
     with pytest.raises(ResumeConfigError, match="train.optimizer.lr: 0.001 -> 0.5"):
         check_resume_config(lr, run)

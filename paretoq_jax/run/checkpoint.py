@@ -333,6 +333,7 @@ SAFE_TO_CHANGE = (
     "mesh.data",
     "mesh.fsdp",
     "mesh.tensor",
+    "mesh.gather_codes",
     "model.dtype",
     "model.remat",
     "model.attention",
