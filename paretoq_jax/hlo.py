@@ -676,6 +676,11 @@ class CustomCall:
     results: tuple[tuple[str, tuple[int, ...]], ...]
     count: int  # executions per run of the program (loop trip counts, as for collectives)
 
+    @property
+    def io_bytes(self) -> float:
+        """Bytes of its operands and results: what ``cost_analysis()`` counts of one call."""
+        return _nbytes(list(self.operands + self.results))
+
 
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
 

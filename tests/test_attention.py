@@ -154,17 +154,13 @@ def test_splash_under_a_data_fsdp_tensor_mesh():
 def test_kernel_cost_counts_the_blocks_the_mask_keeps(window):
     b, h, s, d, kv, blk = 2, 4, 1024, 64, 2, 256
     n = s // blk
-    live = [(i, j) for i in range(n) for j in range(n) if j <= i]
-    if window is not None:  # a block is kept iff some query of block i sees some key of block j
-        live = [(i, j) for i, j in live if i * blk - (j * blk + blk - 1) < window]
-    brute = [(i, j) for i in range(n) for j in range(n)
-             if any(qi - kj < (window or s + 1) and kj <= qi
-                    for qi in range(i * blk, (i + 1) * blk, 17)
-                    for kj in range(j * blk, (j + 1) * blk, 13))]  # fmt: skip
-    assert set(brute) <= set(live)  # the sampled pairs never need a block the count skipped
+    # the reference: a block pair is computed iff the mask itself keeps some entry of it
+    kept = np.asarray(attention.causal_mask(s, window)).reshape(n, blk, n, blk).any(axis=(1, 3))
+    pairs = int(kept.sum())
+    assert pairs == (10 if window is None else 9)  # 4 x 4 blocks: causal 10; window 300: 9
     for kind, matmuls in (("fwd", 2), ("dq", 3), ("dkv", 4)):
         flops, nbytes = attention.kernel_cost(kind, b, h, s, d, kv, window, blk)
-        assert flops == matmuls * 2 * b * h * len(live) * blk * blk * d
+        assert flops == matmuls * 2 * b * h * pairs * blk * blk * d
         assert nbytes > 2 * b * kv * s * d * 2  # at least reads keys and values once
     # one block of the whole sequence: the dense formulation's 2 matmuls, 4 B H S^2 d FLOPs
     assert attention.kernel_cost("fwd", b, h, s, d, kv, None, s)[0] == 4 * b * h * s * s * d

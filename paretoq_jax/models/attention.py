@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +36,7 @@ from paretoq_jax.sharding import logical_to_spec
 
 __all__ = [
     "ATTENTION_MODES",
+    "AttentionMode",
     "Splash",
     "block_size",
     "causal_mask",
@@ -46,7 +47,7 @@ __all__ = [
 ]
 
 AttentionMode = Literal["auto", "xla", "splash"]
-ATTENTION_MODES = ("auto", "xla", "splash")
+ATTENTION_MODES: tuple[str, ...] = get_args(AttentionMode)
 _LANES = 128  # splash blocks are multiples of the TPU's 128 lanes
 
 

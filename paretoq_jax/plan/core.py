@@ -270,22 +270,23 @@ def splash_cost(text: str, window: int | None = None) -> tuple[float, float]:
     from its query / key operands ``(batch, heads, seq, head_dim)`` and its block count (the
     mask-info operand ``s8[1, n, n]``)."""
     flops = nbytes = 0.0
+    if "splash_m" not in text:  # no kernel: skip parsing the module once more
+        return flops, nbytes
     for call in hlo.custom_calls(text):
         kind = _SPLASH.match(call.name)
         if not kind:
             continue
-        quads = [shape for _, shape in call.operands if len(shape) == 4]
+        quads = [(dt, shape) for dt, shape in call.operands if len(shape) == 4]
         blocks = [shape[-1] for dt, shape in call.operands if dt == "s8" and len(shape) == 3]
         if len(quads) < 2:
             raise PlanError(f"splash kernel {call.name} without (batch, heads, seq, dim) operands")
-        (b, h, s, d), kv = quads[0], quads[1][1]
+        (dtype, (b, h, s, d)), kv = quads[0], quads[1][1][1]
         block = s // blocks[0] if blocks else s
-        itemsize = next(hlo.DTYPE_BYTES[dt] for dt, shape in call.operands if len(shape) == 4)
-        f, nb = attention.kernel_cost(kind[1], b, h, s, d, kv, window, block, itemsize)
-        io = hlo.shape_bytes(" ".join(f"{dt}[{','.join(map(str, sh))}]"
-                                      for dt, sh in call.operands + call.results))  # fmt: skip
+        f, nb = attention.kernel_cost(
+            kind[1], b, h, s, d, kv, window, block, hlo.DTYPE_BYTES[dtype]
+        )
         flops += call.count * f
-        nbytes += call.count * max(nb - io, 0.0)
+        nbytes += call.count * max(nb - call.io_bytes, 0.0)
     return flops, nbytes
 
 

@@ -350,6 +350,20 @@ def _grid_row(r: dict[str, Any], chip: str) -> str:
     )
 
 
+_GRID_COLUMNS = (
+    "config", "bits", "{slice}", "mesh data x fsdp x tensor", "grad_accum", "attention",
+    "peak / chip (% HBM)", "projected MFU", "collective time (share)",
+    "step FLOPs / chip, QAT vs float", "HBM bytes / chip, QAT vs float",
+    "compile (wall, this host)",
+)  # fmt: skip
+
+
+def _grid_header(slice_label: str) -> str:
+    """The header of the tables of :func:`_grid_row` rows."""
+    names = [c.format(slice=slice_label) for c in _GRID_COLUMNS]
+    return "| " + " | ".join(names) + " |\n" + "|---" * len(names) + "|"
+
+
 def render_grid(results: Path, chip: str = "v5p") -> str:
     """Smallest slice of every paper config at 2 and 4 bits; missing cells name their command."""
     rows, missing = [], []
@@ -366,16 +380,11 @@ def render_grid(results: Path, chip: str = "v5p") -> str:
             r = json.loads(f.read_text())
             if r.get("plan") is None:
                 tried = ", ".join(t["topology"] for t in r.get("tried", []))
-                rows.append(f"| `{path}` | {bits} | none of {tried} fits ||||||||||")
+                blank = "|" * (len(_GRID_COLUMNS) - 2)  # the rest of the row's cells, empty
+                rows.append(f"| `{path}` | {bits} | none of {tried} fits {blank}")
                 continue
             rows.append(_grid_row(r, chip))
-    header = (
-        "| config | bits | smallest slice (chips) | mesh data x fsdp x tensor | grad_accum "
-        "| attention | peak / chip (% HBM) | projected MFU | collective time (share) | step FLOPs "
-        "/ chip, QAT vs float | HBM bytes / chip, QAT vs float | compile (wall, this host) |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|"
-    )
-    out = header + "\n" + "\n".join(rows)
+    out = _grid_header("smallest slice (chips)") + "\n" + "\n".join(rows)
     if missing:
         out += "\n\nNot planned yet (one command each; JSON lands in `docs/scale/`):\n"
         out += "\n".join(missing)
@@ -389,13 +398,9 @@ def render_flops(results: Path) -> str:
         r = json.loads(f.read_text())
         if r.get("plan"):
             rows.append(_grid_row(r, ""))
-    header = (
-        "| config | bits | slice (chips) | mesh data x fsdp x tensor | grad_accum | attention | "
-        "peak / chip (% HBM) | projected MFU | collective time (share) | step FLOPs / chip, QAT "
-        "vs float | HBM bytes / chip, QAT vs float | compile (wall, this host) |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|"
+    return (
+        _grid_header("slice (chips)") + "\n" + "\n".join(rows) if rows else "(none yet: `--flops`)"
     )
-    return header + "\n" + "\n".join(rows) if rows else "(none yet: `--flops`)"
 
 
 # fsdp vs fsdp x tensor on one slice: (config, bits, topology, tensor sizes)

@@ -9,6 +9,7 @@ import dataclasses
 from typing import ClassVar, Literal
 
 from paretoq_jax.data import DataConfig
+from paretoq_jax.models.attention import AttentionMode, block_size
 from paretoq_jax.quant import parse_bits, resolve
 
 __all__ = [
@@ -53,7 +54,7 @@ class ModelConfig:
     scan_layers: bool = False
     teacher: str | None = None
     scale_init: Literal["paretoq", "mse"] = "paretoq"
-    attention: Literal["auto", "xla", "splash"] = "auto"
+    attention: AttentionMode = "auto"
 
     def __post_init__(self) -> None:
         self.bits = parse_bits(self.bits)
@@ -243,7 +244,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         lengths = {self.data.seq_len, self.data.train_len}
-        if self.model.attention == "splash" and any(n % 128 for n in lengths):
+        if self.model.attention == "splash" and any(block_size(n) is None for n in lengths):
             raise ValueError(
                 f"model.attention=splash needs sequence lengths that are multiples of 128 "
                 f"(data.seq_len / train_seq_len: {sorted(lengths)}); change them or use "
