@@ -137,6 +137,32 @@ def test_quant_linear_forward_is_x_times_fake_quant():
     assert float(jnp.abs(g["scale"][...]).sum()) > 0
 
 
+@pytest.mark.parametrize("bits", [2, 16])
+def test_quant_linear_head_forms_are_the_plain_product(bits):
+    """``out_heads`` / ``in_heads`` (the attention projections, written on the kernel reshaped
+    into heads so that XLA need not copy q, k, v into attention's layout) give the plain
+    ``x @ W + b`` reshaped, bias included, and the same gradients."""
+    spec = quant.resolve(bits) if bits < 16 else None
+    lin = QuantLinear(12, 8, spec=spec, use_bias=True, rngs=nnx.Rngs(1))
+    lin.bias[...] = jnp.arange(8.0)
+    x = jax.random.normal(jax.random.key(2), (2, 3, 12))
+    w = np.asarray(nnx.jit(lambda m: m.weight())(lin), np.float64)
+    ref = np.asarray(x, np.float64) @ w + np.arange(8.0)
+    got = nnx.jit(lambda m, x: m(x, out_heads=4))(lin, x)
+    assert got.shape == (2, 3, 4, 2)
+    np.testing.assert_allclose(got.reshape(2, 3, 8), ref, rtol=1e-5, atol=1e-5)
+    xh = jax.random.normal(jax.random.key(3), (2, 3, 4, 3))  # (..., heads, head_dim) of 12
+    lin_o = QuantLinear(12, 8, spec=spec, use_bias=True, rngs=nnx.Rngs(4))
+    wo = np.asarray(nnx.jit(lambda m: m.weight())(lin_o), np.float64)
+    ref_o = np.asarray(xh, np.float64).reshape(2, 3, 12) @ wo + np.asarray(lin_o.bias[...])
+    got_o = nnx.jit(lambda m, x: m(x, in_heads=True))(lin_o, xh)
+    np.testing.assert_allclose(got_o, ref_o, rtol=1e-5, atol=1e-5)
+    g_heads = nnx.jit(nnx.grad(lambda m: (m(x, out_heads=4) ** 2).sum()))(lin)
+    g_plain = nnx.jit(nnx.grad(lambda m: (m(x) ** 2).sum()))(lin)
+    for a, b in zip(jax.tree.leaves(g_heads), jax.tree.leaves(g_plain), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_bf16_compute():
     d, ids, ref = fixture("tiny_llama_gqa")
     model = load_pretrained(d, dtype=jnp.bfloat16)

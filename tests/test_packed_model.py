@@ -58,6 +58,9 @@ def test_packed_linear_matches_float64_product(bits, method, ternary):
     got = np.asarray(packed(x), np.float64)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
     np.testing.assert_array_equal(np.asarray(packed.weight()), w.astype(np.float32))
+    # the attention projections' head forms (as QuantLinear's): the same product, reshaped
+    np.testing.assert_array_equal(packed(x, out_heads=6), packed(x).reshape(3, 5, 6, 4))
+    np.testing.assert_array_equal(packed(x.reshape(3, 5, 9, 5), in_heads=True), packed(x))
 
 
 def test_packed_linear_rejects_wrong_shapes():

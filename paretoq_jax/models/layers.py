@@ -125,12 +125,26 @@ class QuantLinear(nnx.Module):
             return self.gather(w, scale, self.spec)
         return quant.fake_quant(w, scale, self.spec)
 
-    def __call__(self, x: Array, out_dtype=None) -> Array:
-        y = jnp.dot(
-            x.astype(self.dtype), self.weight().astype(self.dtype), preferred_element_type=out_dtype
-        )
+    def __call__(
+        self, x: Array, out_dtype=None, *, out_heads: int | None = None, in_heads: bool = False
+    ) -> Array:
+        """``x @ weight()``. ``out_heads``: the output features split as ``(heads, head_dim)``;
+        ``in_heads``: ``x`` ends in ``(heads, head_dim)``, both contracted. The same product,
+        written on the kernel reshaped rather than on the activations, so that XLA can lay the
+        activations out as attention wants them without copying them (on TPU, reshaping a
+        ``(b, s, heads * head_dim)`` product into heads had cost a copy of q, k and v)."""
+        w = self.weight().astype(self.dtype)
+        x = x.astype(self.dtype)
+        if out_heads is not None:
+            w = w.reshape(*w.shape[:-1], out_heads, w.shape[-1] // out_heads)
+            y = jnp.einsum("...d,dhk->...hk", x, w, preferred_element_type=out_dtype)
+        elif in_heads:
+            w = w.reshape(*x.shape[-2:], w.shape[-1])
+            y = jnp.einsum("...hk,hkd->...d", x, w, preferred_element_type=out_dtype)
+        else:
+            y = jnp.dot(x, w, preferred_element_type=out_dtype)
         if self.bias is not None:
-            y = y + self.bias[...].astype(y.dtype)
+            y = y + self.bias[...].reshape(y.shape[-2:] if out_heads else -1).astype(y.dtype)
         return y
 
 
@@ -241,9 +255,9 @@ class Attention(nnx.Module):
         """
         b, s, _ = x.shape
         kv, g, dh = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
-        q = apply_rope(self.q_proj(x).reshape(b, s, kv * g, dh), cos, sin)
-        k = apply_rope(self.k_proj(x).reshape(b, s, kv, dh), cos, sin)
-        v = self.v_proj(x).reshape(b, s, kv, dh)
+        q = apply_rope(self.q_proj(x, out_heads=kv * g), cos, sin)
+        k = apply_rope(self.k_proj(x, out_heads=kv), cos, sin)
+        v = self.v_proj(x, out_heads=kv)
         if cache is not None:
             k_cache, v_cache, at = cache
             k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, at, 0, 0))
@@ -256,7 +270,7 @@ class Attention(nnx.Module):
             if mask is None:
                 mask = causal_mask(s, self.sliding_window)
             out = dot_attention(q, k, v, mask, self.dtype)
-        out = self.o_proj(out.reshape(b, s, kv * g * dh))
+        out = self.o_proj(out.reshape(b, s, kv * g, dh), in_heads=True)
         return out if cache is None else (out, (k_cache, v_cache))
 
 

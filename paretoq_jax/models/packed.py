@@ -169,7 +169,13 @@ class PackedLinear(nnx.Module):
         codes = quant.unpack(self.packed[...], self.spec.bits, shape, ternary=self.ternary)
         return quant.from_codes(codes, self.scale[...], self.spec)
 
-    def __call__(self, x: Array, out_dtype=None) -> Array:
+    def __call__(
+        self, x: Array, out_dtype=None, *, out_heads: int | None = None, in_heads: bool = False
+    ) -> Array:
+        """``x @ W + bias``; ``out_heads`` / ``in_heads`` as for ``QuantLinear`` (here on the
+        activations: the forward never forms the kernel it could reshape)."""
+        if in_heads:
+            x = x.reshape(*x.shape[:-2], -1)
         at = None
         if self.packed.ndim != 3:
             at = layer_index()
@@ -184,7 +190,7 @@ class PackedLinear(nnx.Module):
             y = y.astype(out_dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
-        return y
+        return y if out_heads is None else y.reshape(*y.shape[:-1], out_heads, -1)
 
 
 class Int8Embedding(nnx.Module):

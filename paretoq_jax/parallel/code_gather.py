@@ -150,6 +150,10 @@ class CodeGather:
                 codes = jnp.moveaxis(codes, 0, -3).reshape(*shape[:-2], n * shape[-2], shape[-1])
             else:
                 codes = quant.unpack(packed, bits, shape, ternary=ternary, axis=-2)
+            # the int8 codes, materialized: XLA:TPU otherwise moves the gathered kernel's
+            # layout change after dequantization and copies it as f32 (4x the bytes; ~1/3
+            # of what code gathering added to a small-batch step's HBM traffic)
+            codes = jax.lax.optimization_barrier(codes)
             return quant.from_codes(codes, a, spec, dtype=w.dtype)
 
         with jax.named_scope(SCOPE):  # names its collectives in the HLO (paretoq_jax.hlo)
@@ -329,10 +333,11 @@ def weight_gather_bytes(
 ) -> dict[str, int]:
     """Per-step bytes of the all-gathers that feed ``model``'s quantized linears in a compiled
     step's HLO text: ``codes`` (uint8, from this module), ``scales`` (this module's float
-    gathers) and ``floats`` (float all-gathers shaped like a gathered quantized kernel, one
-    layer's or the whole stack's: the plain path's weight traffic; ``float_weights`` counts
-    their elements, so ``2 * float_weights`` is that traffic in bf16)."""
-    shapes = set()
+    gathers) and ``floats`` (float all-gathers of as many elements as a gathered quantized
+    kernel, one layer's or the whole stack's, whatever shape XLA gives them (e.g. ``(heads,
+    head_dim, in)`` for a projection it reshapes into heads): the plain path's weight traffic;
+    ``float_weights`` counts their elements, so ``2 * float_weights`` is that traffic in bf16)."""
+    sizes = set()
     for m in quant_linears(model).values():
         plan = plan_for(m.kernel, mesh, rules)
         if plan is None:
@@ -340,15 +345,15 @@ def weight_gather_bytes(
         *lead, n_in, n_out = m.kernel.shape
         keep_in = plan._size(tuple(a for a in plan.in_axes if a not in plan.gather))
         keep_out = plan._size(tuple(a for a in plan.out_axes if a not in plan.gather))
-        one = (n_in // keep_in, n_out // keep_out)
-        shapes |= {one, (*lead, *one)}
+        one = (n_in // keep_in) * (n_out // keep_out)
+        sizes |= {one, math.prod(lead) * one}
     out = {"codes": 0, "scales": 0, "floats": 0, "float_weights": 0}
     for c in hlo.collectives(hlo_text):
         if c.kind != "all-gather":
             continue
         if SCOPE in c.op_name:
             out["codes" if c.dtype == "u8" else "scales"] += c.total_bytes
-        elif c.dtype in ("f32", "bf16", "f16") and c.shapes[0] in shapes:
+        elif c.dtype in ("f32", "bf16", "f16") and math.prod(c.shapes[0]) in sizes:
             out["floats"] += c.total_bytes
             out["float_weights"] += math.prod(c.shapes[0]) * c.count
     return out

@@ -177,31 +177,49 @@ def slab_values(planes: Any, fmt: PackFormat) -> list[Any]:
     return slabs
 
 
+def _trail(x: Any, ndim: int) -> Any:
+    """``x`` (1-d) shaped to broadcast along axis 1 of an array of ``ndim`` dims."""
+    return x.reshape(1, -1, *(1,) * (ndim - 2))
+
+
 def planes_to_slabs(planes: Any, fmt: PackFormat) -> Any:
-    """:func:`slab_values` stacked: uint8 ``(n_slabs, T, ...)``."""
+    """:func:`slab_values` stacked: uint8 ``(n_slabs, T, ...)``.
+
+    One broadcast per bit field (each of its ``w`` planes repeated for the ``8 // w`` slabs it
+    holds, shifted and masked), not slab by slab: XLA fuses it into one elementwise pass (a
+    stack of 8 slabs compiled to 8 updates of the whole buffer on TPU)."""
     xp = _xp(planes)
-    return xp.stack(slab_values(planes, fmt)).astype(xp.uint8)
+    planes = planes.astype(xp.uint8)[:, None]  # (n_planes, 1, T, ...)
+    nd, rest = planes.ndim, planes.shape[2:]
+    if fmt.base3:
+        div = _trail(xp.asarray([3**t for t in range(5)], xp.uint8), nd)
+        return ((planes // div) % 3).reshape(5, *rest)
+    u, plane, bit = None, 0, 0
+    for w in fmt.fields:
+        shift = _trail(xp.asarray(range(0, 8, w), xp.uint8), nd)  # w * j for each slab of a byte
+        field = (planes[plane : plane + w] >> shift) & ((1 << w) - 1)  # (w, 8 // w, T, ...)
+        field = field.reshape(8, *rest) << bit  # slab t = g * (8 // w) + j
+        u = field if u is None else u | field
+        plane, bit = plane + w, bit + w
+    return u.astype(xp.uint8)
 
 
 def slabs_to_planes(u: Any, fmt: PackFormat) -> Any:
-    """Inverse of :func:`planes_to_slabs`: uint8 ``(n_slabs, R, ...)`` -> ``(n_planes, R, ...)``."""
+    """Inverse of :func:`planes_to_slabs`: uint8 ``(n_slabs, R, ...)`` -> ``(n_planes, R, ...)``.
+
+    The fields that share a byte occupy disjoint bits, so their sum is their bitwise or."""
     xp = _xp(u)
     u = u.astype(xp.uint8)
     if fmt.base3:
-        byte = sum(u[t].astype(xp.int32) * 3**t for t in range(5))
-        return byte[None].astype(xp.uint8)
-    planes = []
-    bit = 0
+        mul = xp.asarray([3**t for t in range(5)], xp.int32).reshape(5, *(1,) * (u.ndim - 1))
+        return (u.astype(xp.int32) * mul).sum(axis=0)[None].astype(xp.uint8)
+    planes, bit = [], 0
     for w in fmt.fields:
-        per_byte = 8 // w
-        field = (u >> bit) & ((1 << w) - 1)
-        for g in range(w):
-            byte = field[g * per_byte]
-            for j in range(1, per_byte):
-                byte = byte | (field[g * per_byte + j] << (w * j))
-            planes.append(byte)
+        field = ((u >> bit) & ((1 << w) - 1)).reshape(w, 8 // w, *u.shape[1:])
+        shift = _trail(xp.asarray(range(0, 8, w), xp.uint8), field.ndim)
+        planes.append((field << shift).sum(axis=1, dtype=xp.uint8))  # (w, R, ...)
         bit += w
-    return xp.stack(planes).astype(xp.uint8)
+    return xp.concatenate(planes).astype(xp.uint8)
 
 
 def pack(codes: Any, bits: Any, *, ternary: str = "2bit", axis: int | None = None) -> Any:
