@@ -136,7 +136,7 @@ class QuantLinear(nnx.Module):
         w = self.weight().astype(self.dtype)
         x = x.astype(self.dtype)
         if out_heads is not None:
-            w = w.reshape(*w.shape[:-1], out_heads, w.shape[-1] // out_heads)
+            w = w.reshape(w.shape[0], out_heads, -1)  # (in, heads, head_dim)
             y = jnp.einsum("...d,dhk->...hk", x, w, preferred_element_type=out_dtype)
         elif in_heads:
             w = w.reshape(*x.shape[-2:], w.shape[-1])

@@ -151,8 +151,8 @@ class CodeGather:
             else:
                 codes = quant.unpack(packed, bits, shape, ternary=ternary, axis=-2)
             # the int8 codes, materialized: XLA:TPU otherwise moves the gathered kernel's
-            # layout change after dequantization and copies it as f32 (4x the bytes; ~1/3
-            # of what code gathering added to a small-batch step's HBM traffic)
+            # layout change after dequantization and copies it as f32 (4x the bytes; MobileLLM-
+            # 125M at 1,024 tokens per v5p chip: QAT / float HBM bytes 1.40 -> 1.23 with it)
             codes = jax.lax.optimization_barrier(codes)
             return quant.from_codes(codes, a, spec, dtype=w.dtype)
 
