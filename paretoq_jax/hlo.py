@@ -65,6 +65,8 @@ __all__ = [
     "loop_cost",
     "CustomCall",
     "custom_calls",
+    "Instruction",
+    "instructions",
 ]
 
 KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
@@ -181,6 +183,30 @@ class Collective:
         if self.kind.startswith("collective-permute"):
             return self.buffer_bytes
         return self.buffer_bytes * (n - 1) / n
+
+
+@dataclasses.dataclass(frozen=True)
+class Instruction:
+    """One instruction of an HLO module: ``name = <result type> op(rest``."""
+
+    computation: str
+    name: str
+    op: str
+    result: tuple[tuple[str, tuple[int, ...]], ...]  # (dtype, shape) of each result array
+    line: str
+
+
+def instructions(hlo: str, op: str | None = None) -> list[Instruction]:
+    """Every instruction of the module (only those of ``op`` when given), fused computations
+    included, in text order."""
+    comps, _ = _split_computations(hlo)
+    out = []
+    for comp, lines in comps.items():
+        for line in lines:
+            m = _INST.match(line)
+            if m and (op is None or m[3] == op):
+                out.append(Instruction(comp, m[1], m[3], tuple(_arrays(m[2])), line.strip()))
+    return out
 
 
 def _split_computations(hlo: str) -> tuple[dict[str, list[str]], str]:

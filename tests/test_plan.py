@@ -505,6 +505,27 @@ def _cost_analysis(compiled) -> tuple[float, float]:
     return ca["flops"], ca["bytes accessed"]
 
 
+def test_instructions_reads_every_computation_and_its_result_arrays():
+    """``hlo.instructions``: fused computations included, tuple results split into arrays,
+    filtered by op; checked on a program compiled by this host's XLA:CPU."""
+    import jax
+    import jax.numpy as jnp
+
+    def f(x):
+        y = jnp.sin(x) * 2.0
+        return y.T @ x, y.sum()
+
+    text = jax.jit(f).lower(jax.ShapeDtypeStruct((8, 16), jnp.float32)).compile().as_text()
+    every = hlo.instructions(text)
+    assert {i.op for i in every} >= {"parameter", "sine", "multiply"}
+    assert len({i.computation for i in every}) > 1  # fused computations are read too
+    params = hlo.instructions(text, "parameter")
+    assert params and all(i.op == "parameter" for i in params)
+    assert ("f32", (8, 16)) in {a for i in params for a in i.result}
+    sine = hlo.instructions(text, "sine")
+    assert sine[0].result == (("f32", (8, 16)),) and " sine(" in sine[0].line
+
+
 def test_loop_cost_restores_the_iterations_cost_analysis_counts_once():
     """XLA counts a while body once; ``hlo.loop_cost`` adds the other iterations (nested loops
     multiply): the same program unrolled is the reference, on this host's XLA:CPU."""
@@ -723,8 +744,6 @@ def test_attention_projections_cost_no_activation_copies_on_tpu():
     to choose from, the QAT step's 3.6% over the float step's. One layer of that architecture:
     no (batch, seq, heads, head_dim) activation is copied, and the QAT step (2-bit, packed
     codes gathered) costs the float step's FLOPs and at most 3% more HBM bytes."""
-    import dataclasses
-
     from paretoq_jax.plan import core
     from paretoq_jax.plan.chips import chip_for
     from paretoq_jax.run.build import build_mesh
@@ -733,24 +752,19 @@ def test_attention_projections_cost_no_activation_copies_on_tpu():
     cost = {}
     for name, bits in (("qat", ["model.bits=2", "model.method=seq"]), ("float", ["model.bits=16"])):
         cfg = load_config(RunConfig, ROOT / "configs/paper/mobilellm-125m.yaml", common + bits)
-        cfg = core._variant(cfg, model__scan_layers=False)
         mesh = build_mesh(cfg, core.tpu_devices("v5p:2x2x1"))
-        arch = dataclasses.replace(core.architecture(cfg.model.path), num_hidden_layers=1)
-        fn, args, *_, gathering = core._abstract_args(cfg, mesh, arch, None)
-        assert gathering == (7 if name == "qat" else 0)
+        arch = core.architecture(cfg.model.path)
         kw = dict(what=name, cfg=cfg, mesh=mesh, topology="v5p:2x2x1", chip=chip_for("v5p"))
-        compiled = core._compile(fn, args, **kw)
-        heads = {(4, 2048, h, arch.head_dim) for h in (arch.num_attention_heads,
-                                                       arch.num_key_value_heads)}  # fmt: skip
+        compiled, gathering = core.compile_layers(cfg, mesh, arch, None, 1, kw)
+        assert gathering == (7 if name == "qat" else 0)
+        heads = {
+            tuple(sorted((4, 2048, h, arch.head_dim)))
+            for h in (arch.num_attention_heads, arch.num_key_value_heads)
+        }
         copies = [
-            line.strip()[:120]
-            for line in compiled.as_text().splitlines()
-            if " copy(" in line
-            and any(
-                sorted(s) == sorted(h)
-                for _, s in hlo._arrays(line.split("=")[1].split(" copy(")[0])
-                for h in heads
-            )
+            i.line[:120]
+            for i in hlo.instructions(compiled.as_text(), "copy")
+            if any(tuple(sorted(shape)) in heads for _, shape in i.result)
         ]
         assert copies == [], (name, copies)
         cost[name] = core._cost(compiled, arch.sliding_window)

@@ -53,6 +53,7 @@ from .table import flops_suspect
 __all__ = [
     "PlanError", "HBMError", "plan", "tpu_devices", "gpu_devices", "architecture", "MODELS_DIR",
     "GPU_TARGETS", "traffic", "weight_gather_bytes", "count_flops", "add_roofline",
+    "compile_layers",
 ]  # fmt: skip
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
@@ -314,23 +315,37 @@ def _optimizer_cost(tx, state, mesh, compile_kw) -> tuple[float, float]:
     return _cost(_compile(fn, [state, state["params"]], **compile_kw))
 
 
+def compile_layers(
+    cfg: RunConfig,
+    mesh: jax.sharding.Mesh,
+    arch: LlamaConfig,
+    teacher_arch: LlamaConfig | None,
+    layers: int,
+    compile_kw: dict[str, Any],
+) -> tuple[Any, int]:
+    """``(compiled step, linears gathering codes)`` of ``cfg``'s step with ``layers`` unrolled
+    decoder layers (student and teacher), no gradient accumulation: the small compiles whose
+    difference is one layer's cost (``cost_analysis()`` counts a scanned body once)."""
+    micro = _variant(
+        cfg, train__batch_size=cfg.train.batch_size // cfg.train.grad_accum,
+        train__grad_accum=1, model__scan_layers=False,
+    )  # fmt: skip
+    a = dataclasses.replace(arch, num_hidden_layers=layers)
+    t = teacher_arch and dataclasses.replace(teacher_arch, num_hidden_layers=layers)
+    fn, args, *_, gathering = _abstract_args(micro, mesh, a, t)
+    return _compile(fn, args, **compile_kw), gathering
+
+
 def step_cost(cfg, mesh, arch, teacher_arch, compile_kw, compiled=None) -> tuple[float, float]:
     """Per-device FLOPs and HBM bytes of one whole step (see the module docstring);
     ``compiled``: the step itself, whose own count is exact when nothing is scanned."""
     k, L = cfg.train.grad_accum, arch.num_hidden_layers
     if compiled is not None and k == 1 and not cfg.model.scan_layers:
         return _cost(compiled, arch.sliding_window)
-    micro = _variant(
-        cfg, train__batch_size=cfg.train.batch_size // k, train__grad_accum=1,
-        model__scan_layers=False,
-    )  # fmt: skip
-    costs = []
-    for layers in (1, 2):
-        a = dataclasses.replace(arch, num_hidden_layers=layers)
-        t = teacher_arch and dataclasses.replace(teacher_arch, num_hidden_layers=layers)
-        fn, args, *_ = _abstract_args(micro, mesh, a, t)
-        costs.append(_cost(_compile(fn, args, **compile_kw), arch.sliding_window))
-    (f1, b1), (f2, b2) = costs
+    (f1, b1), (f2, b2) = (
+        _cost(compile_layers(cfg, mesh, arch, teacher_arch, n, compile_kw)[0], arch.sliding_window)
+        for n in (1, 2)
+    )
     flops, nbytes = f1 + (L - 1) * (f2 - f1), b1 + (L - 1) * (b2 - b1)
     if k > 1:
         _, _, tx, state, _ = _abstract_args(cfg, mesh, arch, teacher_arch)
