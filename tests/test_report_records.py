@@ -50,3 +50,26 @@ def test_quickstart_block_is_the_record(tmp_path):
     assert "| **812.3** |" in text
     assert "| 26.28 |" in text and "| 1.67e7 |" in text and "134.5 M" in text
     assert f"85 tokens/s ({1200 / t.steps:.1f} s a step; 20 min of training, 22 min in all)" in text
+
+
+def test_quickstart_block_shows_the_plain_qat_cell_as_committed_now(tmp_path):
+    """The quickstart's record keeps a copy of the plain-QAT cell it was shown beside; a cell
+    run again later (2-bit SEQ: 836.5 transcribed, 939.3 run again) must not leave the README
+    quoting the old copy."""
+    cfg = load_config(RunConfig, ROOT / "configs" / "quickstart.yaml", [f"run_dir={tmp_path}"])
+    source = "reports/smollm2-bits/results.json, cell bits=2,method=seq"
+    r = record(cfg, tmp_path) | {
+        "bits": 2, "method": "seq", "model": "/x/SmolLM2.gguf", "ppl_float": 26.28,
+        "ppl_rtn": 1.674e7, "ppl_qat": 355.4, "train_steps": cfg.train.steps,
+        "train_wall_s": 1200.0, "wall_s": 1320.0, "train_tokens_per_sec": 85.2,
+        "params": 134_515_008, "bytes_bf16": 2 * 134_515_008, "bytes_packed": 144_000_000,
+        "bytes_gguf": 168_000_000, "generate_tokens_per_sec": 30.25,
+        "plain_qat": {"val_ppl": 836.5, "tokens": 122880, "lr": 5e-4, "source": source},
+    }  # fmt: skip
+    assert "| 836.5 |" in quickstart_block(r)  # no committed cells given: the record's copy
+    cell = {"name": "bits=2,method=seq", "status": "ok", "val_ppl": 939.3, "tokens_seen": 122880,
+            "lr": 5e-4}  # fmt: skip
+    text = quickstart_block(r, {cell["name"]: cell})
+    assert "| 939.3 |" in text and "836.5" not in text and source in text
+    failed = cell | {"status": "failed"}
+    assert "| 836.5 |" in quickstart_block(r, {cell["name"]: failed})

@@ -43,9 +43,26 @@ NO_QUICKSTART = (
 )
 
 
-def quickstart_block(r: Mapping[str, Any]) -> str:
-    """The quickstart's measured table from its ``quickstart.json``."""
+def _plain_qat(r: Mapping[str, Any], cells: Mapping[str, dict]) -> dict[str, Any] | None:
+    """The plain-QAT row beside the quickstart's result: the committed cell its record names
+    (``plain_qat.source``: ``<results file>, cell <name>``) as that file has it now, so a cell
+    run again after the quickstart shows its new number; the record's copy if the cell is
+    gone."""
+    ref = r.get("plain_qat")
+    if not ref:
+        return None
+    cell = cells.get(str(ref.get("source", "")).rpartition(", cell ")[2])
+    if cell is None or cell.get("status", "ok") != "ok":
+        return dict(ref)
+    return {"val_ppl": cell["val_ppl"], "tokens": cell.get("tokens_seen", ref["tokens"]),
+            "lr": cell.get("lr", ref["lr"]), "source": ref["source"]}  # fmt: skip
+
+
+def quickstart_block(r: Mapping[str, Any], cells: Mapping[str, dict] | None = None) -> str:
+    """The quickstart's measured table from its ``quickstart.json``; ``cells``: the committed
+    ``smollm2-bits`` rows by name, for the plain-QAT row (:func:`_plain_qat`)."""
     c, sw = record_config(r), r.get("software", {})
+    plain = _plain_qat(r, cells or {})
     t = c["train"]
     seq = c["data"].get("train_seq_len") or c["data"]["seq_len"]
     tokens = t["steps"] * t["batch_size"] * seq
@@ -56,9 +73,9 @@ def quickstart_block(r: Mapping[str, Any]) -> str:
         [f"validation perplexity, float ({val})", num(r["ppl_float"])],
         ["validation perplexity, round-to-nearest (ParetoQ scale init, no training)",
          num(r["ppl_rtn"])],
-        *([[f"validation perplexity, plain QAT ({r['plain_qat']['tokens']:,} tokens, lr "
-            f"{lr(r['plain_qat']['lr'])}; not rerun: {r['plain_qat']['source']})",
-            num(r["plain_qat"]["val_ppl"])]] if r.get("plain_qat") else []),
+        *([[f"validation perplexity, plain QAT ({plain['tokens']:,} tokens, lr "
+            f"{lr(plain['lr'])}; not rerun by the quickstart: {plain['source']})",
+            num(plain["val_ppl"])]] if plain else []),
         [f"validation perplexity, ParetoQ QAT, {r['train_steps']} steps of {t['batch_size']}x{seq} "
          f"tokens ({tokens:,} tokens), lr {lr(t['optimizer']['lr'])}"
          + (f", {r['recipe']}" if r.get("recipe") else ""), f"**{num(r['ppl_qat'])}**"],
@@ -197,14 +214,17 @@ def blocks(reports: str | Path | None = None) -> dict[str, str]:
     """Every generated README block, by name, from the committed files under ``reports``."""
     root = Path(reports) if reports is not None else REPORTS_DIR
     out: dict[str, str] = {}
-    qs = root / "quickstart" / "quickstart.json"
-    out["quickstart"] = (
-        quickstart_block(json.loads(qs.read_text())) if qs.is_file() else NO_QUICKSTART
-    )
     bits_dir = root / "smollm2-bits"
     baseline, base_ref = None, None
-    if (bits_dir / "results.json").is_file():
-        rows = load_rows(bits_dir)
+    bits_rows = load_rows(bits_dir) if (bits_dir / "results.json").is_file() else []
+    qs = root / "quickstart" / "quickstart.json"
+    out["quickstart"] = (
+        quickstart_block(json.loads(qs.read_text()), _by_name(bits_rows))
+        if qs.is_file()
+        else NO_QUICKSTART
+    )
+    if bits_rows:
+        rows = bits_rows
         bits_anchors = _anchors(bits_dir)
         out["smollm2-bits"] = bits_block(rows, bits_anchors)
         out["smollm2-bits-findings"] = findings_block(rows)
