@@ -1,6 +1,7 @@
-"""Splash attention (the fused Pallas TPU kernel, run in interpret mode on CPU) against the XLA
-formulation: outputs, gradients, a model under a sharded mesh, a training run; the planner's
-count of the kernel's FLOPs."""
+"""Splash attention (the fused Pallas TPU kernel, run in interpret mode on CPU) and the cuDNN
+call's plumbing (``jax.nn.dot_product_attention`` through its XLA implementation on CPU) against
+the XLA formulation: outputs, gradients, a model under a sharded mesh, a training run; the
+planner's count of the kernel's FLOPs."""
 
 from __future__ import annotations
 
@@ -48,6 +49,27 @@ def test_splash_equals_dot_attention_and_its_gradients(window):
         np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("window", [None, 100])
+@pytest.mark.parametrize("s", [256, 96])
+def test_cudnn_call_equals_dot_attention_and_its_gradients(window, s):
+    """``Cudnn`` hands ``jax.nn.dot_product_attention`` our layout, GQA groups and window; with
+    ``implementation="xla"`` (no GPU here) the result must be ``dot_attention``'s."""
+    q, k, v = _qkv(s=s)
+    fused = attention.Cudnn(window, implementation="xla")
+    assert fused.takes(s)
+    mask = attention.causal_mask(s, window)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+
+    ref = lambda q, k, v: attention.dot_attention(q, k, v, mask, jnp.float32)  # noqa: E731
+    np.testing.assert_allclose(fused(q, k, v), ref(q, k, v), atol=2e-5, rtol=1e-5)
+    got = jax.grad(loss(fused), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-4)
+
+
 def test_block_size_and_a_sequence_splash_cannot_take():
     assert [attention.block_size(s) for s in (128, 256, 384, 2048, 100)] == [128, 256, 384, 512,
                                                                               None]  # fmt: skip
@@ -59,7 +81,7 @@ def test_block_size_and_a_sequence_splash_cannot_take():
     assert attention.Splash(strict=False).takes(256) and attention.Splash().takes(96)
 
 
-def test_configure_modes(tmp_path):
+def test_configure_modes(tmp_path, monkeypatch):
     from flax import nnx
 
     from paretoq_jax.models import Llama, LlamaConfig
@@ -74,8 +96,27 @@ def test_configure_modes(tmp_path):
     assert all(m.fused == attention.Splash(config.sliding_window, interpret=True) for m in layers)
     assert attention.configure(model, None, "auto") == 0 and all(m.fused is None for m in layers)
     assert (
-        attention.resolve("auto", "tpu") == "splash" and attention.resolve("auto", "gpu") == "xla"
+        attention.resolve("auto", "tpu") == "splash" and attention.resolve("auto", "cpu") == "xla"
     )
+    assert (
+        attention.resolve("auto", "gpu") == "cudnn" and attention.resolve("auto", "rocm") == "xla"
+    )
+    assert attention.resolve("cudnn", "gpu") == "cudnn" and attention.resolve("xla", "gpu") == "xla"
+    with pytest.raises(ValueError, match="cudnn is cuDNN's GPU kernel.*cannot run on cpu"):
+        attention.configure(model, None, "cudnn")
+    # what auto gives a layer on a GPU: cuDNN's flash kernel takes bf16 / fp16, head_dim % 8 == 0
+    # and <= 128; other layers keep XLA's attention
+    layer = layers[0]
+    assert layer.head_dim % 8 == 0 and layer.head_dim <= 128
+    monkeypatch.setattr(attention, "cudnn_available", lambda: True)
+    for dtype, takes in ((jnp.bfloat16, True), (jnp.float16, True), (jnp.float32, False)):
+        layer.dtype = dtype
+        assert attention.cudnn_takes(layer) is takes
+    monkeypatch.setattr(attention, "cudnn_available", lambda: False)  # no cuDNN library: XLA
+    assert not attention.cudnn_takes(layer)
+    monkeypatch.setattr(attention, "cudnn_available", lambda: True)
+    layer.dtype, layer.head_dim = jnp.bfloat16, 12
+    assert not attention.cudnn_takes(layer)
     with pytest.raises(ValueError, match="model.attention must be one of"):
         attention.configure(model, None, "flash")
     with pytest.raises(ConfigError, match="attention"):
@@ -122,7 +163,13 @@ SHARDED = textwrap.dedent(
 
     def loss_and_grads(mode):
         model = load_pretrained("{fixture}", bits=2, mesh=mesh)
-        assert attention.configure(model, mesh, mode) == (mode == "splash")
+        if mode == "cudnn-call":  # Cudnn's shard_map and call, through JAX's XLA implementation
+            assert attention.configure(model, mesh, "xla") == 0
+            for _, m in nnx.iter_graph(model):
+                if hasattr(m, "fused"):
+                    m.fused = attention.Cudnn(m.sliding_window, implementation="xla")
+        else:
+            assert attention.configure(model, mesh, mode) == (mode == "splash")
 
         def loss(m):
             with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
@@ -131,18 +178,21 @@ SHARDED = textwrap.dedent(
         value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
         return value, jax.tree.leaves(nnx.to_pure_dict(grads))
 
-    (va, ga), (vb, gb) = loss_and_grads("xla"), loss_and_grads("splash")
-    np.testing.assert_allclose(vb, va, rtol=1e-5)
-    for a, b in zip(ga, gb, strict=True):
-        np.testing.assert_allclose(b, a, atol=1e-6, rtol=1e-4)
+    va, ga = loss_and_grads("xla")
+    for mode in ("splash", "cudnn-call"):
+        vb, gb = loss_and_grads(mode)
+        np.testing.assert_allclose(vb, va, rtol=1e-5)
+        for a, b in zip(ga, gb, strict=True):
+            np.testing.assert_allclose(b, a, atol=1e-6, rtol=1e-4)
     print("OK")
     """
 )
 
 
-def test_splash_under_a_data_fsdp_tensor_mesh():
-    """Heads split over ``tensor`` (2 of 4 query heads with their key head on each device), the
-    batch over ``data`` x ``fsdp``: the same loss and gradients as the XLA formulation."""
+def test_fused_attention_under_a_data_fsdp_tensor_mesh():
+    """Splash and the cuDNN call's ``shard_map``: heads split over ``tensor`` (2 of 4 query heads
+    with their key head on each device), the batch over ``data`` x ``fsdp``: the same loss and
+    gradients as the XLA formulation."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu")  # fmt: skip
     code = SHARDED.format(fixture=FIXTURES / "tiny_llama_gqa")

@@ -315,6 +315,27 @@ def test_tiny_plan_on_compile_only_h100s():
     assert 0 < b["peak"] < b["hbm"] == 80 * 2**30
 
 
+@pytest.mark.skipif(
+    not (_installed("jax_plugins.xla_cuda12") and _installed("nvidia.cudnn")),
+    reason="XLA's CUDA plugin and cuDNN are not installed: pip install -e '.[gpu-plan]'",
+)
+def test_auto_attention_is_cudnn_on_compile_only_h100s():
+    """On NVIDIA GPUs ``model.attention: auto`` runs cuDNN's fused attention (forward and
+    backward custom calls in the compiled step, no (batch, heads, S, S) scores)."""
+    from paretoq_jax.plan import core
+    from paretoq_jax.plan.chips import chip_for
+    from paretoq_jax.run.build import build_mesh
+
+    cfg = _cfg("mesh.data=1", "mesh.fsdp=-1", "model.dtype=auto", "data.seq_len=256")
+    mesh = build_mesh(cfg, core.gpu_devices("h100:1x1x8"))
+    arch = core.architecture(cfg.model.path)
+    kw = dict(what="tiny", cfg=cfg, mesh=mesh, topology="h100:1x1x8", chip=chip_for("h100"))
+    compiled, _ = core.compile_layers(cfg, mesh, arch, None, 1, kw)
+    targets = {c.split('"')[0] for c in compiled.as_text().split('custom_call_target="')[1:]}
+    assert {"__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"} <= targets, targets
+    assert core.plan(cfg, "h100:1x1x8")["attention"] == "cudnn"
+
+
 def test_gpu_fit_is_against_what_jax_may_allocate(monkeypatch):
     """A GPU plan fits within JAX's allocator share of the memory (75% unless the env var of
     the run says otherwise), not the whole memory: 63 GiB on an 80 GiB H100 would OOM."""

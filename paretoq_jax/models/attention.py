@@ -1,4 +1,4 @@
-"""Causal self-attention: the XLA formulation every platform runs, and splash attention.
+"""Causal self-attention: the XLA formulation every platform runs, and two fused kernels.
 
 ``dot_attention`` is the reference: scores ``q k^T / sqrt(d)`` in float32 over an explicit mask,
 softmax, then ``p v``. It materializes ``(B, heads, S, T)`` scores, which at ``S = 2048`` is what
@@ -6,16 +6,19 @@ makes small models' training steps HBM-bound on TPU (docs/scale.md).
 
 ``Splash`` runs the same causal (or sliding-window) attention as the fused Pallas TPU kernel of
 ``jax.experimental.pallas.ops.tpu.splash_attention``: online softmax over blocks of keys, blocks
-the mask leaves empty skipped, no ``(S, S)`` array in HBM, forward and backward. Under a device
-mesh it runs per device through ``shard_map`` (batch over ``data`` x ``fsdp``, heads over
-``tensor``, as the activation rules of :mod:`paretoq_jax.sharding` say). On a CPU mesh the kernel
-runs in Pallas interpret mode: slow, exact, for checking numerics (tests/test_attention.py).
+the mask leaves empty skipped, no ``(S, S)`` array in HBM, forward and backward. On a CPU mesh
+the kernel runs in Pallas interpret mode: slow, exact, for checking numerics
+(tests/test_attention.py). ``Cudnn`` is the GPU counterpart: cuDNN's fused (flash) attention
+through ``jax.nn.dot_product_attention(implementation="cudnn")``. Under a device mesh both run
+per device through ``shard_map`` (batch over ``data`` x ``fsdp``, heads over ``tensor``, as the
+activation rules of :mod:`paretoq_jax.sharding` say).
 
 ``configure(model, mesh, mode)`` picks per model (``model.attention``): ``auto`` is splash on TPU
-meshes and XLA elsewhere; ``splash`` / ``xla`` force one. Only the uncached training / evaluation
+meshes, cuDNN on GPU meshes (bf16 / fp16 compute, head_dim a multiple of 8 up to 128) and XLA
+elsewhere; ``splash`` / ``cudnn`` / ``xla`` force one. Only the uncached training / evaluation
 path with the model's own causal mask is fused; KV-cache decoding and explicit masks always run
-``dot_attention``. The kernel's FLOPs are invisible to ``cost_analysis()``; ``kernel_cost``
-gives them to the planner.
+``dot_attention``. The splash kernel's FLOPs are invisible to ``cost_analysis()``;
+``kernel_cost`` gives them to the planner.
 """
 
 from __future__ import annotations
@@ -37,16 +40,20 @@ from paretoq_jax.sharding import logical_to_spec
 __all__ = [
     "ATTENTION_MODES",
     "AttentionMode",
+    "Cudnn",
     "Splash",
     "block_size",
     "causal_mask",
     "configure",
     "dot_attention",
+    "cudnn_available",
+    "cudnn_takes",
     "kernel_cost",
+    "mesh_platform",
     "resolve",
 ]
 
-AttentionMode = Literal["auto", "xla", "splash"]
+AttentionMode = Literal["auto", "xla", "splash", "cudnn"]
 ATTENTION_MODES: tuple[str, ...] = get_args(AttentionMode)
 _LANES = 128  # splash blocks are multiples of the TPU's 128 lanes
 
@@ -144,6 +151,46 @@ class Splash:
         return out.transpose(0, 2, 1, 3).reshape(b, s, kv, g, d)
 
 
+@dataclasses.dataclass(frozen=True)
+class Cudnn:
+    """cuDNN's fused causal attention of one model's layers (static, hashable, like
+    :class:`Splash`): ``jax.nn.dot_product_attention`` with ``is_causal`` and, for a sliding
+    window ``w``, ``local_window_size=(w - 1, 0)`` (query ``i`` sees keys ``i - w + 1 .. i``, as
+    :func:`causal_mask`). ``implementation``: ``"cudnn"`` (GPU); ``"xla"`` runs the same call
+    through JAX's XLA formulation, which is how the plumbing (layout, GQA, window, sharding) is
+    checked on a CPU."""
+
+    window: int | None = None
+    implementation: str = "cudnn"
+
+    def takes(self, seq: int) -> bool:
+        """Every length: cuDNN masks the causal blocks itself."""
+        return True
+
+    def __call__(self, q: Array, k: Array, v: Array) -> Array:
+        """``q (B, S, kv, g, d)``, ``k, v (B, S, kv, d)`` -> ``(B, S, kv, g, d)``, equal to
+        ``dot_attention`` with ``causal_mask(S, window)`` up to float rounding."""
+        b, s, kv, g, d = q.shape
+        window = None if self.window is None else (self.window - 1, 0)
+
+        def attend(q, k, v):  # (B, S, heads, d): query head kv * g + j uses key head kv
+            return jax.nn.dot_product_attention(
+                q, k, v, is_causal=True, local_window_size=window,
+                implementation=self.implementation,
+            )  # fmt: skip
+
+        qh = q.reshape(b, s, kv * g, d)
+        mesh = jax.sharding.get_abstract_mesh()
+        if not mesh.empty:
+            q_spec, kv_spec = _specs(mesh, (b, kv * g, s, d), (b, kv, s, d))
+            q_spec, kv_spec = (PartitionSpec(p[0], None, p[1], None) for p in (q_spec, kv_spec))
+            attend = jax.shard_map(
+                attend, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
+                check_vma=False,
+            )  # fmt: skip
+        return attend(qh, k, v).reshape(b, s, kv, g, d)
+
+
 def _shards(mesh, axes) -> int:
     if mesh.empty or axes is None:
         return 1
@@ -168,38 +215,84 @@ def _specs(mesh, q_shape, kv_shape) -> tuple[PartitionSpec, PartitionSpec]:
 def configure(model: nnx.Module, mesh: Mesh | None, mode: AttentionMode = "auto") -> int:
     """Set how every attention layer of ``model`` computes (in place); returns how many fuse.
 
-    ``auto``: splash on TPU meshes, XLA elsewhere; ``splash``: splash anywhere it can run (TPU;
-    interpreted on CPU), an error on GPU; ``xla``: ``dot_attention`` everywhere."""
+    ``auto``: splash on TPU meshes, cuDNN on GPU meshes where it takes the layer (bf16 / fp16
+    compute, ``head_dim`` a multiple of 8 up to 128), XLA elsewhere; ``splash``: splash anywhere
+    it can run (TPU; interpreted on CPU), an error on GPU; ``cudnn``: cuDNN, an error off GPUs;
+    ``xla``: ``dot_attention`` everywhere."""
     if mode not in ATTENTION_MODES:
         raise ValueError(f"model.attention must be one of {ATTENTION_MODES}, got {mode!r}")
-    platform = _platform(mesh)
+    platform = mesh_platform(mesh)
     if mode == "splash" and platform not in ("tpu", "cpu"):
         raise ValueError(
             f"model.attention=splash is a TPU kernel and cannot run on {platform}; "
             "use model.attention=auto or xla"
         )
-    fused = resolve(mode, platform) == "splash"
+    if mode == "cudnn" and platform not in _GPUS:
+        raise ValueError(
+            f"model.attention=cudnn is cuDNN's GPU kernel and cannot run on {platform}; "
+            "use model.attention=auto or xla"
+        )
+    kind = resolve(mode, platform)
     from paretoq_jax.models.layers import Attention
 
     count = 0
     for _, module in nnx.iter_graph(model):
         if isinstance(module, Attention):
             window = module.sliding_window
-            kernel = Splash(window, interpret=platform != "tpu", strict=mode == "splash")
-            module.fused = kernel if fused else None
-            count += fused
+            kernel = None
+            if kind == "splash":
+                kernel = Splash(window, interpret=platform != "tpu", strict=mode == "splash")
+            elif kind == "cudnn" and (mode == "cudnn" or cudnn_takes(module)):
+                kernel = Cudnn(window)
+            module.fused = kernel
+            count += kernel is not None
     return count
 
 
+_GPUS = ("gpu", "cuda")  # NVIDIA GPUs' platform names (mesh_platform tells ROCm apart)
+
+
+def cudnn_takes(module) -> bool:
+    """Whether ``auto`` runs an attention layer through cuDNN: its flash kernel takes bf16 /
+    fp16 only and head dims that are multiples of 8 up to 128 (256 on Hopper and later), and
+    JAX must find the cuDNN library (:func:`cudnn_available`)."""
+    dtype_ok = jnp.dtype(module.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    shape_ok = module.head_dim % 8 == 0 and module.head_dim <= 128
+    return dtype_ok and shape_ok and cudnn_available()
+
+
+@functools.lru_cache(maxsize=1)
+def cudnn_available() -> bool:
+    """Whether ``jax.nn.dot_product_attention(implementation="cudnn")`` can be traced here: JAX
+    looks for the cuDNN library when the call is traced (``RuntimeError: cuDNN not found``
+    without it; ``jax[cuda12]`` installs it, the ``gpu-plan`` extra too)."""
+    x = jax.ShapeDtypeStruct((1, 128, 1, 64), jnp.bfloat16)
+    try:
+        jax.eval_shape(
+            lambda q: jax.nn.dot_product_attention(q, q, q, is_causal=True, implementation="cudnn"),
+            x,
+        )
+    except Exception:  # noqa: BLE001 - any failure means: do not pick cuDNN automatically
+        return False
+    return True
+
+
 def resolve(mode: AttentionMode, platform: str) -> str:
-    """``splash`` or ``xla``: what ``mode`` runs on ``platform`` (see :func:`configure`)."""
-    return "splash" if mode == "splash" or (mode == "auto" and platform == "tpu") else "xla"
+    """``splash``, ``cudnn`` or ``xla``: what ``mode`` runs on ``platform`` (see
+    :func:`configure`; on a GPU ``auto`` still runs XLA for a layer cuDNN cannot take)."""
+    if mode == "auto":
+        return {"tpu": "splash", **dict.fromkeys(_GPUS, "cudnn")}.get(platform, "xla")
+    return mode
 
 
-def _platform(mesh: Mesh | None) -> str:
-    if mesh is None:
-        return jax.default_backend()
-    return mesh.devices.flat[0].platform
+def mesh_platform(mesh: Mesh | None) -> str:
+    """The mesh's platform (``jax.default_backend()`` without one); ``rocm`` for AMD GPUs,
+    which JAX also calls ``gpu`` but cuDNN does not serve."""
+    device = jax.devices()[0] if mesh is None else mesh.devices.flat[0]
+    platform = device.platform
+    if platform == "gpu" and "rocm" in str(getattr(device.client, "platform_version", "")).lower():
+        return "rocm"
+    return platform
 
 
 # Matrix products per kernel invocation, each 2 * heads * S_q * S_k * d FLOPs over the blocks

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from paretoq_jax import quant
-from paretoq_jax.models.attention import Splash, causal_mask, dot_attention
+from paretoq_jax.models.attention import Cudnn, Splash, causal_mask, dot_attention
 from paretoq_jax.models.config import LlamaConfig
 
 Array = jax.Array
@@ -220,7 +220,7 @@ class Attention(nnx.Module):
         self.dtype = dtype
         self.sliding_window = c.sliding_window
         # set by models.attention.configure: a fused kernel for the causal uncached path
-        self.fused: Splash | None = None
+        self.fused: Splash | Cudnn | None = None
         q_dim, kv_dim = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
         kw = dict(stack=stack, dtype=dtype, param_dtype=param_dtype, std=c.initializer_range)
         kw["rngs"] = rngs

@@ -147,12 +147,14 @@ def _abstract_args(
     backend: str = "tpu",
 ):
     """``(jitted step, abstract args, optimizer, abstract state, quantized linears that gather
-    packed codes)`` with NamedShardings."""
+    packed codes, what attention runs as)`` with NamedShardings; the last is ``xla`` or the
+    fused kernel's name (``splash``, ``cudnn``) when the model's layers run one."""
 
     model = nnx.eval_shape(model_factory(cfg, backend=backend, config=arch))
     # as `train` does: under FSDP the quantized linears gather packed codes (mesh.gather_codes)
     gathering = code_gather.configure(model, mesh, cfg.mesh.gather_codes)
-    attention.configure(model, mesh, cfg.model.attention)
+    fused = attention.configure(model, mesh, cfg.model.attention)
+    kind = attention.resolve(cfg.model.attention, attention.mesh_platform(mesh)) if fused else "xla"
     teacher = None
     if cfg.train.uses_teacher:
         teacher = nnx.eval_shape(
@@ -169,7 +171,12 @@ def _abstract_args(
     if teacher is not None:
         t_params = nnx.to_pure_dict(nnx.state(teacher, nnx.Param))
         args.append(abstract_like(t_params, param_shardings(teacher, mesh)))
-    return step.fn, args, tx, state, gathering
+    return step.fn, args, tx, state, gathering, kind
+
+
+def _backend(mesh: jax.sharding.Mesh) -> str:
+    """``gpu`` or ``tpu``: the backend ``model_factory`` builds for (compute dtype)."""
+    return "gpu" if mesh.devices.flat[0].platform == "gpu" else "tpu"
 
 
 def _device_bytes(tree: Any) -> float:
@@ -332,7 +339,7 @@ def compile_layers(
     )  # fmt: skip
     a = dataclasses.replace(arch, num_hidden_layers=layers)
     t = teacher_arch and dataclasses.replace(teacher_arch, num_hidden_layers=layers)
-    fn, args, *_, gathering = _abstract_args(micro, mesh, a, t)
+    fn, args, _, _, gathering, _ = _abstract_args(micro, mesh, a, t, _backend(mesh))
     return _compile(fn, args, **compile_kw), gathering
 
 
@@ -348,7 +355,7 @@ def step_cost(cfg, mesh, arch, teacher_arch, compile_kw, compiled=None) -> tuple
     )
     flops, nbytes = f1 + (L - 1) * (f2 - f1), b1 + (L - 1) * (b2 - b1)
     if k > 1:
-        _, _, tx, state, _ = _abstract_args(cfg, mesh, arch, teacher_arch)
+        _, _, tx, state, *_ = _abstract_args(cfg, mesh, arch, teacher_arch, _backend(mesh))
         of, ob = _optimizer_cost(tx, state, mesh, compile_kw)
         flops, nbytes = k * flops - (k - 1) * of, k * nbytes - (k - 1) * ob
     return flops, nbytes
@@ -480,7 +487,7 @@ def plan(
     teacher_arch = architecture(cfg.model.teacher) if cfg.model.teacher else arch
     compile_kw = dict(what=name, cfg=cfg, mesh=mesh, topology=topology, chip=chip)
 
-    fn, args, _, state, gathering = _abstract_args(cfg, mesh, arch, teacher_arch, backend)
+    fn, args, _, state, gathering, attn = _abstract_args(cfg, mesh, arch, teacher_arch, backend)
     compiled = _compile(fn, args, **compile_kw)
     text = compiled.as_text()
     if hlo_out is not None:
@@ -529,7 +536,7 @@ def plan(
         "grad_accum": cfg.train.grad_accum,
         "remat": cfg.model.remat,
         "scan_layers": cfg.model.scan_layers,
-        "attention": attention.resolve(cfg.model.attention, backend),
+        "attention": attn,
         "bits": cfg.model.bits,
         "method": cfg.model.method,
         "distill": cfg.train.uses_teacher,

@@ -490,10 +490,11 @@ step again: the same step with 1 and 2 unrolled layers (2 compiles), and the flo
 likewise (2 more, shared by a config's bit-widths on one slice); the loops XLA leaves in them
 (collective matmuls on 8+ chips), whose bodies `cost_analysis()` counts once, are added for
 their trip counts (`hlo.loop_cost`). "attention" is what the step computes attention with:
-`splash` is the fused Pallas kernel, `model.attention: auto`'s choice on TPU since it exists
-(`docs/attention.md`; its FLOPs, which `cost_analysis()` cannot see inside the kernel, are
-counted from its shapes: `plan.core.splash_cost`); `xla` rows were planned before it, with
-the (batch, heads, 2048, 2048) scores materialized.
+`splash` is the fused Pallas kernel, `model.attention: auto`'s choice on TPU, and `cudnn`
+cuDNN's fused kernel, its choice on NVIDIA GPUs (`docs/attention.md`; splash's FLOPs, which
+`cost_analysis()` cannot see inside the kernel, are counted from its shapes:
+`plan.core.splash_cost`); `xla` rows were planned before the fused kernels, with the (batch,
+heads, 2048, 2048) scores materialized.
 
 {table}
 
@@ -595,7 +596,9 @@ Any `--topology` that libtpu knows works (`v4:2x2x1`, `v5e:16x16`, `v6e:8x8`, ..
 ## GPUs, compile-only
 
 `pip install -e ".[gpu-plan]"` adds XLA's CUDA plugin (`jax-cuda12-plugin` and
-`jax-cuda12-pjrt` at the project's jax version, without the CUDA libraries: nothing runs) and
+`jax-cuda12-pjrt` at the project's jax version, without the CUDA runtime: nothing runs) and the
+cuDNN library (`model.attention: auto` is cuDNN's fused attention on NVIDIA GPUs, and JAX looks
+for the library when it traces the call; without it the plan falls back to XLA's attention), and
 `python -m paretoq_jax.plan --config CONFIG --gpu h100:1x2x8` compiles the same step for
 compile-only H100s (`<gpu>:<slices>x<nodes>x<gpus per node>`: 2 nodes of 8 here) from the
 target description `configs/gpu/h100_sxm.txtpb` (XLA's `GpuTargetConfigProto`, written from

@@ -39,9 +39,10 @@ class ModelConfig:
     at ``path``).
     ``scale_init``: initial learned scales: ``paretoq`` (the paper's statistic) or ``mse``
     (least-squares fit to the pretrained weights, ``quant.mse_scale``).
-    ``attention``: ``auto`` runs causal attention as the fused splash kernel on TPU meshes and
-    as XLA einsums elsewhere; ``splash`` / ``xla`` force one (splash on CPU: Pallas interpret
-    mode, for checking numerics). See ``paretoq_jax.models.attention``.
+    ``attention``: ``auto`` runs causal attention as the fused splash kernel on TPU meshes, as
+    cuDNN's fused kernel on NVIDIA GPU meshes (bf16 compute) and as XLA einsums elsewhere;
+    ``splash`` / ``cudnn`` / ``xla`` force one (splash on CPU: Pallas interpret mode, for
+    checking numerics). See ``paretoq_jax.models.attention``.
     """
 
     path: str
