@@ -119,7 +119,7 @@ def build_model(cfg: RunConfig, mesh: jax.sharding.Mesh, *, teacher: bool = Fals
             remat=cfg.model.remat, scan_layers=cfg.model.scan_layers,
             scale_init="paretoq" if teacher else cfg.model.scale_init,
         )  # fmt: skip
-    attention.configure(model, mesh, cfg.model.attention)  # fused on TPU (model.attention)
+    attention.configure(model, mesh, cfg.model.attention)  # fused on TPU / NVIDIA GPUs
     if not teacher:  # FSDP gathers packed integer codes instead of float kernels
         mode = code_gather.gather_mode(cfg.mesh.gather_codes)
         code_gather.configure(model, mesh, "off" if mode == "off" else "auto")
