@@ -31,15 +31,20 @@ def test_quickstart_record_has_config_curve_and_software(tmp_path):
     assert r["finished_at"].endswith("Z")
 
 
-def test_quickstart_block_is_the_record(tmp_path):
-    cfg = load_config(RunConfig, ROOT / "configs" / "quickstart.yaml", [f"run_dir={tmp_path}"])
-    r = record(cfg, tmp_path) | {
+def _quickstart_record(cfg, tmp_path, **fields):
+    """A quickstart.json record of ``cfg`` with made-up results (``fields`` override them)."""
+    return record(cfg, tmp_path) | {
         "bits": 2, "method": "seq", "model": "/x/SmolLM2.gguf", "ppl_float": 26.28,
         "ppl_rtn": 1.674e7, "ppl_qat": 812.34, "train_steps": cfg.train.steps,
         "train_wall_s": 1200.0, "wall_s": 1320.0, "train_tokens_per_sec": 85.2,
         "params": 134_515_008, "bytes_bf16": 2 * 134_515_008, "bytes_packed": 144_000_000,
-        "bytes_gguf": 168_000_000, "generate_tokens_per_sec": 30.25,
+        "bytes_gguf": 168_000_000, "generate_tokens_per_sec": 30.25, **fields,
     }  # fmt: skip
+
+
+def test_quickstart_block_is_the_record(tmp_path):
+    cfg = load_config(RunConfig, ROOT / "configs" / "quickstart.yaml", [f"run_dir={tmp_path}"])
+    r = _quickstart_record(cfg, tmp_path)
     text = quickstart_block(r)
     assert "| SmolLM2.gguf, 2-bit SEQ | value |" in text
     t, seq = cfg.train, cfg.data.train_len
@@ -58,14 +63,8 @@ def test_quickstart_block_shows_the_plain_qat_cell_as_committed_now(tmp_path):
     quoting the old copy."""
     cfg = load_config(RunConfig, ROOT / "configs" / "quickstart.yaml", [f"run_dir={tmp_path}"])
     source = "reports/smollm2-bits/results.json, cell bits=2,method=seq"
-    r = record(cfg, tmp_path) | {
-        "bits": 2, "method": "seq", "model": "/x/SmolLM2.gguf", "ppl_float": 26.28,
-        "ppl_rtn": 1.674e7, "ppl_qat": 355.4, "train_steps": cfg.train.steps,
-        "train_wall_s": 1200.0, "wall_s": 1320.0, "train_tokens_per_sec": 85.2,
-        "params": 134_515_008, "bytes_bf16": 2 * 134_515_008, "bytes_packed": 144_000_000,
-        "bytes_gguf": 168_000_000, "generate_tokens_per_sec": 30.25,
-        "plain_qat": {"val_ppl": 836.5, "tokens": 122880, "lr": 5e-4, "source": source},
-    }  # fmt: skip
+    plain = {"val_ppl": 836.5, "tokens": 122880, "lr": 5e-4, "source": source}
+    r = _quickstart_record(cfg, tmp_path, ppl_qat=355.4, plain_qat=plain)
     assert "| 836.5 |" in quickstart_block(r)  # no committed cells given: the record's copy
     cell = {"name": "bits=2,method=seq", "status": "ok", "val_ppl": 939.3, "tokens_seen": 122880,
             "lr": 5e-4}  # fmt: skip

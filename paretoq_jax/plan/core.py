@@ -26,7 +26,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -139,17 +139,29 @@ def architecture(path: str) -> LlamaConfig:
     )
 
 
+class _Abstract(NamedTuple):
+    """What :func:`_abstract_args` builds: the jitted step and its abstract arguments (with
+    NamedShardings), the optimizer and the abstract train state, how many quantized linears
+    gather packed codes, and what attention runs as (``xla``, or the fused kernel's name,
+    ``splash`` / ``cudnn``, when the model's layers run one)."""
+
+    fn: Any
+    args: list[Any]
+    tx: Any
+    state: Any
+    gathering: int
+    attention: str
+
+
 def _abstract_args(
     cfg: RunConfig,
     mesh: jax.sharding.Mesh,
     arch: LlamaConfig,
     teacher_arch: LlamaConfig | None,
-    backend: str = "tpu",
-):
-    """``(jitted step, abstract args, optimizer, abstract state, quantized linears that gather
-    packed codes, what attention runs as)`` with NamedShardings; the last is ``xla`` or the
-    fused kernel's name (``splash``, ``cudnn``) when the model's layers run one."""
-
+) -> _Abstract:
+    """``cfg``'s train step built from abstract shapes on ``mesh`` (compute dtype for the
+    mesh's platform, as ``train`` builds it there)."""
+    backend = "gpu" if mesh.devices.flat[0].platform == "gpu" else "tpu"
     model = nnx.eval_shape(model_factory(cfg, backend=backend, config=arch))
     # as `train` does: under FSDP the quantized linears gather packed codes (mesh.gather_codes)
     gathering = code_gather.configure(model, mesh, cfg.mesh.gather_codes)
@@ -171,12 +183,7 @@ def _abstract_args(
     if teacher is not None:
         t_params = nnx.to_pure_dict(nnx.state(teacher, nnx.Param))
         args.append(abstract_like(t_params, param_shardings(teacher, mesh)))
-    return step.fn, args, tx, state, gathering, kind
-
-
-def _backend(mesh: jax.sharding.Mesh) -> str:
-    """``gpu`` or ``tpu``: the backend ``model_factory`` builds for (compute dtype)."""
-    return "gpu" if mesh.devices.flat[0].platform == "gpu" else "tpu"
+    return _Abstract(step.fn, args, tx, state, gathering, kind)
 
 
 def _device_bytes(tree: Any) -> float:
@@ -339,8 +346,8 @@ def compile_layers(
     )  # fmt: skip
     a = dataclasses.replace(arch, num_hidden_layers=layers)
     t = teacher_arch and dataclasses.replace(teacher_arch, num_hidden_layers=layers)
-    fn, args, _, _, gathering, _ = _abstract_args(micro, mesh, a, t, _backend(mesh))
-    return _compile(fn, args, **compile_kw), gathering
+    built = _abstract_args(micro, mesh, a, t)
+    return _compile(built.fn, built.args, **compile_kw), built.gathering
 
 
 def step_cost(cfg, mesh, arch, teacher_arch, compile_kw, compiled=None) -> tuple[float, float]:
@@ -355,8 +362,8 @@ def step_cost(cfg, mesh, arch, teacher_arch, compile_kw, compiled=None) -> tuple
     )
     flops, nbytes = f1 + (L - 1) * (f2 - f1), b1 + (L - 1) * (b2 - b1)
     if k > 1:
-        _, _, tx, state, *_ = _abstract_args(cfg, mesh, arch, teacher_arch, _backend(mesh))
-        of, ob = _optimizer_cost(tx, state, mesh, compile_kw)
+        built = _abstract_args(cfg, mesh, arch, teacher_arch)
+        of, ob = _optimizer_cost(built.tx, built.state, mesh, compile_kw)
         flops, nbytes = k * flops - (k - 1) * of, k * nbytes - (k - 1) * ob
     return flops, nbytes
 
@@ -468,7 +475,6 @@ def plan(
     if on_gpu and slices != 1:
         raise PlanError("--slices is for TPUs; give GPU nodes as <gpu>:1x<nodes>x<gpus per node>")
     devices = gpu_devices(topology) if on_gpu else tpu_devices(topology, slices)
-    backend = "gpu" if on_gpu else "tpu"
     # the share of a chip's memory a run gets (read before the compile: a bad value is an error)
     frac, source = gpu_mem_fraction() if on_gpu else (1.0, "")
     if on_gpu:
@@ -487,7 +493,8 @@ def plan(
     teacher_arch = architecture(cfg.model.teacher) if cfg.model.teacher else arch
     compile_kw = dict(what=name, cfg=cfg, mesh=mesh, topology=topology, chip=chip)
 
-    fn, args, _, state, gathering, attn = _abstract_args(cfg, mesh, arch, teacher_arch, backend)
+    built = _abstract_args(cfg, mesh, arch, teacher_arch)
+    fn, args, state, gathering = built.fn, built.args, built.state, built.gathering
     compiled = _compile(fn, args, **compile_kw)
     text = compiled.as_text()
     if hlo_out is not None:
@@ -536,7 +543,7 @@ def plan(
         "grad_accum": cfg.train.grad_accum,
         "remat": cfg.model.remat,
         "scan_layers": cfg.model.scan_layers,
-        "attention": attn,
+        "attention": built.attention,
         "bits": cfg.model.bits,
         "method": cfg.model.method,
         "distill": cfg.train.uses_teacher,

@@ -224,11 +224,10 @@ def blocks(reports: str | Path | None = None) -> dict[str, str]:
         else NO_QUICKSTART
     )
     if bits_rows:
-        rows = bits_rows
         bits_anchors = _anchors(bits_dir)
-        out["smollm2-bits"] = bits_block(rows, bits_anchors)
-        out["smollm2-bits-findings"] = findings_block(rows)
-        baseline = _by_name(rows).get("bits=2,method=seq")
+        out["smollm2-bits"] = bits_block(bits_rows, bits_anchors)
+        out["smollm2-bits-findings"] = findings_block(bits_rows)
+        baseline = _by_name(bits_rows).get("bits=2,method=seq")
         base_ref = bits_anchors.get("bits=2,method=seq")
     rec_dir = root / "smollm2-recovery"
     if (rec_dir / "results.json").is_file():
