@@ -756,6 +756,19 @@ def test_splash_attention_planned_on_tpu_and_its_flops_counted(tmp_path):
 
 
 @needs_libtpu
+def test_plan_records_xla_attention_where_auto_splash_cannot_take_the_length(tmp_path):
+    """``auto`` runs splash only on sequences that are multiples of 128 and XLA's attention on
+    others; the plan records what the compiled step runs (it used to say splash regardless)."""
+    from paretoq_jax.plan import plan
+
+    common = ("mesh.data=1", "mesh.fsdp=-1", "data.seq_len=200", "train.batch_size=8")
+    hlo_at = tmp_path / "step.hlo"
+    p = plan(_cfg(*common), "v5p:2x2x1", hlo_out=hlo_at)
+    assert p["attention"] == "xla"
+    assert not [c for c in hlo.custom_calls(hlo_at.read_text()) if c.name.startswith("splash_")]
+
+
+@needs_libtpu
 def test_attention_projections_cost_no_activation_copies_on_tpu():
     """The q / k / v / o projections are written on the kernel reshaped into heads
     (``QuantLinear(out_heads=...)``, ``in_heads``). Written as ``(b, s, heads * head_dim)``

@@ -51,6 +51,7 @@ __all__ = [
     "kernel_cost",
     "mesh_platform",
     "resolve",
+    "runs",
 ]
 
 AttentionMode = Literal["auto", "xla", "splash", "cudnn"]
@@ -275,6 +276,20 @@ def cudnn_available() -> bool:
     except Exception:  # noqa: BLE001 - any failure means: do not pick cuDNN automatically
         return False
     return True
+
+
+def runs(model: nnx.Module, seq: int) -> str:
+    """What the attention of ``model`` (after :func:`configure`) computes a ``seq``-long
+    sequence with: ``splash`` / ``cudnn`` when its layers run that fused kernel, else ``xla``
+    (``auto`` falls back to XLA where the kernel cannot take the length, e.g. splash on a
+    sequence that is not a multiple of 128)."""
+    from paretoq_jax.models.layers import Attention
+
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, Attention) and module.fused is not None:
+            if module.fused.takes(seq):
+                return type(module.fused).__name__.lower()
+    return "xla"
 
 
 def resolve(mode: AttentionMode, platform: str) -> str:

@@ -165,8 +165,8 @@ def _abstract_args(
     model = nnx.eval_shape(model_factory(cfg, backend=backend, config=arch))
     # as `train` does: under FSDP the quantized linears gather packed codes (mesh.gather_codes)
     gathering = code_gather.configure(model, mesh, cfg.mesh.gather_codes)
-    fused = attention.configure(model, mesh, cfg.model.attention)
-    kind = attention.resolve(cfg.model.attention, attention.mesh_platform(mesh)) if fused else "xla"
+    attention.configure(model, mesh, cfg.model.attention)
+    kind = attention.runs(model, cfg.data.train_len)
     teacher = None
     if cfg.train.uses_teacher:
         teacher = nnx.eval_shape(
