@@ -6,7 +6,8 @@ CPU devices (the parent sets ``XLA_FLAGS=--xla_force_host_platform_device_count=
 
 ``op``: every (bits, method) on a 2x2x2 mesh and on fsdp=8, a kernel split on its ``in`` and on
 its ``out`` dimension: whether the gathered forward equals ``fake_quant`` bit for bit, and the
-largest relative difference of the loss and gradients.
+largest relative difference of the loss and gradients (``unpack``: the unpack paths to run,
+``rows``: the kernels' input dimension).
 ``train``: cases ``{bits, method, mesh: [d, f, t], remat, scan, steps, grads}``: the tiny model
 trained ``steps`` steps with code gathering on and off on the same batches; per-step losses and
 grad norms, the final parameters' largest difference, optionally the first batch's full
@@ -54,9 +55,11 @@ def _op_loss(w, scale, x, spec, plan, gathered):
 _op_grad = jax.value_and_grad(_op_loss, argnums=(0, 1), has_aux=True)
 
 
-def op_mesh(mesh_shape, combos) -> dict:
-    """One jitted program holding every combo, plain or gathered, a kernel split along in and
-    one split along out; exact zeros in the kernels (1 bit keeps sign(0) = 0)."""
+def op_mesh(mesh_shape, combos, unpack: str = "xla", rows: int = 80) -> dict:
+    """One jitted program holding every combo, plain or gathered, a kernel ``(2, rows, 48)``
+    split along in and one split along out; exact zeros in the kernels (1 bit keeps sign(0) =
+    0). ``unpack``: how the gathered codes are unpacked (``CodeGather.unpack``; ``interpret``
+    runs the TPU kernel interpreted); ``rows`` not a multiple of 8 per shard pads the packing."""
     mesh = make_mesh(*mesh_shape)
     key = jax.random.PRNGKey(0)
     layouts = {"in": (None, "fsdp", "tensor"), "out": (None, "tensor", "fsdp")}
@@ -67,11 +70,12 @@ def op_mesh(mesh_shape, combos) -> dict:
             in_axes=(names[1],) if mesh.shape[names[1]] > 1 else (),
             out_axes=(names[2],) if mesh.shape[names[2]] > 1 else (),
             gather=("fsdp",),
+            unpack=unpack,
         )
         kspec = P(*(a if a in plan.in_axes + plan.out_axes else None for a in names))
         for ci, (bits, method) in enumerate(combos):
             spec = quant.resolve(bits, method)
-            w = 0.02 * jax.random.normal(jax.random.fold_in(key, 100 * li + ci), (2, 80, 48))
+            w = 0.02 * jax.random.normal(jax.random.fold_in(key, 100 * li + ci), (2, rows, 48))
             w = w.at[0, 0, :4].set(0.0)
             scale = quant.init_scale(w, spec) * 0.7 if spec.learned else None
             w = jax.device_put(w, NamedSharding(mesh, kspec))
@@ -79,7 +83,7 @@ def op_mesh(mesh_shape, combos) -> dict:
                 scale = jax.device_put(scale, NamedSharding(mesh, P(None, kspec[2])))
             args[f"{layout}/{bits}/{method}"] = (w, scale)
             specs[f"{layout}/{bits}/{method}"] = (spec, plan)
-    x = jax.random.normal(key, (2, 6, 80))
+    x = jax.random.normal(key, (2, 6, rows))
 
     def run(args, gathered):
         return {
@@ -92,7 +96,8 @@ def op_mesh(mesh_shape, combos) -> dict:
     for name in args:
         ((l0, w0), g0), ((l1, w1), g1) = plain[name], gath[name]
         grads = [_rel(a, b) for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True)]
-        out[f"{'x'.join(map(str, mesh_shape))}/{name}"] = {
+        tag = "" if unpack == "xla" else f"{unpack}:"
+        out[f"{tag}{'x'.join(map(str, mesh_shape))}/{name}"] = {
             "forward_equal": bool(jnp.all(w0 == w1)),
             "loss": _rel(l1, l0),
             "grads": max(grads),
@@ -261,8 +266,10 @@ def main() -> None:
     if "op" in spec:
         combos = [tuple(c) for c in spec["op"].get("combos", COMBOS)]
         out["op"] = {}
+        rows = spec["op"].get("rows", 80)
         for mesh_shape in spec["op"].get("meshes", [[2, 2, 2], [1, 8, 1]]):
-            out["op"].update(op_mesh(mesh_shape, combos))
+            for unpack in spec["op"].get("unpack", ["xla"]):
+                out["op"].update(op_mesh(mesh_shape, combos, unpack, rows))
     out["train"] = [train_case(c) for c in spec.get("train", [])]
     print("RESULT" + json.dumps(out))
 

@@ -169,3 +169,26 @@ def test_doc_reference_unpacker():
         p = pack(c, bits, ternary=ternary)
         got = namespace["unpack_ref"](p, bits, 37, base3=ternary == "base3" and bits == 1.58)
         np.testing.assert_array_equal(got, c)
+
+
+@pytest.mark.parametrize("bits,ternary,rng_range,bpc", FORMATS, ids=IDS)
+def test_tpu_unpack_kernel_matches_unpack(bits, ternary, rng_range, bpc):
+    """The Pallas TPU kernel that unpacks gathered codes (``kernels.unpack_tpu``), interpreted:
+    the codes of every format, over several row and lane tiles and blocks, in stored order."""
+    from paretoq_jax.kernels.unpack_tpu import unpack_blocks
+
+    fmt = pack_format(bits, ternary)
+    rows = 320  # byte rows: 2 row tiles of 160; 1,024 columns: 2 lane tiles of 512
+    codes = random_codes(np.random.default_rng(7), bits, (3, fmt.n_slabs * rows - 3, 1024))
+    packed = pack(codes, bits, ternary=ternary, axis=-2)
+    got = unpack_blocks(
+        jnp.asarray(packed), fields=fmt.fields, base3=fmt.base3, kmin=fmt.kmin, mult=fmt.mult,
+        interpret=True,
+    )  # fmt: skip
+    assert got.dtype == jnp.int8 and got.shape == (3, fmt.n_slabs, rows, 1024)
+    got = np.asarray(got).reshape(3, -1, 1024)[:, : codes.shape[1]]
+    np.testing.assert_array_equal(got, codes)
+    with pytest.raises(ValueError, match="byte planes"):
+        unpack_blocks(jnp.asarray(packed[:, :1] if fmt.n_planes > 1 else np.concatenate(
+            [packed, packed], axis=1)), fields=fmt.fields, base3=fmt.base3, kmin=fmt.kmin,
+            mult=fmt.mult, interpret=True)  # fmt: skip

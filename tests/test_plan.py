@@ -777,7 +777,8 @@ def test_attention_projections_cost_no_activation_copies_on_tpu():
     step's HBM bytes were 6% higher, and with code gathering, which left XLA fewer layouts
     to choose from, the QAT step's 3.6% over the float step's. One layer of that architecture:
     no (batch, seq, heads, head_dim) activation is copied, and the QAT step (2-bit, packed
-    codes gathered) costs the float step's FLOPs and at most 3% more HBM bytes."""
+    codes gathered and unpacked by the Pallas kernel) costs the float step's FLOPs and at most
+    1% more HBM bytes."""
     from paretoq_jax.plan import core
     from paretoq_jax.plan.chips import chip_for
     from paretoq_jax.run.build import build_mesh
@@ -801,6 +802,10 @@ def test_attention_projections_cost_no_activation_copies_on_tpu():
             if any(tuple(sorted(shape)) in heads for _, shape in i.result)
         ]
         assert copies == [], (name, copies)
+        if name == "qat":  # the gathered codes of the 7 linears unpacked by the Pallas kernel
+            calls = [c for c in hlo.custom_calls(compiled.as_text()) if "unpack_codes" in c.name]
+            assert sum(c.count for c in calls) >= 7, calls
         cost[name] = core._cost(compiled, arch.sliding_window)
     assert cost["qat"][0] == pytest.approx(cost["float"][0], rel=0.01)  # the same matmuls
-    assert cost["qat"][1] <= 1.03 * cost["float"][1], cost
+    # 0.997x measured with the Pallas unpack (this test allowed 1.03x with XLA's unpack ops)
+    assert cost["qat"][1] <= 1.01 * cost["float"][1], cost

@@ -6,7 +6,8 @@ uses ``Q(W) = a * level(k)``, so each device computes the codes ``k`` of its own
 ``a`` is per output channel), packs them at their bit-width along the input axis
 (``quant.pack``), all-gathers the uint8 bytes (plus the scale when ``out`` is the split
 dimension) and dequantizes after the gather. The forward is bit-identical to
-``quant.fake_quant`` on the gathered kernel. The backward is ``quant.fake_quant_vjp`` on the
+``quant.fake_quant`` on the gathered kernel. On TPU one Pallas kernel unpacks the gathered
+bytes (``kernels/unpack_tpu.py``), elsewhere XLA ops (``quant.unpack``). The backward is ``quant.fake_quant_vjp`` on the
 global arrays, exactly the plain path's: XLA reduce-scatters the weight gradient to the shards,
 the clip mask is computed on each shard, and the scale gradient is a partial sum per shard plus
 an all-reduce.
@@ -29,6 +30,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from paretoq_jax import hlo, quant
+from paretoq_jax.kernels.unpack_tpu import unpack_blocks
 from paretoq_jax.models.linears import quant_linears
 from paretoq_jax.sharding import ShardingRules, variable_sharding
 
@@ -82,19 +84,25 @@ class CodeGather:
 
     ``in_axes`` / ``out_axes``: the mesh axes splitting the kernel's in / out dimension (the
     scale ``(..., out)`` is split like ``out``); ``gather`` the subset that is gathered. Leading
-    (stacked-layer) dimensions are never split. Hashable: it lives in the model's graphdef.
+    (stacked-layer) dimensions are never split. ``unpack``: how the gathered bytes become int8
+    codes: ``"pallas"``, one pass of a Pallas kernel (``kernels.unpack_tpu``; TPU),
+    ``"interpret"``, the same kernel interpreted (any backend: tests), or ``"xla"``,
+    ``quant.unpack`` (XLA ops). Hashable: it lives in the model's graphdef.
     """
 
     mesh: Mesh
     in_axes: tuple[str, ...]
     out_axes: tuple[str, ...]
     gather: tuple[str, ...]
+    unpack: Literal["xla", "pallas", "interpret"] = "xla"
 
     def __post_init__(self) -> None:
         if not self.gather:
             raise ValueError("CodeGather needs at least one mesh axis to gather over")
         if any(a not in self.in_axes + self.out_axes for a in self.gather):
             raise ValueError(f"gather axes {self.gather} must split the kernel's in or out dim")
+        if self.unpack not in ("xla", "pallas", "interpret"):
+            raise ValueError(f"unpack={self.unpack!r}: choose xla, pallas or interpret")
         if not _suffix_gathered(self.in_axes, self.gather) or not _suffix_gathered(
             self.out_axes, self.gather
         ):
@@ -139,17 +147,16 @@ class CodeGather:
         def local(w: Array, a: Array) -> Array:
             codes = quant.train_codes(w, a, spec)
             packed = quant.pack(codes, bits, ternary=ternary, axis=-2)  # (..., planes, R, out)
-            shape = w.shape
+            blocks = w.shape  # (..., [shards,] in_local, out): the codes as unpacked
             if g_out:  # packing is along `in`: out-slices concatenate as they are
                 packed, a = _gather_with_scale(packed, a, g_out)
-                shape = (*shape[:-1], a.shape[-1])
-            if g_in:  # one packed block per shard along a new leading axis
-                packed = jax.lax.all_gather(packed, g_in, axis=0, tiled=False, to="invarying")
-                n = packed.shape[0]
-                codes = quant.unpack(packed, bits, (n, *shape), ternary=ternary, axis=-2)
-                codes = jnp.moveaxis(codes, 0, -3).reshape(*shape[:-2], n * shape[-2], shape[-1])
-            else:
-                codes = quant.unpack(packed, bits, shape, ternary=ternary, axis=-2)
+                blocks = (*blocks[:-1], a.shape[-1])
+            if g_in:  # one packed block per shard, on a new axis before the blocks' planes
+                axis = packed.ndim - 3
+                packed = jax.lax.all_gather(packed, g_in, axis=axis, tiled=False, to="invarying")
+                blocks = (*blocks[:-2], packed.shape[axis], *blocks[-2:])
+            codes = self._unpack(packed, bits, ternary, blocks)
+            codes = codes.reshape(*w.shape[:-2], -1, blocks[-1])  # shards' rows in order
             # the int8 codes, materialized: XLA:TPU otherwise moves the gathered kernel's
             # layout change after dequantization and copies it as f32 (4x the bytes; MobileLLM-
             # 125M at 1,024 tokens per v5p chip: QAT / float HBM bytes 1.40 -> 1.23 with it)
@@ -158,8 +165,22 @@ class CodeGather:
 
         with jax.named_scope(SCOPE):  # names its collectives in the HLO (paretoq_jax.hlo)
             return jax.shard_map(
-                local, mesh=self.mesh, in_specs=(k_spec, s_spec), out_specs=out_spec
-            )(w, scale)
+                local, mesh=self.mesh, in_specs=(k_spec, s_spec), out_specs=out_spec,
+                check_vma=False,  # a Pallas kernel's grid indices carry no mesh axes
+            )(w, scale)  # fmt: skip
+
+    def _unpack(self, packed: Array, bits: float, ternary: str, shape: tuple[int, ...]) -> Array:
+        """int8 codes of ``shape`` (``(..., in, out)``) from their packed bytes."""
+        if self.unpack == "xla":
+            return quant.unpack(packed, bits, shape, ternary=ternary, axis=-2)
+        fmt = quant.pack_format(bits, ternary)
+        flat = packed.reshape(-1, *packed.shape[-3:])  # (blocks, planes, R, out)
+        codes = unpack_blocks(
+            flat, fields=fmt.fields, base3=fmt.base3, kmin=fmt.kmin, mult=fmt.mult,
+            interpret=self.unpack == "interpret",
+        )  # fmt: skip
+        codes = codes.reshape(flat.shape[0], -1, shape[-1])[:, : shape[-2]]  # no pad rows
+        return codes.reshape(shape)
 
     def __call__(self, w: Array, scale: Array | None, spec: quant.QuantSpec) -> Array:
         return gathered_fake_quant(w, scale, spec, self)
@@ -261,7 +282,8 @@ def plan_for(
     kernel: nnx.Variable, mesh: Mesh, rules: ShardingRules | None = None
 ) -> CodeGather | None:
     """The :class:`CodeGather` of a kernel ``(..., in, out)`` placed by ``rules`` on ``mesh``;
-    ``None`` when no gathered mesh axis splits it (nothing to gather)."""
+    ``None`` when no gathered mesh axis splits it (nothing to gather). The gathered codes are
+    unpacked by the Pallas kernel on TPU meshes, by XLA ops elsewhere."""
     spec = variable_sharding(kernel, mesh, rules).spec
     spec = tuple(spec) + (None,) * (kernel.ndim - len(spec))
     if any(_axes(e) for e in spec[:-2]):
@@ -270,7 +292,8 @@ def plan_for(
     gather = tuple(a for a in in_axes + out_axes if a not in KEEP_AXES and mesh.shape[a] > 1)
     if not gather or not (_suffix_gathered(in_axes, gather) and _suffix_gathered(out_axes, gather)):
         return None  # nothing to gather, or a layout whose gathered blocks are not contiguous
-    return CodeGather(mesh, in_axes, out_axes, gather)
+    unpack = "pallas" if mesh.devices.flat[0].platform == "tpu" else "xla"
+    return CodeGather(mesh, in_axes, out_axes, gather, unpack)
 
 
 def gather_mode(value: bool | str) -> GatherMode:

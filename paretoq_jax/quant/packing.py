@@ -177,28 +177,34 @@ def slab_values(planes: Any, fmt: PackFormat) -> list[Any]:
     return slabs
 
 
-def _trail(x: Any, ndim: int) -> Any:
-    """``x`` (1-d) shaped to broadcast along axis 1 of an array of ``ndim`` dims."""
-    return x.reshape(1, -1, *(1,) * (ndim - 2))
+def _trail(x: Any, ndim: int, axis: int = 1) -> Any:
+    """``x`` (1-d) shaped to broadcast along ``axis`` of an array of ``ndim`` dims."""
+    return x.reshape(*(1,) * axis, -1, *(1,) * (ndim - axis - 1))
 
 
-def planes_to_slabs(planes: Any, fmt: PackFormat) -> Any:
-    """:func:`slab_values` stacked: uint8 ``(n_slabs, T, ...)``.
+def planes_to_slabs(planes: Any, fmt: PackFormat, axis: int = 0) -> Any:
+    """:func:`slab_values` stacked: uint8 ``(n_slabs, T, ...)`` from ``(n_planes, T, ...)``.
 
-    One broadcast per bit field (each of its ``w`` planes repeated for the ``8 // w`` slabs it
-    holds, shifted and masked), not slab by slab: XLA fuses it into one elementwise pass (a
-    stack of 8 slabs compiled to 8 updates of the whole buffer on TPU)."""
+    ``axis``: where the planes axis is (the rows follow it); the slabs replace it there, every
+    other axis stays put. So the codes come out in the layout they are stored in: no transpose
+    before or after (on TPU an unpack written on moved axes compiled to several passes over the
+    codes). One broadcast per bit field (each of its ``w`` planes repeated for the ``8 // w``
+    slabs it holds, shifted and masked), not slab by slab: XLA fuses it into one elementwise
+    pass (a stack of 8 slabs compiled to 8 updates of the whole buffer on TPU)."""
     xp = _xp(planes)
-    planes = planes.astype(xp.uint8)[:, None]  # (n_planes, 1, T, ...)
-    nd, rest = planes.ndim, planes.shape[2:]
+    ax = axis % planes.ndim
+    planes = xp.expand_dims(planes.astype(xp.uint8), ax + 1)  # (..., n_planes, 1, T, ...)
+    nd, lead, rest = planes.ndim, planes.shape[:ax], planes.shape[ax + 2 :]
     if fmt.base3:
-        div = _trail(xp.asarray([3**t for t in range(5)], xp.uint8), nd)
-        return ((planes // div) % 3).reshape(5, *rest)
+        div = _trail(xp.asarray([3**t for t in range(5)], xp.uint8), nd, ax + 1)
+        return ((planes // div) % 3).reshape(*lead, 5, *rest)
     u, plane, bit = None, 0, 0
     for w in fmt.fields:
-        shift = _trail(xp.asarray(range(0, 8, w), xp.uint8), nd)  # w * j for each slab of a byte
-        field = (planes[plane : plane + w] >> shift) & ((1 << w) - 1)  # (w, 8 // w, T, ...)
-        field = field.reshape(8, *rest) << bit  # slab t = g * (8 // w) + j
+        shift = _trail(xp.asarray(range(0, 8, w), xp.uint8), nd, ax + 1)  # w * j per slab
+        field = (planes[(slice(None),) * ax + (slice(plane, plane + w),)] >> shift) & (
+            (1 << w) - 1
+        )  # (..., w, 8 // w, T, ...)
+        field = field.reshape(*lead, 8, *rest) << bit  # slab t = g * (8 // w) + j
         u = field if u is None else u | field
         plane, bit = plane + w, bit + w
     return u.astype(xp.uint8)
@@ -273,8 +279,8 @@ def unpack(
             f"bits={fmt.name} pack to {expected}: pass the original codes' shape and bits"
         )
     xp = _xp(packed)
-    planes = xp.moveaxis(packed, (ax, ax + 1), (0, 1))
-    u = planes_to_slabs(planes, fmt)
-    u = u.reshape(fmt.n_slabs * expected[ax + 1], *u.shape[2:])[: shape[ax]]
-    codes = (u.astype(xp.int8) * fmt.mult + fmt.kmin).astype(xp.int8)
-    return xp.moveaxis(codes, 0, ax)
+    u = planes_to_slabs(packed, fmt, axis=ax)  # (..., n_slabs, R, ...): rows in stored order
+    u = u.reshape(*shape[:ax], fmt.n_slabs * expected[ax + 1], *shape[ax + 1 :])
+    if u.shape[ax] != shape[ax]:
+        u = u[(slice(None),) * ax + (slice(0, shape[ax]),)]
+    return (u.astype(xp.int8) * fmt.mult + fmt.kmin).astype(xp.int8)
