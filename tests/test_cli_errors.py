@@ -210,6 +210,9 @@ def test_bad_input_gives_one_clear_error_line(ws, case, capsys):
     run_after = {p: p.stat().st_mtime_ns for p in ws["run"].rglob("*") if p.is_file()}
     assert run_after == run_before  # nothing saved was touched
     assert (ws["d"] / "foreign" / "keep.txt").read_text() == "mine"
+    # a train command that fails leaves no run dir behind (config.yaml is written only once
+    # the model, data and trainer it names have been built)
+    assert not (ws["d"] / "newrun").exists(), sorted((ws["d"] / "newrun").rglob("*"))
 
 
 def test_the_table_is_large_and_covers_every_cli():

@@ -123,7 +123,7 @@ def train(
     """
     run_dir = Path(cfg.run_dir)
     is_main = jax.process_index() == 0
-    _prepare_run_dir(cfg, is_main)
+    changed = _check_run_dir(cfg, is_main)
     mesh = build_mesh(cfg)
     tokenizer = load_tokenizer(cfg)
     train_blocks, val_blocks = build_splits(cfg.data, tokenizer)
@@ -133,6 +133,8 @@ def train(
     code_gather.configure(model, mesh, cfg.mesh.gather_codes)  # `on` fails if nothing gathers
     state, step_fn, teacher_params = build_trainer(cfg, mesh, model)
     shardings = step_fn.state_shardings
+    # written once everything the config names has been built: bad input leaves no run dir
+    _write_run_config(cfg, is_main, changed)
 
     memory = _state_memory(state, mesh, is_main)
     ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep,
@@ -243,19 +245,24 @@ def _batch_iterator(cfg: RunConfig, train_blocks: Any, data_state: dict | None) 
     return Prefetcher(it) if isinstance(train_blocks, PreparedBlocks) else it
 
 
-def _prepare_run_dir(cfg: RunConfig, is_main: bool) -> None:
-    """Refuse a foreign folder or a state-changing resume (before any write), then write
-    ``config.yaml`` (process 0)."""
+def _check_run_dir(cfg: RunConfig, is_main: bool) -> list[str]:
+    """Refuse a foreign folder or a state-changing resume, writing nothing; returns the
+    config changes a resume makes (safe ones, or allowed)."""
+    if is_main:
+        check_run_dir(Path(cfg.run_dir))  # never trains into a folder of other files or a run's
+    return check_resume_config(cfg, Path(cfg.run_dir))  # refuses a state-changing resume
+
+
+def _write_run_config(cfg: RunConfig, is_main: bool, changed: list[str]) -> None:
+    """Create the run dir and write its ``config.yaml`` (process 0)."""
+    if not is_main:
+        return
     run_dir = Path(cfg.run_dir)
-    if is_main:
-        check_run_dir(run_dir)  # never trains into a folder of other files or inside a run
-    changed = check_resume_config(cfg, run_dir)  # refuses a state-changing resume: no write
-    if is_main:
-        if changed:
-            print(f"[train] resuming {run_dir} with config changes: {'; '.join(changed)}")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        once = dataclasses.replace(cfg.train, allow_config_change=False)  # never sticky
-        save_config(dataclasses.replace(cfg, train=once), run_dir / "config.yaml")
+    if changed:
+        print(f"[train] resuming {run_dir} with config changes: {'; '.join(changed)}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    once = dataclasses.replace(cfg.train, allow_config_change=False)  # never sticky
+    save_config(dataclasses.replace(cfg, train=once), run_dir / "config.yaml")
 
 
 def _check_finite(end: cb.StepEnd, ckpt: Checkpointer, run_dir: Path) -> None:
