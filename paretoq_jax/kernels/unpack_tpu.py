@@ -75,7 +75,7 @@ def unpack_blocks(
 
     ``fields``, ``base3``, ``kmin``, ``mult``: the packing format (``quant.pack_format``'s
     fields). Tiles: ``out`` by up to 512 lanes, ``R`` by up to 256 rows (at most 1 MiB of codes
-    a block, whatever the kernel's size)."""
+    a block); a dimension that no such tile divides is taken whole."""
     if packed.ndim != 4 or packed.dtype != jnp.uint8:
         raise ValueError(f"unpack_blocks takes (blocks, planes, R, out) uint8, got {packed.shape} "
                          f"{packed.dtype}")  # fmt: skip

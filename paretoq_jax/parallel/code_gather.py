@@ -7,8 +7,8 @@ uses ``Q(W) = a * level(k)``, so each device computes the codes ``k`` of its own
 (``quant.pack``), all-gathers the uint8 bytes (plus the scale when ``out`` is the split
 dimension) and dequantizes after the gather. The forward is bit-identical to
 ``quant.fake_quant`` on the gathered kernel. On TPU one Pallas kernel unpacks the gathered
-bytes (``kernels/unpack_tpu.py``), elsewhere XLA ops (``quant.unpack``). The backward is ``quant.fake_quant_vjp`` on the
-global arrays, exactly the plain path's: XLA reduce-scatters the weight gradient to the shards,
+bytes (``kernels/unpack_tpu.py``), elsewhere XLA ops (``quant.unpack``). The backward is
+``quant.fake_quant_vjp`` on the global arrays, exactly the plain path's: XLA reduce-scatters the weight gradient to the shards,
 the clip mask is computed on each shard, and the scale gradient is a partial sum per shard plus
 an all-reduce.
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from functools import partial
-from typing import Literal
+from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +38,7 @@ __all__ = [
     "GATHER_MODES",
     "KEEP_AXES",
     "SCOPE",
+    "UNPACK_MODES",
     "CodeGather",
     "configure",
     "gather_mode",
@@ -51,6 +52,8 @@ __all__ = [
 Array = jax.Array
 GatherMode = Literal["auto", "on", "off"]
 GATHER_MODES = ("auto", "on", "off")
+UnpackMode = Literal["xla", "pallas", "interpret"]
+UNPACK_MODES: tuple[str, ...] = get_args(UnpackMode)
 
 # Mesh axes a matmul consumes sharded (Megatron tensor parallelism): never gathered. Every other
 # mesh axis that splits a kernel (fsdp; data too on a mesh whose rules shard weights over it,
@@ -94,15 +97,15 @@ class CodeGather:
     in_axes: tuple[str, ...]
     out_axes: tuple[str, ...]
     gather: tuple[str, ...]
-    unpack: Literal["xla", "pallas", "interpret"] = "xla"
+    unpack: UnpackMode = "xla"
 
     def __post_init__(self) -> None:
         if not self.gather:
             raise ValueError("CodeGather needs at least one mesh axis to gather over")
         if any(a not in self.in_axes + self.out_axes for a in self.gather):
             raise ValueError(f"gather axes {self.gather} must split the kernel's in or out dim")
-        if self.unpack not in ("xla", "pallas", "interpret"):
-            raise ValueError(f"unpack={self.unpack!r}: choose xla, pallas or interpret")
+        if self.unpack not in UNPACK_MODES:
+            raise ValueError(f"unpack={self.unpack!r}: choose one of {UNPACK_MODES}")
         if not _suffix_gathered(self.in_axes, self.gather) or not _suffix_gathered(
             self.out_axes, self.gather
         ):
