@@ -140,7 +140,7 @@ def train_case(case: dict) -> dict:
         model = build_model(cfg, mesh)
         # auto leaves CPU meshes on float kernels (code_gather.pays_on): nothing gathers codes
         n_auto = code_gather.configure(model, mesh, "auto")
-        n_gather = code_gather.configure(model, mesh, mode)
+        n_gather = code_gather.configure(model, mesh, mode, keep=cfg.mesh.keep_codes)
         quantized = [m for _, m in nnx.iter_modules(model) if getattr(m, "spec", None) is not None]
         state, step, _ = build_trainer(cfg, mesh, model)
         b, s = cfg.train.batch_size, cfg.data.seq_len

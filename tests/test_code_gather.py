@@ -130,8 +130,9 @@ def test_hlo_reader_counts_loop_iterations_and_async_pairs():
 # ---- 8 host CPU devices ---------------------------------------------------------------------
 
 
-def check_train_case(r: dict, steps: int, remat: bool) -> None:
-    """Exact against the plain path; the gathers move packed u8 codes + f32 scales only."""
+def check_train_case(r: dict, steps: int, remat: bool, keep: bool = True) -> None:
+    """Exact against the plain path; the gathers move packed u8 codes + f32 scales only, once
+    per kernel and step unless remat recomputes them (``keep=False``: mesh.keep_codes off)."""
     assert r["gathering"] == 7 and r["gathering_off"] == 0  # every decoder projection
     assert r["gathering_auto_cpu"] == 0  # auto: float kernels on CPU meshes (pays_on)
     np.testing.assert_allclose(r["losses_on"], r["losses_off"], rtol=2e-6)
@@ -154,16 +155,19 @@ def check_train_case(r: dict, steps: int, remat: bool) -> None:
     got = r["u8_gather_bytes_on"]
     assert got == r["scope_gather_bytes_on"]
     # Every u8 gather is one linear's packed codes + scale; each linear is gathered once a
-    # forward (with remat XLA may recompute some forwards in the backward: at most twice).
+    # step: remat keeps the gathered codes for the backward (mesh.keep_codes). Without that,
+    # the backward's recomputed forward gathers them again (at most twice in all).
     sizes = {e[0] + e[1] for e in r["expected_on"]}
     assert all(b in sizes for b, _ in r["u8_gathers_on"]), (r["u8_gathers_on"], sizes)
-    top = 2 if remat else 1
+    top = 2 if remat and not keep else 1
     assert codes + scales <= got <= top * (codes + scales)
+    if remat and not keep:
+        assert got > codes + scales  # the second gather is real: keep_codes is what saves it
     # One forward's gathers are within 10% of (bits / 8) x weights + scales (2, 3, 4 bits: the
     # storage bits; 1 and 1.58: the trit layout's bits, 1.6 or 2); padding is the difference.
     formula = sum(e[2] * e[3] / 8 for e in r["expected_on"]) + scales
     assert abs(codes + scales - formula) <= 0.1 * formula
-    if not remat:
+    if top == 1:
         assert got == codes + scales
     # The plain path gathers the quantized kernels as floats here; the code path none of them.
     assert r["float_weights_off"] >= sum(e[2] for e in r["expected_on"])
@@ -176,8 +180,13 @@ def eight_devices(tmp_path_factory):
     spec = {
         # 84 rows: 42 a shard on 2x2x2, not a multiple of a byte's 8 codes (padded packing)
         "op": {"meshes": [[2, 2, 2]], "unpack": ["xla", "interpret"], "rows": 84},
-        "train": [{"bits": 2, "method": "seq", "mesh": [1, 8, 1], "steps": 3}],
-    }
+        "train": [
+            {"bits": 2, "method": "seq", "mesh": [1, 8, 1], "steps": 3},
+            # remat + scan: the gathered codes kept for the backward (mesh.keep_codes default)
+            {"bits": 2, "method": "seq", "mesh": [1, 8, 1], "steps": 2, "remat": True,
+             "scan": True},
+        ],
+    }  # fmt: skip
     return run_child(spec, tmp_path_factory.mktemp("gather"))
 
 
@@ -202,6 +211,11 @@ def test_train_steps_exact_and_hlo_gathers_packed_codes(eight_devices):
     assert r["scope_gather_bytes_on"] <= bf16 / 6, r["scope_gather_bytes_on"] / bf16
 
 
+def test_remat_keeps_gathered_codes(eight_devices):
+    # exact against float kernels, and one code gather per kernel and step under remat
+    check_train_case(eight_devices["train"][1], steps=2, remat=True)
+
+
 def code_gather_combos() -> list[tuple]:
     sys.path.insert(0, str(CHILD.parent))
     from code_gather_child import COMBOS
@@ -222,15 +236,21 @@ MATRIX = [
         + [(b, m) for b in (1.58, 2, 3, 4) for m in ("seq", "lsq", "absmean", "minmax")]
     )
     for mesh, remat in ([[1, 8, 1], i % 2 == 0], [[2, 2, 2], i % 2 == 1])
-]
+] + [  # remat without keeping the gathered codes: the backward gathers them again
+    {"bits": b, "method": m, "mesh": mesh, "remat": True, "scan": True, "steps": 2,
+     "overrides": ["mesh.keep_codes=false"]}
+    for b, m, mesh in ((2, "seq", [1, 8, 1]), (1.58, "lsq", [2, 2, 2]))
+]  # fmt: skip
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", MATRIX, ids=lambda c: f"{c['bits']}-{c['method']}-"
-                         f"{'x'.join(map(str, c['mesh']))}-remat{int(c['remat'])}")  # fmt: skip
+                         f"{'x'.join(map(str, c['mesh']))}-remat{int(c['remat'])}"
+                         f"{'-nokeep' if c.get('overrides') else ''}")  # fmt: skip
 def test_matrix_exact_and_hlo(case, tmp_path):
     r = run_child({"train": [dict(case)]}, tmp_path)["train"][0]
-    check_train_case(r, steps=case["steps"], remat=case["remat"])
+    keep = "mesh.keep_codes=false" not in case.get("overrides", [])
+    check_train_case(r, steps=case["steps"], remat=case["remat"], keep=keep)
 
 
 @pytest.mark.slow

@@ -28,6 +28,14 @@ Array = jax.Array
 # ``(B, T, kv_heads, head_dim)`` and the slot where the current chunk is written.
 LayerCache = tuple[Array, Array, Array]
 
+# What a rematerialized decoder layer (``Llama(remat=True)``) keeps from its forward for the
+# backward besides its input: the values named ``REMAT_KEEP`` (``jax.ad_checkpoint.
+# checkpoint_name``), nothing else. Code gathering names each quantized linear's gathered packed
+# codes and scales so (``CodeGather.keep``): the backward then unpacks them again instead of
+# quantizing, packing and all-gathering the kernel a second time.
+REMAT_KEEP = "gathered_codes"
+REMAT_POLICY = jax.checkpoint_policies.save_only_these_names(REMAT_KEEP)
+
 
 class ReadInPlace(nnx.Variable):
     """Base of stacked ``(L, ...)`` variables the decoder hands whole to every layer, which

@@ -16,6 +16,7 @@ from flax import nnx
 
 from paretoq_jax.models.config import LlamaConfig
 from paretoq_jax.models.layers import (
+    REMAT_POLICY,
     DecoderLayer,
     LayerCache,
     QuantLinear,
@@ -122,7 +123,7 @@ class Llama(nnx.Module):
             return (constrain(out, HIDDEN), k_all, v_all), None
 
         if self.remat:
-            step = jax.checkpoint(step)
+            step = jax.checkpoint(step, policy=REMAT_POLICY)
         n = self.config.num_hidden_layers
         carry = (h, cache[0], cache[1]) if cached else h
         if self.scan_layers:
@@ -200,7 +201,7 @@ class Llama(nnx.Module):
             return nnx.merge(graphdef, layer_state)(h, *ctx)
 
         if self.remat:
-            one = jax.checkpoint(one)
+            one = jax.checkpoint(one, policy=REMAT_POLICY)
         return jax.vmap(one)(state, inputs)
 
     def lm_logits(self, hidden: Array) -> Array:

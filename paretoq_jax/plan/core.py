@@ -164,7 +164,7 @@ def _abstract_args(
     backend = "gpu" if mesh.devices.flat[0].platform == "gpu" else "tpu"
     model = nnx.eval_shape(model_factory(cfg, backend=backend, config=arch))
     # as `train` does: under FSDP the quantized linears gather packed codes (mesh.gather_codes)
-    gathering = code_gather.configure(model, mesh, cfg.mesh.gather_codes)
+    gathering = code_gather.configure(model, mesh, cfg.mesh.gather_codes, keep=cfg.mesh.keep_codes)
     attention.configure(model, mesh, cfg.model.attention)
     kind = attention.runs(model, cfg.data.train_len)
     teacher = None
@@ -222,13 +222,16 @@ def hbm_advice(cfg: RunConfig, mesh, topology: str, chip: Chip, used: str, what:
     n = math.prod(shape.values())
     remat = "" if cfg.model.remat else "turn on model.remat=true (recompute layer activations), "
     scan = "" if cfg.model.scan_layers else "model.scan_layers=true, "
+    keep = ""
+    if cfg.model.remat and cfg.mesh.keep_codes and cfg.model.bits < 16:
+        keep = "mesh.keep_codes=false (remat then gathers the packed codes again), "
     per_dev = cfg.train.batch_size // max(shape["data"] * shape["fsdp"] * cfg.train.grad_accum, 1)
     return (
         f"{what} does not fit {topology} ({n} chips of {chip.hbm_bytes / 2**30:.0f} GiB HBM): "
         f"{used}. Mesh {shape}. Reduce what each chip holds: shard parameters and optimizer "
         f"state over more chips (mesh.fsdp={shape['fsdp']} -> larger, mesh.data smaller), split "
         f"heads / MLP / vocabulary and their activations with tensor parallelism "
-        f"(mesh.tensor={shape['tensor']} -> 2, 4 or 8), {remat}{scan}or raise train.grad_accum "
+        f"(mesh.tensor={shape['tensor']} -> 2, 4 or 8), {remat}{scan}{keep}or raise train.grad_accum "
         f"(now {cfg.train.grad_accum}; {per_dev} sequences per chip per micro-batch) so "
         f"activations shrink; or plan a larger topology."
     )
@@ -564,6 +567,7 @@ def plan(
         "gather_codes": {
             "mode": code_gather.gather_mode(cfg.mesh.gather_codes),
             "linears": gathering,  # quantized linears that all-gather packed codes
+            "keep": cfg.mesh.keep_codes,  # kept for the backward under remat
             "bytes": sum(v["bytes"] for v in codes.values()),  # their gathers, sent / chip
         },
         "traffic": split,

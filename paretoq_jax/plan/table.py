@@ -41,7 +41,8 @@ def format_plan(p: dict[str, Any]) -> str:
     g = p.get("gather_codes")
     if g:
         rows.append(("code gathering", f"mesh.gather_codes={g['mode']}: {g['linears']} quantized "
-                     f"linears gather packed codes, {g['bytes'] / 2**20:.1f} MiB sent / chip"))  # fmt: skip
+                     f"linears gather packed codes, {g['bytes'] / 2**20:.1f} MiB sent / chip"
+                     f"{', kept for the backward' if g.get('keep') else ''}"))  # fmt: skip
     for what, v in sorted(p.get("traffic", {}).items()):
         rows.append((f"  by what: {what}", f"{v['count']} arrays per step, "
                      f"{v['bytes'] / 2**20:.1f} MiB sent / chip"))  # fmt: skip

@@ -122,7 +122,9 @@ def build_model(cfg: RunConfig, mesh: jax.sharding.Mesh, *, teacher: bool = Fals
     attention.configure(model, mesh, cfg.model.attention)  # fused on TPU / NVIDIA GPUs
     if not teacher:  # FSDP gathers packed integer codes instead of float kernels
         mode = code_gather.gather_mode(cfg.mesh.gather_codes)
-        code_gather.configure(model, mesh, "off" if mode == "off" else "auto")
+        code_gather.configure(
+            model, mesh, "off" if mode == "off" else "auto", keep=cfg.mesh.keep_codes
+        )
     return model
 
 

@@ -334,6 +334,7 @@ SAFE_TO_CHANGE = (
     "mesh.fsdp",
     "mesh.tensor",
     "mesh.gather_codes",
+    "mesh.keep_codes",
     "model.dtype",
     "model.remat",
     "model.attention",

@@ -130,7 +130,9 @@ def train(
     tcfg = cfg.train
     _check_batch_split(cfg, mesh)
     model = build_model(cfg, mesh)
-    code_gather.configure(model, mesh, cfg.mesh.gather_codes)  # `on` fails if nothing gathers
+    code_gather.configure(  # `on` fails if nothing gathers
+        model, mesh, cfg.mesh.gather_codes, keep=cfg.mesh.keep_codes
+    )
     state, step_fn, teacher_params = build_trainer(cfg, mesh, model)
     shardings = step_fn.state_shardings
     # written once everything the config names has been built: bad input leaves no run dir
