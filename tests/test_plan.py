@@ -206,7 +206,8 @@ def test_traffic_split_on_xla_tpu_hlo_of_64_chips():
     for v5p:4x4x4, code gathering auto and off (tests/fixtures/hlo, kept with ``--hlo``):
     XLA:TPU does every FSDP gather as an all-reduce, combined with gradient reductions, and the
     split still finds 7 gathered linears per layer in the forward and 7 in the remat recompute
-    (the plain path regathers 2 more kernels for the input gradient)."""
+    (the plain path regathers 2 more kernels for the input gradient). The fixture predates
+    ``mesh.keep_codes`` (remat now keeps the forward's gathered codes): it tests the reader."""
     import gzip
 
     from paretoq_jax.plan import architecture
