@@ -216,3 +216,25 @@ def test_full_disk_is_a_clear_error_and_the_run_resumes(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert c.all_steps() == [1]
     c.close()
+
+
+def test_async_save_timeout_is_a_clear_error(tmp_path, monkeypatch):
+    """An asynchronous save whose commit outlives Orbax's wall-clock budget (seen after a
+    sweep was suspended with SIGSTOP for 30 min: a raw TimeoutError traceback) surfaces as
+    CheckpointSaveError naming the intact checkpoint and the rerun."""
+    c = ck.Checkpointer(tmp_path / "c", keep=2, async_save=False)
+    state = {"w": np.ones((4, 4), np.float32)}
+    c.save(1, state, {"step": 1})
+
+    def late():
+        try:
+            raise TimeoutError("ChainedFuture completed 3/4 futures but timed out after 2151 s")
+        except TimeoutError as e:
+            raise RuntimeError("Save Finalize thread failed") from e
+
+    monkeypatch.setattr(c._manager, "wait_until_finished", late)
+    with pytest.raises(ck.CheckpointSaveError, match=r"did not finish writing in time.*step 1\)"):
+        c.save(2, state, {"step": 2})
+    monkeypatch.undo()
+    assert c.all_steps() == [1]
+    c.close()

@@ -89,6 +89,16 @@ def _out_of_space(e: BaseException | None) -> bool:
     return False
 
 
+def _timed_out(e: BaseException | None) -> bool:
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, TimeoutError):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def _words(x: jax.Array) -> jax.Array:
     """The bits of ``x`` as uint32 words, same shape (8-byte types: a trailing axis of 2)."""
     if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
@@ -193,13 +203,23 @@ class Checkpointer:
             raise
 
     def wait_checked(self) -> None:
-        """`wait`, turning an out-of-space failure of a pending save into `CheckpointSaveError`."""
+        """`wait`, turning an out-of-space failure or a timeout of a pending (async) save into
+        `CheckpointSaveError`."""
         try:
             self._manager.wait_until_finished()
         except Exception as e:
             if _out_of_space(e):
                 free = shutil.disk_usage(self.directory).free
                 raise self._no_space(None, None, free) from e
+            if _timed_out(e):  # Orbax gives a commit a wall-clock budget (20-30 min)
+                raise CheckpointSaveError(
+                    f"a pending checkpoint in {self.directory} did not finish writing in time "
+                    f"(Orbax: {e}). This happens when the process was suspended (Ctrl-Z, "
+                    "SIGSTOP) or the disk stalled during an asynchronous save. The last complete "
+                    f"checkpoint (step {self._manager.latest_step()}) is intact; rerun the same "
+                    "command to resume from it (checkpoint.async_save=false saves "
+                    "synchronously)."
+                ) from e
             raise
 
     def _no_space(self, step: int | None, need: int | None, free: int) -> CheckpointSaveError:
