@@ -42,7 +42,7 @@ def format_plan(p: dict[str, Any]) -> str:
     if g:
         rows.append(("code gathering", f"mesh.gather_codes={g['mode']}: {g['linears']} quantized "
                      f"linears gather packed codes, {g['bytes'] / 2**20:.1f} MiB sent / chip"
-                     f"{', kept for the backward' if g.get('keep') else ''}"))  # fmt: skip
+                     f"{', kept for the backward' if g.get('keep') and p.get('remat') else ''}"))  # fmt: skip
     for what, v in sorted(p.get("traffic", {}).items()):
         rows.append((f"  by what: {what}", f"{v['count']} arrays per step, "
                      f"{v['bytes'] / 2**20:.1f} MiB sent / chip"))  # fmt: skip
