@@ -8,9 +8,9 @@ uses ``Q(W) = a * level(k)``, so each device computes the codes ``k`` of its own
 dimension) and dequantizes after the gather. The forward is bit-identical to
 ``quant.fake_quant`` on the gathered kernel. On TPU one Pallas kernel unpacks the gathered
 bytes (``kernels/unpack_tpu.py``), elsewhere XLA ops (``quant.unpack``). The backward is
-``quant.fake_quant_vjp`` on the global arrays, exactly the plain path's: XLA reduce-scatters the weight gradient to the shards,
-the clip mask is computed on each shard, and the scale gradient is a partial sum per shard plus
-an all-reduce. Under ``model.remat`` each layer keeps its gathered codes for the backward
+``quant.fake_quant_vjp`` on the global arrays, exactly the plain path's: XLA reduce-scatters
+the weight gradient to the shards, the clip mask is computed on each shard, and the scale
+gradient is a partial sum per shard plus an all-reduce. Under ``model.remat`` each layer keeps its gathered codes for the backward
 (``mesh.keep_codes``, :attr:`CodeGather.keep`), so a step gathers every kernel once.
 
 The math stays in :mod:`paretoq_jax.quant`; this module is only the collective plumbing. Use

@@ -223,7 +223,8 @@ def hbm_advice(cfg: RunConfig, mesh, topology: str, chip: Chip, used: str, what:
     remat = "" if cfg.model.remat else "turn on model.remat=true (recompute layer activations), "
     scan = "" if cfg.model.scan_layers else "model.scan_layers=true, "
     keep = ""
-    if cfg.model.remat and cfg.mesh.keep_codes and cfg.model.bits < 16:
+    gathers = code_gather.gather_mode(cfg.mesh.gather_codes) != "off"
+    if cfg.model.remat and cfg.mesh.keep_codes and gathers and cfg.model.bits < 16:
         keep = "mesh.keep_codes=false (remat then gathers the packed codes again), "
     per_dev = cfg.train.batch_size // max(shape["data"] * shape["fsdp"] * cfg.train.grad_accum, 1)
     return (

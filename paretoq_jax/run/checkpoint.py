@@ -79,24 +79,26 @@ def state_bytes(tree: Any) -> int:
     return total // max(jax.process_count(), 1)
 
 
-def _out_of_space(e: BaseException | None) -> bool:
+def _in_chain(e: BaseException | None, match: Callable[[BaseException], bool]) -> bool:
+    """Whether ``e`` or an exception in its cause/context chain satisfies ``match``."""
     seen: set[int] = set()
-    while e is not None and id(e) not in seen:  # the cause/context chain (cycles are possible)
-        if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e):
+    while e is not None and id(e) not in seen:  # cycles are possible
+        if match(e):
             return True
         seen.add(id(e))
         e = e.__cause__ or e.__context__
     return False
+
+
+def _out_of_space(e: BaseException | None) -> bool:
+    def full(x: BaseException) -> bool:
+        return getattr(x, "errno", None) == errno.ENOSPC or "No space left on device" in str(x)
+
+    return _in_chain(e, full)
 
 
 def _timed_out(e: BaseException | None) -> bool:
-    seen: set[int] = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, TimeoutError):
-            return True
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return False
+    return _in_chain(e, lambda x: isinstance(x, TimeoutError))
 
 
 def _words(x: jax.Array) -> jax.Array:
@@ -211,7 +213,7 @@ class Checkpointer:
             if _out_of_space(e):
                 free = shutil.disk_usage(self.directory).free
                 raise self._no_space(None, None, free) from e
-            if _timed_out(e):  # Orbax gives a commit a wall-clock budget (20-30 min)
+            if _timed_out(e):  # Orbax waits on a commit for a wall-clock budget (seen: 1,200 s)
                 raise CheckpointSaveError(
                     f"a pending checkpoint in {self.directory} did not finish writing in time "
                     f"(Orbax: {e}). This happens when the process was suspended (Ctrl-Z, "
